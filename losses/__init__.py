@@ -5,10 +5,11 @@ Every public name is exported here with the name the specification uses:
 - seed 000, packed-sequence text-region loss: :func:`map_mask_to_latent`,
   :func:`pack_pixel_mask`, :func:`masked_flow_matching_loss`;
 - seed 001, latent geometry losses: mask utilities (:func:`downsample_mask_area`, :func:`dilate`,
-  :func:`erode`, :func:`boundary_band`), :func:`weighted_masked_mse_latent`,
-  :func:`background_preservation_mse_latent`, :func:`soft_change_mask_from_latents`,
-  :func:`dice_loss`, :func:`area_ratio_loss`, :func:`signed_distance_map_from_mask`,
-  :func:`boundary_loss` and the starter mix :func:`geometry_starter_loss`;
+  :func:`erode`, :func:`boundary_band`, :func:`sure_background`),
+  :func:`weighted_masked_mse_latent`, :func:`background_preservation_mse_latent`,
+  :func:`soft_change_mask_from_latents`, :func:`dice_loss`, :func:`area_ratio_loss`,
+  :func:`signed_distance_map_from_mask`, :func:`boundary_loss` and the starter mix
+  :func:`geometry_starter_loss`;
 - seed 002, multispectral reconstruction: :func:`masked_mse_per_channel`,
   :func:`masked_sam_loss`, :func:`mask_coverage_stats`, :func:`coverage_warning`;
 - seed 003, embedding losses: :func:`pair_distance`, :func:`feature_match_loss`,
@@ -45,7 +46,14 @@ from losses.geometry import (
     soft_change_mask_from_latents,
     weighted_masked_mse_latent,
 )
-from losses.mask_ops import as_mask_4d, boundary_band, dilate, downsample_mask_area, erode
+from losses.mask_ops import (
+    as_mask_4d,
+    boundary_band,
+    dilate,
+    downsample_mask_area,
+    erode,
+    sure_background,
+)
 from losses.sequence_mask import map_mask_to_latent, pack_pixel_mask
 from losses.spectral import (
     HIGH_COVERAGE,
@@ -91,6 +99,7 @@ __all__ = [
     "pair_distance",
     "signed_distance_map_from_mask",
     "soft_change_mask_from_latents",
+    "sure_background",
     "triplet_margin_loss",
     "weighted_masked_mse_latent",
 ]

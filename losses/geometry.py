@@ -15,7 +15,7 @@ import torch
 
 from losses._common import check_choice, check_ndim, check_same_shape, masked_mean
 from losses.distance import signed_distance_map_from_mask
-from losses.mask_ops import as_mask_4d, boundary_band, dilate
+from losses.mask_ops import as_mask_4d, boundary_band, sure_background
 
 ChannelReduce = Literal["mean", "sum"]
 
@@ -94,23 +94,16 @@ def background_preservation_mse_latent(
         sample whose dilated mask covers the whole grid contributes 0.
     """
     err = _squared_error_map(z_pred, z_ctx, channel_reduce, ("z_pred", "z_ctx"))
-    inside = (_latent_mask(mask_latent, z_pred) > 0.5).to(err.dtype)
-    outside = 1 - dilate(inside, band_r)
+    outside = sure_background(_latent_mask(mask_latent, z_pred), band_r)
     return masked_mean(err, outside, dim=(1, 2, 3)).mean()
 
 
 @dataclass(frozen=True)
 class ChangeMaskStats:
-    """Per-sample statistics of a soft change mask, each ``[B, 1, 1, 1]`` and without gradient.
-
-    ``tau`` and ``s`` are the threshold and temperature; ``background`` is the mean of ``M_hat``
-    over the sure background, i.e. what an unchanged pixel reads (0 when no mask was given or
-    the sample has no sure background).
-    """
+    """Per-sample threshold ``tau`` and temperature ``s`` of a soft change mask, ``[B,1,1,1]``."""
 
     tau: torch.Tensor
     s: torch.Tensor
-    background: torch.Tensor
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -153,28 +146,22 @@ def soft_change_mask_from_latents(
 
     With the estimated statistics a background pixel at the background mean reads
     ``sigmoid(-k_sigma)`` (0.12 for the default) and noisy background averages about 0.15, so
-    ``M_hat.sum()`` overstates the changed area by that much of every background pixel; pass
-    ``stats.background`` to :func:`area_ratio_loss` to remove it.
+    sums of ``M_hat`` overstate the change: see ``background_mask`` of :func:`area_ratio_loss`
+    and ``zero_mean`` of :func:`boundary_loss`.
     """
     check_ndim(z_pred, "z_pred", (4,), "[B, C, H, W]")
     check_same_shape(z_pred=z_pred, z_ctx=z_ctx)
     # vector_norm's gradient at an unchanged pixel (D = 0) is 0, not NaN.
     dist = torch.linalg.vector_norm(z_pred - z_ctx, dim=1, keepdim=True)
-    sure_background = None
-    if mask_latent is not None:
-        inside = (_latent_mask(mask_latent, dist) > 0.5).to(dist.dtype)
-        sure_background = 1 - dilate(inside, band_r)
     if tau is None or s is None:
-        mean, std = _reference_stats(dist.detach(), sure_background)
+        background = None
+        if mask_latent is not None:
+            background = sure_background(_latent_mask(mask_latent, dist), band_r)
+        mean, std = _reference_stats(dist.detach(), background)
     s_value = (_per_sample(s, dist) if s is not None else std).detach().clamp_min(min_s)
     tau_value = _per_sample(tau, dist).detach() if tau is not None else mean + k_sigma * s_value
     soft_mask = torch.sigmoid((dist - tau_value) / s_value)
-    if sure_background is None:
-        background = torch.zeros_like(s_value)
-    else:
-        background = masked_mean(soft_mask.detach(), sure_background, dim=(1, 2, 3))
-        background = background[:, None, None, None]
-    return soft_mask, ChangeMaskStats(tau=tau_value, s=s_value, background=background), dist
+    return soft_mask, ChangeMaskStats(tau=tau_value, s=s_value), dist
 
 
 def _reference_stats(
@@ -213,12 +200,23 @@ def dice_loss(
     return (1 - (2 * overlap + eps) / (total + eps)).mean()
 
 
+def _background_reading(mask: torch.Tensor, background_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``mask`` over ``background_mask`` per sample, ``[B, 1, 1, 1]`` (0 where empty).
+
+    It stays in the graph, so the area built on it follows the change relative to the
+    background: a uniform shift of the whole mask, which the next step's detached statistics
+    would undo anyway, leaves the change above the reading as it is.
+    """
+    check_same_shape(pred_mask=mask, background_mask=background_mask)
+    return masked_mean(mask, background_mask.to(mask.dtype), dim=(1, 2, 3))[:, None, None, None]
+
+
 def area_ratio_loss(
     pred_mask: torch.Tensor,
     target_mask: torch.Tensor,
     *,
     eps: float = 1.0,
-    background: float | torch.Tensor | None = None,
+    background_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared log ratio of areas, batch mean of ``log((A_pred + eps) / (A_tgt + eps))^2``.
 
@@ -226,32 +224,45 @@ def area_ratio_loss(
         pred_mask, target_mask: ``[B, 1, H, W]`` in [0, 1]; areas are sums in pixels.
         eps: one pixel. It keeps the log of a zero area finite and, unlike a tiny epsilon, keeps
             the gradient at zero predicted area moderate (``2 log(ratio) / eps`` per pixel).
-        background: what an unchanged pixel of ``pred_mask`` reads (scalar, ``[B]`` or
-            ``[B, 1, 1, 1]``; ``ChangeMaskStats.background``). When given, the predicted area
-            is the part above it, ``A_pred = max(0, (sum(p) - N * b) / (1 - b))`` over the
-            ``N`` pixels, which is unbiased when every unchanged pixel reads ``b`` on average.
-            Without it a soft change mask over a background larger than the object overstates
-            the area, and the loss then rewards shrinking the object.
+        background_mask: ``[B, 1, H, W]`` pixels known to be unchanged (``sure_background`` of
+            the target mask). When given, the predicted area is the change above their mean
+            reading ``b``: ``A_pred = max(0, (sum(p) - N * b) / (1 - b))`` over the ``N``
+            pixels, unbiased when unchanged pixels read ``b`` on average. Without it a soft
+            change mask over a background larger than the object overstates the area, and the
+            loss then rewards shrinking the object.
     """
     _check_mask_pair(pred_mask, target_mask, ("pred_mask", "target_mask"))
     area_pred = pred_mask.flatten(1).sum(1)
     area_tgt = target_mask.flatten(1).sum(1)
-    if background is not None:
-        reading = _per_sample(background, pred_mask).flatten()
+    if background_mask is not None:
+        reading = _background_reading(pred_mask, background_mask).flatten()
         pixels = pred_mask[0].numel()
         area_pred = ((area_pred - pixels * reading) / (1 - reading)).clamp_min(0)
     return (torch.log((area_pred + eps) / (area_tgt + eps)) ** 2).mean()
 
 
-def boundary_loss(pred_soft_mask: torch.Tensor, signed_distance_map: torch.Tensor) -> torch.Tensor:
+def boundary_loss(
+    pred_soft_mask: torch.Tensor,
+    signed_distance_map: torch.Tensor,
+    *,
+    zero_mean: bool = False,
+) -> torch.Tensor:
     """Boundary loss ``mean(p * phi)`` (Kervadec et al.).
 
     ``pred_soft_mask: [B, 1, H, W]`` in [0, 1]; ``signed_distance_map: [B, 1, H, W]`` of the
     ground-truth mask (``signed_distance_map_from_mask``). Mass predicted outside costs its
     distance to the object, mass inside earns its depth, so the optimum is negative.
+
+    ``zero_mean=True`` uses ``phi - mean(phi)`` per sample: a uniform level of ``p`` then costs
+    nothing. A soft change mask has such a level (its background reading), and its detached
+    threshold re-estimates it every step, so without this most of the gradient goes into a level
+    the next step undoes.
     """
     _check_mask_pair(pred_soft_mask, signed_distance_map, ("pred_soft_mask", "signed_distance_map"))
-    return (pred_soft_mask * signed_distance_map.to(pred_soft_mask.dtype)).mean()
+    phi = signed_distance_map.to(pred_soft_mask.dtype)
+    if zero_mean:
+        phi = phi - phi.mean(dim=(1, 2, 3), keepdim=True)
+    return (pred_soft_mask * phi).mean()
 
 
 @dataclass(frozen=True)
@@ -292,10 +303,11 @@ def geometry_starter_loss(
 
     Returns:
         ``(total, components)``: the weighted sum and the unweighted terms keyed ``mse``, ``bg``,
-        ``dice``, ``area``, ``bnd``; the area term measures the change above the background's
-        reading (``ChangeMaskStats.background``). A term with weight 0 is neither computed nor
-        listed, and the soft change mask is built only when Dice, area or boundary is on; with no
-        term left the total is a constant 0.
+        ``dice``, ``area``, ``bnd``. The area term measures the change above the sure
+        background's reading and the boundary term ignores a uniform level of the change mask
+        (see :func:`area_ratio_loss`, :func:`boundary_loss`). A term with weight 0 is neither
+        computed nor listed, and the soft change mask is built only when Dice, area or boundary
+        is on; with no term left the total is a constant 0.
     """
     components: dict[str, torch.Tensor] = {}
     if weights.mse:
@@ -308,17 +320,18 @@ def geometry_starter_loss(
         )
     if weights.dice or weights.area or weights.bnd:
         target = _latent_mask(mask_latent, z_pred)
-        soft_mask, stats, _ = soft_change_mask_from_latents(
+        soft_mask, _, _ = soft_change_mask_from_latents(
             z_pred, z_ctx, mask_latent=target, band_r=band_r, k_sigma=k_sigma
         )
+        background = sure_background(target, band_r)
         if weights.dice:
             components["dice"] = dice_loss(soft_mask, target)
         if weights.area:
-            components["area"] = area_ratio_loss(soft_mask, target, background=stats.background)
+            components["area"] = area_ratio_loss(soft_mask, target, background_mask=background)
         if weights.bnd:
             if signed_distance_map is None:
                 signed_distance_map = signed_distance_map_from_mask(target > 0.5, normalize=True)
-            components["bnd"] = boundary_loss(soft_mask, signed_distance_map)
+            components["bnd"] = boundary_loss(soft_mask, signed_distance_map, zero_mean=True)
     total = z_pred.new_zeros(())
     for name, value in components.items():
         total = total + getattr(weights, name) * value

@@ -88,3 +88,13 @@ def boundary_band(mask: torch.Tensor, radius: int = 1) -> torch.Tensor:
     ``2r`` pixels wide), 0 elsewhere; empty and full masks have no band.
     """
     return dilate(mask, radius) - erode(mask, radius)
+
+
+def sure_background(mask: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Pixels certainly outside the region: ``1 - dilate(mask > 0.5, radius)``.
+
+    ``mask``: any layout :func:`as_mask_4d` accepts -> ``[B, 1, H, W]`` in {0, 1}. The dilation
+    keeps the uncertain rim around the contour (soft, area-downsampled values) out of it.
+    """
+    inside = (as_mask_4d(mask) > 0.5).to(mask.dtype if mask.is_floating_point() else torch.float32)
+    return 1 - dilate(inside, radius)

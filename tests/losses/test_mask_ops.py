@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from losses.mask_ops import as_mask_4d, boundary_band, dilate, downsample_mask_area, erode
+from losses.mask_ops import (
+    as_mask_4d,
+    boundary_band,
+    dilate,
+    downsample_mask_area,
+    erode,
+    sure_background,
+)
 
 
 def naive_window(mask: torch.Tensor, radius: int, reduce) -> torch.Tensor:
@@ -111,3 +118,21 @@ class TestBoundaryBand:
     @pytest.mark.parametrize("fill", [0.0, 1.0])
     def test_empty_and_full_have_no_band(self, fill):
         assert boundary_band(torch.full((1, 1, 8, 8), fill), 2).abs().sum() == 0
+
+
+class TestSureBackground:
+    def test_excludes_the_dilated_region(self):
+        mask = torch.zeros(9, 9)
+        mask[3:6, 3:6] = 0.6  # soft values above the threshold count as inside
+        mask[4, 4] = 1.0
+        expected = torch.ones(1, 1, 9, 9)
+        expected[..., 2:7, 2:7] = 0
+        torch.testing.assert_close(sure_background(mask, 1), expected)
+
+    def test_soft_rim_below_threshold_is_background(self):
+        mask = torch.zeros(1, 1, 5, 5)
+        mask[..., 2, 2] = 0.4
+        assert sure_background(mask, 1).sum() == 25
+
+    def test_full_mask_has_none(self):
+        assert sure_background(torch.ones(2, 8, 8), 0).sum() == 0

@@ -1,0 +1,60 @@
+"""Mask-aware training data: image and mask I/O, aspect buckets, edit pairs, synthetic sets.
+
+- :mod:`data.images`: :func:`open_image`, :func:`image_size`, :func:`mask_to_tensor`,
+  :func:`to_model_range`, :class:`ImageRef` and :class:`DataError`, the one error for bad input,
+  whose message names the file (or dataset row and column) and the fault;
+- :mod:`data.buckets`: :func:`make_buckets`, :func:`nearest_bucket`, :func:`fit_to_bucket` and
+  :class:`BucketBatchSampler` (one bucket per batch; deterministic, sharded, resumable);
+- :mod:`data.edit_pairs`: :class:`EditPairDataset` (folders with ``metadata.jsonl`` or Hugging
+  Face datasets, validated up front), :func:`composite_overlay`, :func:`collate_edit_pairs`;
+- :mod:`data.synthetic`: :func:`write_synthetic_dataset` and the Kontext insertion set.
+"""
+
+from data.buckets import BucketBatchSampler, fit_to_bucket, make_buckets, nearest_bucket
+from data.edit_pairs import (
+    EditPairDataset,
+    EditPairRow,
+    EditPairRows,
+    FolderRows,
+    HFRows,
+    collate_edit_pairs,
+    composite_overlay,
+)
+from data.images import (
+    DataError,
+    ImageRef,
+    image_size,
+    mask_to_tensor,
+    open_image,
+    to_model_range,
+)
+from data.synthetic import (
+    KontextExample,
+    make_kontext_example,
+    write_kontext_dataset,
+    write_synthetic_dataset,
+)
+
+__all__ = [
+    "BucketBatchSampler",
+    "DataError",
+    "EditPairDataset",
+    "EditPairRow",
+    "EditPairRows",
+    "FolderRows",
+    "HFRows",
+    "ImageRef",
+    "KontextExample",
+    "collate_edit_pairs",
+    "composite_overlay",
+    "fit_to_bucket",
+    "image_size",
+    "make_buckets",
+    "make_kontext_example",
+    "mask_to_tensor",
+    "nearest_bucket",
+    "open_image",
+    "to_model_range",
+    "write_kontext_dataset",
+    "write_synthetic_dataset",
+]

@@ -1,0 +1,49 @@
+"""On-disk cache of per-item tensors (VAE latents, prompt embeddings) in safetensors.
+
+Entries live at ``<root>/<model fingerprint>/<item key>.safetensors``: the fingerprint covers
+everything that shapes the tensors besides the item (model configs, encoding settings) and the
+item key covers the item's content (file bytes, prompt, bucket size), so two different pairs, or
+one pair under two models, never share an entry. Files are written under a temporary name and
+renamed, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def fingerprint(**parts) -> str:
+    """A short stable digest of JSON-serialisable ``parts`` (configs, settings)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TensorCache:
+    """Tensor dicts keyed by item key, under one model fingerprint."""
+
+    def __init__(self, root: str | Path, model_fingerprint: str) -> None:
+        self.folder = Path(root) / model_fingerprint
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict[str, torch.Tensor]:
+        """The tensors stored under ``key`` (CPU)."""
+        return load_file(self.path(key))
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store ``tensors`` under ``key``, atomically."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.path(key)
+        partial = final.with_suffix(f".{os.getpid()}.partial")
+        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, partial)
+        os.replace(partial, final)

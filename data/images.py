@@ -1,0 +1,169 @@
+"""Reading images and masks, with errors that name the file and what is wrong with it.
+
+An image source is a file path, the encoded bytes of an image file (how Hugging Face datasets
+store an ``Image`` column) or an already decoded PIL image. EXIF orientation is applied, as
+diffusers' ``load_image`` does, so a phone photo and a mask drawn on it as displayed line up;
+the orientation is read from the file header, so :func:`image_size` (header only) and
+:func:`open_image` (full decode) always agree.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+MASK_THRESHOLD = 127.5
+"""Mask pixels (0..255 grey) above this are inside: JPEG noise near 0 or 255 still binarises."""
+
+# EXIF orientations 5-8 swap width and height.
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class DataError(ValueError):
+    """Bad training data. The message names the file (or dataset row and column) and the fault."""
+
+
+def _describe(source: ImageSource, what: str) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"{what} '{source}'"
+    return what
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """EXIF orientation from the header (1 = as stored); never decodes the pixels."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except (OSError, ValueError, SyntaxError):
+        return 1  # unreadable EXIF: use the pixels as stored, as other readers do
+    return int(exif.get(ExifTags.Base.Orientation, 1))
+
+
+def _open_lazily(source: ImageSource, what: str) -> Image.Image:
+    """Open ``source`` reading only its header; raise :class:`DataError` if that fails."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, bytes):
+        stream = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"{_describe(source, what)}: file does not exist")
+        if path.is_dir():
+            raise DataError(f"{_describe(source, what)}: is a directory, not an image file")
+        stream = path
+    try:
+        return Image.open(stream)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(
+            f"{_describe(source, what)}: cannot be read as an image ({error})"
+        ) from error
+
+
+def image_size(source: ImageSource, what: str) -> tuple[int, int]:
+    """``(height, width)`` of an image as :func:`open_image` returns it, reading only the header.
+
+    Args:
+        source: path, encoded image bytes or PIL image.
+        what: what the source is, for error messages ("mask of metadata.jsonl line 3").
+
+    Raises:
+        DataError: the file is missing, a directory, or not a readable image.
+    """
+    image = _open_lazily(source, what)
+    width, height = image.size
+    if _header_orientation(image) in (5, 6, 7, 8):
+        return width, height
+    return height, width
+
+
+def open_image(source: ImageSource, what: str, mode: str = "RGB") -> Image.Image:
+    """Decode an image fully and convert it to ``mode`` ("RGB" for images, "L" for masks).
+
+    Args:
+        source: path, encoded image bytes or PIL image.
+        what: what the source is, for error messages; a path source is appended to it.
+        mode: PIL mode of the result.
+
+    Raises:
+        DataError: the file is missing, a directory, unreadable, or truncated/corrupt.
+    """
+    image = _open_lazily(source, what)
+    orientation = _header_orientation(image)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(
+            f"{_describe(source, what)}: image data is corrupt or truncated ({error})"
+        ) from error
+    if orientation in _TRANSPOSE_FOR_ORIENTATION:
+        image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+    return image.convert(mode)
+
+
+def mask_to_tensor(mask_image: Image.Image) -> torch.Tensor:
+    """Binarise a mask image: ``[1, H, W]`` float32 in {0, 1}, 1 inside the region.
+
+    The image is converted to grey ("L", 0..255) and thresholded at :data:`MASK_THRESHOLD`.
+    """
+    grey = np.asarray(mask_image.convert("L"), dtype=np.float32)
+    return torch.from_numpy(grey > MASK_THRESHOLD).float()[None]
+
+
+def to_model_range(image: Image.Image) -> torch.Tensor:
+    """RGB image -> ``[3, H, W]`` float32 in [-1, 1], as diffusers' ``VaeImageProcessor`` does."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1) * 2.0 - 1.0
+
+
+@dataclass(frozen=True, repr=False)
+class ImageRef:
+    """An image read on demand: a file path or encoded image bytes, and what it is for errors."""
+
+    source: Path | bytes
+    what: str
+
+    def __repr__(self) -> str:
+        shown = f"<{len(self.source)} bytes>" if isinstance(self.source, bytes) else self.source
+        return f"ImageRef({shown!s}, {self.what!r})"
+
+    @property
+    def label(self) -> str:
+        """``what`` followed by the path, for messages: "mask of row 3 'masks/3.png'"."""
+        return _describe(self.source, self.what)
+
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` from the header; see :func:`image_size`."""
+        return image_size(self.source, self.what)
+
+    def open(self, mode: str = "RGB") -> Image.Image:
+        """The decoded image in ``mode``; see :func:`open_image`."""
+        return open_image(self.source, self.what, mode)
+
+    def content(self) -> bytes:
+        """The encoded bytes: the file's content, or the bytes themselves."""
+        if isinstance(self.source, bytes):
+            return self.source
+        try:
+            return self.source.read_bytes()
+        except OSError as error:
+            raise DataError(f"{self.label}: cannot be read ({error})") from error

@@ -1,0 +1,133 @@
+"""Image and mask reading: modes, value ranges, EXIF orientation, and errors naming the file."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import ExifTags, Image
+
+from data.images import (
+    DataError,
+    ImageRef,
+    image_size,
+    mask_to_tensor,
+    open_image,
+    to_model_range,
+)
+
+
+def _save(path, image, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+class TestOpenImage:
+    @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+    def test_converts_to_rgb(self, tmp_path, mode):
+        path = _save(tmp_path / "x.png", Image.new(mode, (20, 10)))
+        image = open_image(path, "context image")
+        assert image.mode == "RGB" and image.size == (20, 10)
+
+    def test_mask_mode(self, tmp_path):
+        path = _save(tmp_path / "m.png", Image.new("RGB", (4, 3), (255, 255, 255)))
+        mask = open_image(path, "mask", mode="L")
+        assert mask.mode == "L" and np.asarray(mask).min() == 255
+
+    def test_accepts_pil_and_bytes(self, tmp_path):
+        image = Image.new("RGB", (5, 7), (10, 20, 30))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        from_bytes = open_image(buffer.getvalue(), "row 0")
+        assert np.array_equal(np.asarray(from_bytes), np.asarray(image))
+        assert open_image(image.convert("L"), "row 0").mode == "RGB"
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(DataError, match=r"context image '.*absent\.png': file does not exist"):
+            open_image(tmp_path / "absent.png", "context image")
+
+    def test_directory(self, tmp_path):
+        with pytest.raises(DataError, match="is a directory"):
+            open_image(tmp_path, "context image")
+
+    def test_text_file_named_png(self, tmp_path):
+        path = tmp_path / "notes.png"
+        path.write_text("not an image")
+        for read in (open_image, image_size):
+            with pytest.raises(DataError, match=r"notes\.png.*cannot be read as an image"):
+                read(path, "mask")
+
+    def test_truncated_png(self, tmp_path):
+        noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        path = _save(tmp_path / "cut.png", Image.fromarray(noise))
+        path.write_bytes(path.read_bytes()[:400])
+        assert image_size(path, "target") == (64, 64)  # the header is intact
+        with pytest.raises(DataError, match=r"cut\.png.*corrupt or truncated"):
+            open_image(path, "target")
+
+    def test_corrupt_bytes_name_the_row(self):
+        with pytest.raises(DataError, match=r"^dataset row 3, column 'mask': cannot be read"):
+            open_image(b"garbage", "dataset row 3, column 'mask'")
+
+
+class TestExifOrientation:
+    def test_rotated_jpeg_size_and_pixels_agree(self, tmp_path):
+        stored = Image.new("RGB", (40, 20), (0, 0, 0))
+        stored.paste((255, 255, 255), (0, 0, 10, 20))  # left quarter white
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = 6  # displayed rotated 90 degrees clockwise
+        path = _save(tmp_path / "phone.jpg", stored, exif=exif, quality=95)
+        assert image_size(path, "context") == (40, 20)
+        shown = open_image(path, "context")
+        assert shown.size == (20, 40)
+        # Rotated clockwise, the stored left strip becomes the top strip.
+        grey = np.asarray(shown.convert("L"), dtype=float)
+        assert grey[:8].mean() > 200 and grey[12:].mean() < 50
+
+    def test_corrupt_exif_is_ignored(self, tmp_path):
+        path = _save(tmp_path / "odd.jpg", Image.new("RGB", (8, 6)), exif=b"Exif\x00\x00junk")
+        assert image_size(path, "context") == (6, 8)
+        assert open_image(path, "context").size == (8, 6)
+
+
+class TestMaskToTensor:
+    def test_threshold_at_half(self):
+        grey = np.array([[0, 127, 128, 255]], dtype=np.uint8)
+        mask = mask_to_tensor(Image.fromarray(grey))
+        assert mask.shape == (1, 1, 4) and mask.dtype == torch.float32
+        assert mask.tolist() == [[[0.0, 0.0, 1.0, 1.0]]]
+
+    def test_jpeg_noise_binarises(self, tmp_path):
+        grey = np.zeros((32, 32), dtype=np.uint8)
+        grey[8:24, 8:24] = 255
+        path = _save(tmp_path / "m.jpg", Image.fromarray(grey), quality=70)
+        assert set(np.unique(np.asarray(Image.open(path)))) - {0, 255}  # JPEG did add noise
+        mask = mask_to_tensor(open_image(path, "mask", mode="L"))
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(mask[0], torch.from_numpy(grey > 127).float())
+
+    def test_rgb_mask_is_greyed(self):
+        mask = mask_to_tensor(Image.new("RGB", (3, 2), (255, 255, 255)))
+        assert mask.shape == (1, 2, 3) and bool(mask.eq(1).all())
+
+
+def test_to_model_range_values_and_layout():
+    pixels = np.zeros((2, 3, 3), dtype=np.uint8)
+    pixels[0, 0] = (255, 0, 128)
+    tensor = to_model_range(Image.fromarray(pixels))
+    assert tensor.shape == (3, 2, 3) and tensor.dtype == torch.float32
+    assert tensor[:, 0, 0].tolist() == pytest.approx([1.0, -1.0, 128 / 255 * 2 - 1], abs=1e-6)
+    assert bool(tensor[:, 1].eq(-1).all())
+
+
+def test_image_ref(tmp_path):
+    path = _save(tmp_path / "c.png", Image.new("RGB", (6, 4)))
+    ref = ImageRef(path, "metadata line 1: context")
+    assert ref.size() == (4, 6)
+    assert ref.open().size == (6, 4)
+    assert ref.content() == path.read_bytes()
+    assert ref.label == f"metadata line 1: context '{path}'"
+    assert repr(ImageRef(b"1234", "row 0")) == "ImageRef(<4 bytes>, 'row 0')"
+    path.unlink()
+    with pytest.raises(DataError, match=r"c\.png"):
+        ref.content()

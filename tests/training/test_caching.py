@@ -1,0 +1,121 @@
+"""``training.caching``: fill a tensor cache with a real Accelerator, then serve from it."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+
+from data.cache import TensorCache
+from training.caching import CachedItems, fill_cache
+
+
+class KeyedItems(Dataset):
+    """Items with content keys, as the edit-pair dataset has."""
+
+    def __init__(self, n: int) -> None:
+        self.values = [
+            torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(n)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixels": self.values[index], "prompt": f"prompt {index}"}
+
+    def key(self, index: int) -> str:
+        return f"item{index:03d}"
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixels": torch.stack([item["pixels"] for item in items]),
+        "prompt": [item["prompt"] for item in items],
+    }
+
+
+class CountingEncoder:
+    """A stand-in for the VAE/text encoders: records what it encoded."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        assert batch["pixels"].shape == (1, 3, 4)
+        self.prompts += batch["prompt"]
+        return {
+            "latents": batch["pixels"] * 2 + 1,
+            "length": torch.tensor([len(batch["prompt"][0])]),
+        }
+
+
+def expected(dataset: KeyedItems, index: int) -> dict[str, torch.Tensor]:
+    return {
+        "latents": dataset.values[index] * 2 + 1,
+        "length": torch.tensor(len(f"prompt {index}")),
+    }
+
+
+@pytest.fixture
+def accelerator(clean_accelerate_state):
+    return Accelerator(cpu=True)
+
+
+class TestFillCache:
+    def test_encodes_every_item_once(self, tmp_path, accelerator):
+        dataset = KeyedItems(5)
+        cache = TensorCache(tmp_path, "fp")
+        encoder = CountingEncoder()
+        fill_cache(accelerator, dataset, cache, collate, encoder)
+        assert encoder.prompts == [f"prompt {i}" for i in range(5)]
+        for index in range(5):
+            stored = cache.load(dataset.key(index))
+            assert stored.keys() == {"latents", "length"}
+            for name, value in expected(dataset, index).items():
+                assert stored[name].shape == value.shape  # the batch dim is dropped
+                assert torch.equal(stored[name], value), (index, name)
+
+    def test_encodes_only_missing_items(self, tmp_path, accelerator):
+        dataset = KeyedItems(5)
+        cache = TensorCache(tmp_path, "fp")
+        fill_cache(accelerator, dataset, cache, collate, CountingEncoder())
+        again = CountingEncoder()
+        fill_cache(accelerator, dataset, cache, collate, again)
+        assert again.prompts == []
+        cache.path(dataset.key(3)).unlink()
+        cache.path(dataset.key(1)).unlink()
+        third = CountingEncoder()
+        fill_cache(accelerator, dataset, cache, collate, third)
+        assert third.prompts == ["prompt 1", "prompt 3"]
+        assert all(dataset.key(i) in cache for i in range(5))
+
+    def test_other_fingerprint_is_filled_separately(self, tmp_path, accelerator):
+        dataset = KeyedItems(3)
+        fill_cache(accelerator, dataset, TensorCache(tmp_path, "a"), collate, CountingEncoder())
+        encoder = CountingEncoder()
+        fill_cache(accelerator, dataset, TensorCache(tmp_path, "b"), collate, encoder)
+        assert len(encoder.prompts) == 3
+
+
+class TestCachedItems:
+    def test_serves_stored_tensors_and_index(self, tmp_path, accelerator):
+        dataset = KeyedItems(4)
+        cache = TensorCache(tmp_path, "fp")
+        fill_cache(accelerator, dataset, cache, collate, CountingEncoder())
+        items = CachedItems(dataset, cache)
+        assert len(items) == 4
+        for index in (2, 0, 3, 1):
+            item = items[index]
+            assert item["index"] == index
+            assert item.keys() == {"latents", "length", "index"}
+            for name, value in expected(dataset, index).items():
+                assert torch.equal(item[name], value)
+
+    def test_reads_the_cache_not_the_dataset(self, tmp_path):
+        dataset = KeyedItems(2)
+        cache = TensorCache(tmp_path, "fp")
+        cache.save(dataset.key(0), {"z": torch.full((2,), 7.0)})
+        cache.save(dataset.key(1), {"z": torch.full((2,), 8.0)})
+        items = CachedItems(dataset, cache)
+        assert torch.equal(items[1]["z"], torch.full((2,), 8.0))
+        assert "pixels" not in items[1]

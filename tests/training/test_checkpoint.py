@@ -1,0 +1,302 @@
+"""``training.checkpoint``: finding complete checkpoints, and saving/restoring them with a real
+Accelerator, a tiny FLUX transformer with a LoRA, AdamW and an LR schedule."""
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import FluxKontextPipeline
+from diffusers.optimization import get_scheduler
+from peft.utils import get_peft_model_state_dict
+
+from models.tiny import tiny_flux_kontext_pipeline
+from training.checkpoint import (
+    STATE_FILE,
+    Checkpointer,
+    TrainingProgress,
+    complete_checkpoints,
+    resolve_checkpoint,
+)
+from training.config import TrainConfig
+from training.lora import LORA_WEIGHTS_NAME, add_lora, load_lora, save_lora
+from training.runtime import build_accelerator
+
+LAYERS = ("attn.to_q", "attn.to_k")
+
+
+def make_checkpoint(root: Path, step: int, complete: bool = True, name: str | None = None):
+    folder = root / (name or f"checkpoint-{step}")
+    folder.mkdir(parents=True)
+    (folder / "optimizer.bin").write_bytes(b"x")
+    if complete:
+        (folder / STATE_FILE).write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+class TestCompleteCheckpoints:
+    def test_oldest_first_numerically(self, tmp_path):
+        for step in (100, 9, 10):
+            make_checkpoint(tmp_path, step)
+        assert complete_checkpoints(tmp_path) == [
+            (9, tmp_path / "checkpoint-9"),
+            (10, tmp_path / "checkpoint-10"),
+            (100, tmp_path / "checkpoint-100"),
+        ]
+
+    def test_skips_incomplete_partial_and_other_names(self, tmp_path):
+        make_checkpoint(tmp_path, 5)
+        make_checkpoint(tmp_path, 9, complete=False)  # half written
+        make_checkpoint(tmp_path, 12, name=".checkpoint-12.partial")
+        make_checkpoint(tmp_path, 13, name=".checkpoint-13.replaced")
+        make_checkpoint(tmp_path, 14, name="checkpoint-14-old")
+        make_checkpoint(tmp_path, 15, name="my-checkpoint-15")
+        (tmp_path / "checkpoint-20").write_text("a file, not a folder")
+        assert complete_checkpoints(tmp_path) == [(5, tmp_path / "checkpoint-5")]
+
+    def test_missing_output_dir(self, tmp_path):
+        assert complete_checkpoints(tmp_path / "not-there") == []
+
+
+class TestResolveCheckpoint:
+    def test_none(self, tmp_path):
+        assert resolve_checkpoint(tmp_path, None) is None
+
+    def test_latest_without_checkpoints(self, tmp_path):
+        assert resolve_checkpoint(tmp_path, "latest") is None
+        assert resolve_checkpoint(tmp_path / "not-there", "latest") is None
+
+    def test_latest_skips_half_written_and_partial(self, tmp_path):
+        make_checkpoint(tmp_path, 8)
+        make_checkpoint(tmp_path, 10)
+        make_checkpoint(tmp_path, 9)
+        make_checkpoint(tmp_path, 11, complete=False)
+        make_checkpoint(tmp_path, 12, name=".checkpoint-12.partial")
+        assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
+
+    def test_latest_with_only_incomplete(self, tmp_path):
+        make_checkpoint(tmp_path, 9, complete=False)
+        assert resolve_checkpoint(tmp_path, "latest") is None
+
+    def test_explicit_complete(self, tmp_path):
+        folder = make_checkpoint(tmp_path, 3)
+        assert resolve_checkpoint(tmp_path, str(folder)) == folder
+
+    def test_explicit_incomplete_raises_naming_it(self, tmp_path):
+        folder = make_checkpoint(tmp_path, 9, complete=False)
+        with pytest.raises(ValueError, match=re.escape(str(folder))):
+            resolve_checkpoint(tmp_path, str(folder))
+
+    def test_explicit_missing_raises_naming_it(self, tmp_path):
+        with pytest.raises(ValueError, match="checkpoint-77"):
+            resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-77"))
+
+
+@dataclass
+class Run:
+    """One training run's parts, as the loop prepares them."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    checkpointer: Checkpointer
+    output_dir: Path
+    fail_saves: bool = False
+
+    def lora(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def train_step(self, seed: int) -> None:
+        """An optimizer and scheduler step with random gradients."""
+        g = torch.Generator().manual_seed(seed)
+        for param in self.model.parameters():
+            if param.requires_grad:
+                param.grad = torch.randn(param.shape, generator=g)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def start_run(output_dir: Path, lora_seed: int = 0, total_limit: int | None = None) -> Run:
+    config = TrainConfig(
+        pretrained_model_name_or_path="m",
+        train_data_dir="d",
+        output_dir=str(output_dir),
+        rank=4,
+        lora_layers=",".join(LAYERS),
+    )
+    accelerator = build_accelerator(config)
+    transformer = tiny_flux_kontext_pipeline(0).transformer
+    torch.manual_seed(lora_seed)  # the LoRA's init
+    add_lora(transformer, config, LAYERS)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+    model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    run = None
+
+    def save(model, folder):
+        if run.fail_saves:
+            raise OSError("disk full")
+        save_lora(FluxKontextPipeline, model, folder, "transformer")
+
+    def load(model, folder):
+        load_lora(FluxKontextPipeline, model, folder, "transformer")
+
+    checkpointer = Checkpointer(accelerator, output_dir, total_limit, save, load)
+    run = Run(accelerator, model, optimizer, scheduler, checkpointer, output_dir)
+    return run
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+def assert_same_optimizer_state(actual: dict, expected: dict) -> None:
+    assert actual["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert state.keys() == actual["state"][index].keys()
+        for name, value in state.items():
+            assert torch.equal(actual["state"][index][name], value), (index, name)
+    assert [g["lr"] for g in actual["param_groups"]] == [g["lr"] for g in expected["param_groups"]]
+
+
+@pytest.mark.usefixtures("clean_accelerate_state")
+class TestCheckpointer:
+    def test_save_layout(self, tmp_path):
+        run = start_run(tmp_path)
+        run.train_step(0)
+        folder = run.checkpointer.save(TrainingProgress(3, 1, 5))
+        assert folder == tmp_path / "checkpoint-3"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # nothing partial
+        files = sorted(p.name for p in folder.iterdir())
+        assert files == [
+            "optimizer.bin",
+            LORA_WEIGHTS_NAME,
+            "random_states_0.pkl",
+            "scheduler.bin",
+            STATE_FILE,
+        ]
+        assert json.loads((folder / STATE_FILE).read_text()) == {
+            "global_step": 3,
+            "epoch": 1,
+            "batches_in_epoch": 5,
+        }
+        # the LoRA file is the adapter, in diffusers' format; no frozen base weights anywhere
+        state = FluxKontextPipeline.lora_state_dict(str(folder))
+        expected = run.lora()
+        assert_same_tensors(state, {f"transformer.{k}": v for k, v in expected.items()})
+        total = sum(p.stat().st_size for p in folder.iterdir())
+        base_bytes = sum(
+            p.numel() * p.element_size() for p in run.model.parameters() if not p.requires_grad
+        )
+        assert total < base_bytes
+        assert complete_checkpoints(tmp_path) == [(3, folder)]
+
+    def test_total_limit_keeps_newest(self, tmp_path):
+        run = start_run(tmp_path, total_limit=2)
+        half_written = make_checkpoint(tmp_path, 99, complete=False)
+        for step in (1, 2, 3, 10):
+            run.train_step(step)
+            run.checkpointer.save(TrainingProgress(step))
+        assert [step for step, _ in complete_checkpoints(tmp_path)] == [3, 10]
+        assert not (tmp_path / "checkpoint-1").exists()
+        assert not (tmp_path / "checkpoint-2").exists()
+        assert half_written.is_dir()  # not a checkpoint: left alone
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    def test_without_limit_keeps_all(self, tmp_path):
+        run = start_run(tmp_path)
+        for step in (1, 2, 3):
+            run.checkpointer.save(TrainingProgress(step))
+        assert [step for step, _ in complete_checkpoints(tmp_path)] == [1, 2, 3]
+
+    def test_same_step_twice_replaces(self, tmp_path):
+        run = start_run(tmp_path)
+        run.checkpointer.save(TrainingProgress(4, 0, 4))
+        run.train_step(1)
+        newer = run.lora()
+        folder = run.checkpointer.save(TrainingProgress(4, 1, 0))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+        assert json.loads((folder / STATE_FILE).read_text())["epoch"] == 1
+        state = FluxKontextPipeline.lora_state_dict(str(folder))
+        assert_same_tensors(state, {f"transformer.{k}": v for k, v in newer.items()})
+
+    def test_replaces_a_half_written_folder_of_the_same_step(self, tmp_path):
+        run = start_run(tmp_path)
+        make_checkpoint(tmp_path, 6, complete=False)
+        folder = run.checkpointer.save(TrainingProgress(6))
+        assert (folder / STATE_FILE).is_file() and (folder / LORA_WEIGHTS_NAME).is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+
+    def test_failed_save_leaves_earlier_checkpoints_intact(self, tmp_path):
+        run = start_run(tmp_path)
+        run.train_step(0)
+        saved = run.lora()
+        first = run.checkpointer.save(TrainingProgress(5))
+        run.train_step(1)
+        run.fail_saves = True
+        for step in (6, 5):  # a new step, and the same step again
+            with pytest.raises(OSError, match="disk full"):
+                run.checkpointer.save(TrainingProgress(step))
+        assert complete_checkpoints(tmp_path) == [(5, first)]
+        assert resolve_checkpoint(tmp_path, "latest") == first
+        state = FluxKontextPipeline.lora_state_dict(str(first))
+        assert_same_tensors(state, {f"transformer.{k}": v for k, v in saved.items()})
+        # what the failed saves left is hidden, never a checkpoint-<step> name
+        leftovers = {p.name for p in tmp_path.iterdir()} - {"checkpoint-5"}
+        assert leftovers and all(name.startswith(".") for name in leftovers)
+        run.fail_saves = False
+        for step in (6, 5):  # a rerun reaching these steps cleans up after the failed saves
+            run.checkpointer.save(TrainingProgress(step))
+        assert [step for step, _ in complete_checkpoints(tmp_path)] == [5, 6]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-6"]
+
+    def test_restore_after_changes(self, tmp_path):
+        run = start_run(tmp_path)
+        for step in range(3):
+            run.train_step(step)
+        lora = run.lora()
+        optimizer_state = copy.deepcopy(run.optimizer.state_dict())
+        last_lr = run.scheduler.get_last_lr()
+        folder = run.checkpointer.save(TrainingProgress(3, 2, 7))
+        draws = torch.rand(5)
+        for step in range(3, 6):
+            run.train_step(step)
+        assert any(not torch.equal(run.lora()[k], v) for k, v in lora.items())
+        progress = run.checkpointer.restore(folder)
+        assert progress == TrainingProgress(3, 2, 7)
+        assert_same_tensors(run.lora(), lora)
+        assert_same_optimizer_state(run.optimizer.state_dict(), optimizer_state)
+        assert run.scheduler.get_last_lr() == last_lr
+        assert torch.equal(torch.rand(5), draws)  # RNG state as at the save
+
+    def test_restore_into_a_fresh_run(self, tmp_path):
+        run = start_run(tmp_path, lora_seed=0)
+        for step in range(3):
+            run.train_step(step)
+        lora = run.lora()
+        optimizer_state = copy.deepcopy(run.optimizer.state_dict())
+        run.checkpointer.save(TrainingProgress(3, 0, 3))
+        run.train_step(3)
+        after_one_more = run.lora()
+
+        # a new process: fresh accelerate state, a differently initialised adapter
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        resumed = start_run(tmp_path, lora_seed=1)
+        assert any(not torch.equal(resumed.lora()[k], v) for k, v in lora.items())
+        folder = resolve_checkpoint(tmp_path, "latest")
+        assert folder == tmp_path / "checkpoint-3"
+        assert resumed.checkpointer.restore(folder) == TrainingProgress(3, 0, 3)
+        assert_same_tensors(resumed.lora(), lora)
+        assert_same_optimizer_state(resumed.optimizer.state_dict(), optimizer_state)
+        resumed.train_step(3)
+        assert_same_tensors(resumed.lora(), after_one_more)  # as if never interrupted

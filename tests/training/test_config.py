@@ -1,0 +1,314 @@
+"""``training.config``: flat flags from a script's config dataclass, YAML files, validation."""
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+
+from training.config import EditPairDataConfig, FlowMatchingConfig, TrainConfig, parse_config
+
+
+@dataclass(kw_only=True)
+class ScriptConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):
+    """A train script's configuration."""
+
+    extra_weight: float = 0.5
+    """Weight of the script's extra loss term."""
+    use_extra: bool = False
+    """Whether the script's extra loss term is used."""
+
+
+BASE = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data"]
+
+
+def parse(*argv: str) -> ScriptConfig:
+    return parse_config(ScriptConfig, list(argv))
+
+
+def parse_error(capsys, *argv: str) -> str:
+    """Parse ``argv``, expecting the argparse exit (status 2); returns stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """Attribute docstrings of ``cls`` and its bases, read from their source with ``ast``."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, following in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+def squeeze(text: str) -> str:
+    """``text`` without any whitespace (help output is wrapped at the terminal width)."""
+    return "".join(text.split())
+
+
+class TestDefaultsAndFlags:
+    def test_defaults(self):
+        config = parse(*BASE)
+        assert isinstance(config, ScriptConfig)
+        assert config.pretrained_model_name_or_path == "model"
+        assert config.train_data_dir == "data"
+        assert config.dataset_name is None
+        assert config.resolution == 512
+        assert config.rank == 16
+        assert config.gradient_checkpointing is False
+        assert config.timestep_shift == 1.0
+        assert config.weighting_scheme == "none"
+        assert config.context_column == "context"
+        assert config.extra_weight == 0.5
+
+    def test_flags_of_every_mixin_and_the_script(self):
+        config = parse(
+            *BASE,
+            "--resolution", "256",
+            "--learning_rate", "3e-4",
+            "--lr_scheduler", "cosine",
+            "--rank", "4",
+            "--lora_alpha", "8",
+            "--lora_layers", "attn.to_q,attn.to_k",
+            "--mixed_precision", "bf16",
+            "--max_train_steps", "7",
+            "--weighting_scheme", "logit_normal",
+            "--logit_mean", "-0.5",
+            "--mask_column", "edit_mask",
+            "--overlay_column", "null",
+            "--extra_weight", "0.25",
+        )  # fmt: skip
+        assert config.resolution == 256
+        assert config.learning_rate == pytest.approx(3e-4)
+        assert config.lr_scheduler == "cosine"
+        assert config.rank == 4
+        assert config.lora_alpha == 8.0
+        assert config.lora_layers == "attn.to_q,attn.to_k"
+        assert config.mixed_precision == "bf16"
+        assert config.max_train_steps == 7
+        assert config.weighting_scheme == "logit_normal"
+        assert config.logit_mean == -0.5
+        assert config.mask_column == "edit_mask"
+        assert config.overlay_column is None
+        assert config.extra_weight == 0.25
+
+    def test_dataset_name_instead_of_folder(self):
+        config = parse("--pretrained_model_name_or_path", "m", "--dataset_name", "pairs")
+        assert config.dataset_name == "pairs"
+        assert config.train_data_dir is None
+
+
+class TestBooleanFlags:
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            [*BASE, "--gradient_checkpointing"],
+            ["--gradient_checkpointing", *BASE],
+            [*BASE, "--gradient_checkpointing", "true"],
+            [*BASE, "--gradient_checkpointing=true"],
+        ],
+    )
+    def test_bare_or_true_means_true(self, argv):
+        config = parse(*argv)
+        assert config.gradient_checkpointing is True
+        assert config.cache_latents is False
+        assert config.use_extra is False
+
+    def test_false(self):
+        assert parse(*BASE, "--gradient_checkpointing", "false").gradient_checkpointing is False
+
+    def test_several_bare_flags_in_a_row(self):
+        config = parse("--gradient_checkpointing", "--cache_latents", "--use_extra", *BASE)
+        assert (config.gradient_checkpointing, config.cache_latents, config.use_extra) == (
+            True,
+            True,
+            True,
+        )
+        assert config.pretrained_model_name_or_path == "model"
+
+    def test_bare_flag_before_config_file(self, tmp_path):
+        path = tmp_path / "c.yaml"
+        path.write_text("rank: 3\n")
+        config = parse(*BASE, "--cache_latents", "--config", str(path))
+        assert config.cache_latents is True
+        assert config.rank == 3
+
+
+class TestConfigFile:
+    @pytest.fixture
+    def yaml_file(self, tmp_path):
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            "pretrained_model_name_or_path: from-file\n"
+            "train_data_dir: file-data\n"
+            "resolution: 256\n"
+            "learning_rate: 0.5\n"
+            "gradient_checkpointing: true\n"
+            "timestep_shift: auto\n"
+            "extra_weight: 2.0\n"
+        )
+        return path
+
+    def test_file_values_apply(self, yaml_file):
+        config = parse("--config", str(yaml_file))
+        assert config.pretrained_model_name_or_path == "from-file"
+        assert config.train_data_dir == "file-data"
+        assert config.resolution == 256
+        assert config.learning_rate == 0.5
+        assert config.gradient_checkpointing is True
+        assert config.timestep_shift == "auto"
+        assert config.extra_weight == 2.0
+        assert config.rank == 16  # not in the file: the default
+
+    def test_flag_after_config_wins(self, yaml_file):
+        config = parse("--config", str(yaml_file), "--resolution", "128", "--extra_weight", "3")
+        assert config.resolution == 128
+        assert config.extra_weight == 3.0
+        assert config.learning_rate == 0.5
+
+    def test_flag_before_config_wins(self, yaml_file):
+        config = parse("--resolution", "128", "--extra_weight", "3", "--config", str(yaml_file))
+        assert config.resolution == 128
+        assert config.extra_weight == 3.0
+        assert config.learning_rate == 0.5
+
+    @pytest.mark.parametrize("position", ["before", "after"])
+    def test_boolean_flag_false_overrides_file(self, yaml_file, position):
+        flags = ["--gradient_checkpointing", "false"]
+        config_flag = ["--config", str(yaml_file)]
+        argv = flags + config_flag if position == "before" else config_flag + flags
+        assert parse(*argv).gradient_checkpointing is False
+
+    def test_flag_before_equals_form_config_wins(self, yaml_file):
+        config = parse("--resolution", "128", f"--config={yaml_file}")
+        assert config.resolution == 128
+
+    def test_invalid_value_in_file_exits_naming_the_flag(self, tmp_path, capsys):
+        path = tmp_path / "bad.yaml"
+        path.write_text("resolution: 500\n")
+        err = parse_error(capsys, *BASE, "--config", str(path))
+        assert "--resolution" in err
+        assert "500" in err
+
+
+class TestTimestepShift:
+    @pytest.mark.parametrize(("value", "expected"), [("3", 3.0), ("1.5", 1.5), ("auto", "auto")])
+    def test_float_or_auto(self, value, expected):
+        shift = parse(*BASE, "--timestep_shift", value).timestep_shift
+        assert shift == expected
+        assert type(shift) is type(expected)
+
+    def test_other_words_rejected(self, capsys):
+        assert "timestep_shift" in parse_error(capsys, *BASE, "--timestep_shift", "automatic")
+
+
+class TestInvalidValues:
+    @pytest.mark.parametrize("resolution", ["500", "8", "1000"])
+    def test_resolution_not_multiple_of_16(self, capsys, resolution):
+        err = parse_error(capsys, *BASE, "--resolution", resolution)
+        assert "--resolution" in err
+        assert "multiple of 16" in err
+
+    def test_both_data_sources(self, capsys):
+        err = parse_error(capsys, *BASE, "--dataset_name", "pairs")
+        assert "--train_data_dir" in err and "--dataset_name" in err
+
+    def test_neither_data_source(self, capsys):
+        err = parse_error(capsys, "--pretrained_model_name_or_path", "m")
+        assert "--train_data_dir" in err and "--dataset_name" in err
+
+    @pytest.mark.parametrize(
+        ("flag", "value"),
+        [
+            ("lr_scheduler", "exponential"),
+            ("mixed_precision", "fp8"),
+            ("weighting_scheme", "gaussian"),
+        ],
+    )
+    def test_bad_literal_choice(self, capsys, flag, value):
+        err = parse_error(capsys, *BASE, f"--{flag}", value)
+        assert flag in err
+        assert value in err
+
+    @pytest.mark.parametrize(
+        "flag",
+        ["train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"],
+    )
+    def test_counts_below_one(self, capsys, flag):
+        err = parse_error(capsys, *BASE, f"--{flag}", "0")
+        assert f"--{flag}" in err
+        assert ">= 1" in err
+
+    def test_checkpointing_steps_below_one(self, capsys):
+        assert "--checkpointing_steps" in parse_error(capsys, *BASE, "--checkpointing_steps", "0")
+
+    def test_not_a_number(self, capsys):
+        assert "learning_rate" in parse_error(capsys, *BASE, "--learning_rate", "fast")
+
+    def test_missing_required(self, capsys):
+        err = parse_error(capsys, "--train_data_dir", "data")
+        assert "pretrained_model_name_or_path" in err
+
+    def test_unknown_flag(self, capsys):
+        assert "--no_such_flag" in parse_error(capsys, *BASE, "--no_such_flag", "1")
+
+    def test_dataclass_validates_on_its_own(self):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", resolution=100)
+        with pytest.raises(ValueError, match="exactly one"):
+            TrainConfig(pretrained_model_name_or_path="m")
+
+
+class TestHelp:
+    def test_every_field_is_a_flag_with_its_docstring(self, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            parse("--help")
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        docs = field_docstrings(ScriptConfig)
+        names = [field.name for field in dataclasses.fields(ScriptConfig)]
+        assert set(docs) == set(names)  # the reference reader found every field's docstring
+        flat = squeeze(out)
+        for name in names:
+            assert f"--{name}" in out, name
+            assert squeeze(docs[name]) in flat, name
+        assert "--config" in out
+
+    def test_description_is_the_class_docstring(self, capsys):
+        with pytest.raises(SystemExit):
+            parse("--help")
+        assert "A train script's configuration." in capsys.readouterr().out
+
+
+class TestTrackers:
+    @pytest.mark.parametrize(
+        ("report_to", "expected"),
+        [
+            (None, []),
+            ("", []),
+            ("tensorboard", ["tensorboard"]),
+            ("tensorboard,wandb", ["tensorboard", "wandb"]),
+            (" tensorboard , wandb ,", ["tensorboard", "wandb"]),
+        ],
+    )
+    def test_split(self, report_to, expected):
+        config = TrainConfig(
+            pretrained_model_name_or_path="m", train_data_dir="d", report_to=report_to
+        )
+        assert config.trackers == expected
+
+    def test_from_the_command_line(self):
+        assert parse(*BASE, "--report_to", "wandb,tensorboard").trackers == ["wandb", "tensorboard"]

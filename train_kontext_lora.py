@@ -1,0 +1,440 @@
+"""Train a FLUX.1 Kontext LoRA that inserts or replaces an object inside a known mask.
+
+Each example is (context image, target image, insertion mask, prompt[, overlay negative]). The
+transformer sees exactly what ``FluxKontextPipeline`` feeds it: noisy target tokens followed by
+the context image's tokens (image ids with channel 0 set to 1), T5 and pooled CLIP prompt
+embeddings, the guidance embedding, and sigma as the timestep. The loss is
+
+    flow matching on the target tokens
+    + seed 001's geometry losses on x0_hat = x_t - sigma * v_pred against the mask
+    + seed 003's embedding losses (no-edit identity, geometry match, overlay avoidance),
+
+every weight a flag (0 switches a term off at no cost).
+
+    accelerate launch train_kontext_lora.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-Kontext-dev \\
+        --train_data_dir my_pairs --output_dir out --mixed_precision bf16 \\
+        --resolution 1024 --max_train_steps 2000 --validation_steps 250
+
+then ``FluxKontextPipeline.from_pretrained(...).load_lora_weights("out")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxKontextPipeline
+
+from data.buckets import BucketBatchSampler
+from data.cache import TensorCache, fingerprint
+from data.edit_pairs import EditPairDataset, collate_edit_pairs
+from losses import (
+    EmbeddingLossWeights,
+    GeometryLossWeights,
+    embedding_starter_loss,
+    geometry_starter_loss,
+    masked_flow_matching_loss,
+)
+from training.caching import CachedItems, fill_cache
+from training.config import EditPairDataConfig, FlowMatchingConfig, TrainConfig, parse_config
+from training.datasets import edit_pair_dataset
+from training.embeddings import ImageEmbedder
+from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
+from training.loop import TrainingParts, train
+from training.lora import add_lora, load_lora, save_lora
+from training.runtime import build_accelerator, weight_dtype
+from training.validation import image_grid, mask_overlay, save_grid, to_pil
+
+LORA_LAYERS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
+@dataclass(kw_only=True)
+class KontextConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):
+    """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
+
+    guidance_scale: float = 3.5
+    """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
+    max_sequence_length: int = 512
+    """T5 prompt length, as the pipeline's max_sequence_length."""
+    flow_matching_weight: float = 1.0
+    """Weight of the flow-matching MSE on the target tokens."""
+    geometry_mse_weight: float = 1.0
+    """Seed 001: boundary-band weighted MSE of x0_hat vs the target latents."""
+    background_weight: float = 0.6
+    """Seed 001: MSE of x0_hat vs the context outside the dilated mask."""
+    dice_weight: float = 0.9
+    """Seed 001: Dice of the soft change mask vs the mask."""
+    area_weight: float = 0.2
+    """Seed 001: squared log area ratio of the change vs the mask."""
+    boundary_weight: float = 0.4
+    """Seed 001: boundary loss on the mask's signed distance map."""
+    band_r: int = 1
+    """Boundary band radius in latent pixels."""
+    w_in: float = 1.0
+    """Weight inside the mask in the band-weighted MSE."""
+    w_band: float = 6.0
+    """Weight on the boundary band in the band-weighted MSE."""
+    w_out: float = 0.2
+    """Weight outside the mask in the band-weighted MSE."""
+    k_sigma: float = 2.0
+    """Change-mask threshold in background standard deviations."""
+    identity_weight: float = 1.0
+    """Seed 003: penalise a prediction closer to the source than to the target."""
+    geometry_match_weight: float = 0.5
+    """Seed 003: squared L2 between prediction and target embeddings."""
+    overlay_weight: float = 0.7
+    """Seed 003: penalise a prediction closer to the overlay negative than to the target."""
+    identity_margin: float = 0.25
+    """Cosine margin of the identity term."""
+    overlay_margin: float = 0.25
+    """Cosine margin of the overlay term."""
+    embedding_encoder: str | None = None
+    """Local DINOv2 or CLIP checkpoint for the seed 003 embeddings; default: latent tokens."""
+
+    def geometry_weights(self) -> GeometryLossWeights:
+        return GeometryLossWeights(
+            mse=self.geometry_mse_weight,
+            bg=self.background_weight,
+            dice=self.dice_weight,
+            area=self.area_weight,
+            bnd=self.boundary_weight,
+        )
+
+    def embedding_weights(self) -> EmbeddingLossWeights:
+        return EmbeddingLossWeights(
+            identity=self.identity_weight,
+            geometry=self.geometry_match_weight,
+            overlay=self.overlay_weight,
+            identity_margin=self.identity_margin,
+            overlay_margin=self.overlay_margin,
+        )
+
+
+def kontext_transformer_inputs(
+    pipe: FluxKontextPipeline,
+    noisy_target: torch.Tensor,
+    context_latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    guidance_scale: float,
+) -> dict:
+    """Transformer kwargs as ``FluxKontextPipeline`` builds them for one denoising step.
+
+    ``noisy_target: [B, 16, h, w]`` and ``context_latents: [B, 16, hc, wc]`` (VAE-scaled) are
+    packed 2x2 and concatenated along the sequence, target first; the context's image ids carry
+    1 in channel 0; ``sigmas: [B]`` is the timestep.
+    """
+    batch, channels, height, width = noisy_target.shape
+    context_height, context_width = context_latents.shape[-2:]
+    device, dtype = noisy_target.device, noisy_target.dtype
+    target_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+    context_ids = pipe._prepare_latent_image_ids(
+        batch, context_height // 2, context_width // 2, device, dtype
+    )
+    context_ids[..., 0] = 1
+    tokens = torch.cat(
+        [
+            pipe._pack_latents(noisy_target, batch, channels, height, width),
+            pipe._pack_latents(context_latents, batch, channels, context_height, context_width),
+        ],
+        dim=1,
+    )
+    guidance = None
+    if pipe.transformer.config.guidance_embeds:
+        guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+    return {
+        "hidden_states": tokens,
+        "timestep": sigmas.to(dtype),
+        "guidance": guidance,
+        "pooled_projections": pooled_prompt_embeds,
+        "encoder_hidden_states": prompt_embeds,
+        "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+        "img_ids": torch.cat([target_ids, context_ids], dim=0),
+        "return_dict": False,
+    }
+
+
+class KontextEncoder:
+    """Turns a batch of pixels and prompts into what the loss needs, with the pipeline's own
+    encoders: VAE mode latents, shifted and scaled; T5 and pooled CLIP prompt embeddings; and,
+    with --embedding_encoder, image embeddings of target, context and overlay."""
+
+    def __init__(
+        self, pipe: FluxKontextPipeline, config: KontextConfig, embedder: ImageEmbedder | None
+    ) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.embedder = embedder
+        weights = config.embedding_weights()
+        self.needs_overlay = weights.overlay != 0
+        self.needs_image_embeddings = embedder is not None and any(
+            (weights.identity, weights.geometry, weights.overlay)
+        )
+
+    def fingerprint(self) -> str:
+        """What the encoded tensors depend on besides the item, for the cache."""
+        pipe = self.pipe
+        return fingerprint(
+            model=self.config.pretrained_model_name_or_path,
+            vae=dict(pipe.vae.config),
+            text_encoders=[
+                pipe.text_encoder.config.to_dict(),
+                pipe.text_encoder_2.config.to_dict(),
+            ],
+            max_sequence_length=self.config.max_sequence_length,
+            dtype=str(pipe.vae.dtype),
+            overlay=self.needs_overlay,
+            embedder=self.config.embedding_encoder if self.needs_image_embeddings else None,
+        )
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        pipe = self.pipe
+        dtype = pipe.vae.dtype
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=batch["prompt"],
+            prompt_2=None,
+            device=pipe.vae.device,
+            max_sequence_length=self.config.max_sequence_length,
+        )
+        encoded = {
+            "target_latents": pipe._encode_vae_image(batch["target"].to(dtype), generator=None),
+            "context_latents": pipe._encode_vae_image(batch["context"].to(dtype), generator=None),
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "mask_latent": batch["mask_latent"],
+            "signed_distance_map": batch["signed_distance_map"],
+        }
+        if self.needs_overlay:
+            encoded["overlay_latents"] = pipe._encode_vae_image(
+                batch["overlay"].to(dtype), generator=None
+            )
+        if self.needs_image_embeddings:
+            for name in ("target", "context", "overlay"):
+                encoded[f"{name}_embeds"] = self.embedder(batch[name])
+        return encoded
+
+
+class KontextLoss:
+    """Flow matching + geometry + embedding losses for one batch (the loop's ``compute_loss``)."""
+
+    def __init__(
+        self,
+        pipe: FluxKontextPipeline,
+        config: KontextConfig,
+        encoder: KontextEncoder,
+        embedder: ImageEmbedder | None,
+        batches_are_encoded: bool,
+    ) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.encoder = encoder
+        self.embedder = embedder
+        self.batches_are_encoded = batches_are_encoded
+        self.geometry = config.geometry_weights()
+        self.embedding = config.embedding_weights()
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        encoded = batch if self.batches_are_encoded else self.encoder(batch)
+        pipe, config = self.pipe, self.config
+        x0 = encoded["target_latents"]
+        batch_size, channels, height, width = x0.shape
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        sigmas = sample_sigmas(
+            config, batch_size, (height // 2) * (width // 2), pipe.scheduler.config, generator
+        )
+        x_t = noisy_latents(x0, noise, sigmas)
+        inputs = kontext_transformer_inputs(
+            pipe,
+            x_t,
+            encoded["context_latents"],
+            encoded["prompt_embeds"],
+            encoded["pooled_prompt_embeds"],
+            sigmas,
+            config.guidance_scale,
+        )
+        target_tokens = (height // 2) * (width // 2)
+        velocity = model(**inputs)[0][:, :target_tokens]
+        target_velocity = pipe._pack_latents(noise - x0, batch_size, channels, height, width)
+        flow_matching = masked_flow_matching_loss(
+            velocity.float(), target_velocity.float(), weighting=loss_weighting(config, sigmas)
+        )
+        components = {"fm": flow_matching.detach()}
+        x0_hat = predicted_x0(
+            x_t.float(),
+            pipe._unpack_latents(
+                velocity,
+                height * pipe.vae_scale_factor,
+                width * pipe.vae_scale_factor,
+                pipe.vae_scale_factor,
+            ).float(),
+            sigmas,
+        )
+        geometry, parts = geometry_starter_loss(
+            x0_hat,
+            x0.float(),
+            encoded["context_latents"].float(),
+            encoded["mask_latent"],
+            weights=self.geometry,
+            signed_distance_map=encoded["signed_distance_map"],
+            band_r=config.band_r,
+            w_in=config.w_in,
+            w_band=config.w_band,
+            w_out=config.w_out,
+            k_sigma=config.k_sigma,
+        )
+        components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
+        embedding, parts = self._embedding_losses(encoded, x0_hat)
+        components.update({f"emb_{name}": value.detach() for name, value in parts.items()})
+        total = config.flow_matching_weight * flow_matching + geometry + embedding
+        return total, components
+
+    def _embedding_losses(
+        self, encoded: dict, x0_hat: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        weights = self.embedding
+        if not any((weights.identity, weights.geometry, weights.overlay)):
+            return x0_hat.new_zeros(()), {}
+        if self.embedder is not None:
+            # Decode the prediction (through the frozen VAE, keeping the graph) and embed it.
+            vae = self.pipe.vae
+            latents = x0_hat / vae.config.scaling_factor + vae.config.shift_factor
+            pred = self.embedder(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
+            return embedding_starter_loss(
+                pred,
+                encoded["target_embeds"],
+                encoded["context_embeds"],
+                encoded.get("overlay_embeds"),
+                weights=weights,
+            )
+
+        def tokens(latents: torch.Tensor) -> torch.Tensor:
+            batch, channels, height, width = latents.shape
+            return self.pipe._pack_latents(latents.float(), batch, channels, height, width)
+
+        overlay = encoded.get("overlay_latents")
+        return embedding_starter_loss(
+            tokens(x0_hat),
+            tokens(encoded["target_latents"]),
+            tokens(encoded["context_latents"]),
+            None if overlay is None else tokens(overlay),
+            weights=weights,
+        )
+
+
+class KontextValidation:
+    """Runs FluxKontextPipeline with the training transformer on the first examples and saves a
+    grid: context | target | prediction | prediction with the mask tinted."""
+
+    def __init__(self, pipe: FluxKontextPipeline, dataset: EditPairDataset, config, accelerator):
+        self.pipe = pipe
+        self.dataset = dataset
+        self.config = config
+        self.accelerator = accelerator
+
+    def __call__(self, transformer: torch.nn.Module, step: int) -> Path:
+        config = self.config
+        rows = []
+        for index in range(min(config.num_validation_images, len(self.dataset))):
+            item = self.dataset[index]
+            height, width = item["target"].shape[-2:]
+            context = to_pil(item["context"])
+            with self.accelerator.autocast():
+                prediction = self.pipe(
+                    image=context,
+                    prompt=config.validation_prompt or item["prompt"],
+                    height=height,
+                    width=width,
+                    max_area=height * width,
+                    _auto_resize=False,
+                    num_inference_steps=config.validation_inference_steps,
+                    guidance_scale=config.guidance_scale,
+                    max_sequence_length=config.max_sequence_length,
+                    generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
+                ).images[0]
+            rows.append(
+                [
+                    context,
+                    to_pil(item["target"]),
+                    prediction,
+                    mask_overlay(prediction, item["mask"]),
+                ]
+            )
+        labels = ["context", "target", "prediction", "mask overlay"]
+        return save_grid(image_grid(rows, labels), config.output_dir, step)
+
+
+def save_kontext_lora(model: torch.nn.Module, folder: Path) -> None:
+    save_lora(FluxKontextPipeline, model, folder, "transformer")
+
+
+def load_kontext_lora(model: torch.nn.Module, path: Path) -> None:
+    load_lora(FluxKontextPipeline, model, path, "transformer")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(KontextConfig, argv, description=__doc__)
+    accelerator = build_accelerator(config)
+
+    pipe = FluxKontextPipeline.from_pretrained(
+        config.pretrained_model_name_or_path, dtype=weight_dtype(config)
+    ).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        frozen.requires_grad_(False).eval()
+    transformer = pipe.transformer
+    add_lora(transformer, config, LORA_LAYERS)
+    if config.init_lora_weights:
+        load_kontext_lora(transformer, Path(config.init_lora_weights))
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    embedder = None
+    if config.embedding_encoder:
+        embedder = ImageEmbedder(config.embedding_encoder).to(accelerator.device)
+
+    dataset = edit_pair_dataset(config)
+    encoder = KontextEncoder(pipe, config, embedder)
+    items = dataset
+    if config.cache_latents:
+        cache = TensorCache(
+            config.cache_dir or Path(config.output_dir) / "cache", encoder.fingerprint()
+        )
+        fill_cache(accelerator, dataset, cache, collate_edit_pairs, encoder)
+        items = CachedItems(dataset, cache)
+
+    parts = TrainingParts(
+        model=transformer,
+        dataset=items,
+        sampler=BucketBatchSampler(
+            dataset.bucket_of_items,
+            config.train_batch_size,
+            seed=config.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        ),
+        collate_fn=collate_edit_pairs,
+        compute_loss=KontextLoss(pipe, config, encoder, embedder, config.cache_latents),
+        save_lora=save_kontext_lora,
+        load_lora=load_kontext_lora,
+        validate=KontextValidation(pipe, dataset, config, accelerator),
+    )
+    train(accelerator, config, parts)
+
+
+if __name__ == "__main__":
+    main()

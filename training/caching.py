@@ -1,0 +1,55 @@
+"""Train from precomputed tensors: fill a ``data.cache.TensorCache`` once, then serve it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from data.cache import TensorCache
+
+logger = logging.getLogger(__name__)
+
+EncodeFn = Callable[[dict], dict[str, torch.Tensor]]
+
+
+def fill_cache(
+    accelerator: Accelerator,
+    dataset: Dataset,
+    cache: TensorCache,
+    collate_fn: Callable[[list], dict],
+    encode: EncodeFn,
+) -> None:
+    """Encode every item of ``dataset`` missing from ``cache`` (each rank a share), then wait.
+
+    ``dataset`` has ``key(i)``; ``encode`` maps a collated batch of one item to tensors with a
+    leading batch dim of 1, which are stored without it.
+    """
+    missing = [
+        index
+        for index in range(accelerator.process_index, len(dataset), accelerator.num_processes)
+        if dataset.key(index) not in cache
+    ]
+    logger.info("caching %d of %d items in %s", len(missing), len(dataset), cache.folder)
+    for index in tqdm(missing, desc="caching", disable=not accelerator.is_main_process):
+        tensors = encode(collate_fn([dataset[index]]))
+        cache.save(dataset.key(index), {name: value[0] for name, value in tensors.items()})
+    accelerator.wait_for_everyone()
+
+
+class CachedItems(Dataset):
+    """The items of ``dataset`` as stored in ``cache``: its tensors plus ``index``."""
+
+    def __init__(self, dataset: Dataset, cache: TensorCache) -> None:
+        self.dataset = dataset
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.cache.load(self.dataset.key(index)), "index": index}

@@ -1,0 +1,221 @@
+"""Command-line and YAML configuration shared by every train script.
+
+A script declares one keyword-only dataclass that inherits the mixins it needs (``TrainConfig``
+always; ``FlowMatchingConfig`` and ``EditPairDataConfig`` where they apply) and adds its own
+fields. :func:`parse_config` turns it into flat ``--flag`` options whose help comes from the field
+docstrings, plus ``--config FILE.yaml`` holding any of them; flags given on the command line win
+over the file wherever they appear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Flags every train script accepts, named as in diffusers' training examples."""
+
+    pretrained_model_name_or_path: str
+    """Local folder (or cached Hub id) of the base diffusers pipeline."""
+    train_data_dir: str | None = None
+    """Folder with the training data in the script's folder format."""
+    dataset_name: str | None = None
+    """Hugging Face dataset: a folder written by `save_to_disk`, or a name in the local cache."""
+    output_dir: str = "output"
+    """Where the LoRA, checkpoints, metrics.jsonl and validation images are written."""
+    resolution: int = 512
+    """Target side length in pixels; buckets keep about resolution**2 pixels. Multiple of 16."""
+    train_batch_size: int = 1
+    """Batch size per device."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_train_steps: int | None = None
+    """Optimizer steps to run; overrides num_train_epochs when set."""
+    num_train_epochs: int = 1
+    """Epochs to run when max_train_steps is not set."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal[
+        "constant",
+        "constant_with_warmup",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+    ] = "constant"
+    """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
+    lr_warmup_steps: int = 0
+    """Warm-up optimizer steps."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    rank: int = 16
+    """LoRA rank."""
+    lora_alpha: float | None = None
+    """LoRA alpha; defaults to the rank (scale 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_layers: str | None = None
+    """Comma-separated module names to adapt (e.g. attn.to_q,attn.to_k); the script's default."""
+    init_lora_weights: str | None = None
+    """A LoRA .safetensors file (diffusers format) to start from instead of a fresh adapter."""
+    seed: int = 0
+    """Seed for weights, data order, noise and timesteps."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Precision of the frozen weights and autocast; LoRA weights stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    checkpointing_steps: int = 500
+    """Save a resumable checkpoint-<step>/ every this many optimizer steps."""
+    checkpoints_total_limit: int | None = None
+    """Keep at most this many checkpoints, deleting the oldest."""
+    resume_from_checkpoint: str | None = None
+    """'latest' (the newest complete checkpoint in output_dir) or a checkpoint folder."""
+    validation_steps: int | None = None
+    """Run the pipeline on validation examples every this many steps (and at the end)."""
+    validation_prompt: str | None = None
+    """Prompt for validation; by default each validation example's own prompt."""
+    num_validation_images: int = 2
+    """How many training examples to validate on."""
+    validation_inference_steps: int = 28
+    """Denoising steps of the validation pipeline."""
+    report_to: str | None = None
+    """Comma-separated trackers for accelerate (tensorboard, wandb)."""
+    cache_latents: bool = False
+    """Encode latents and prompts once and keep them in a safetensors cache (see cache_dir)."""
+    cache_dir: str | None = None
+    """Folder of the latent/prompt cache; defaults to <output_dir>/cache."""
+    dataloader_num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        if self.resolution % 16:
+            raise ValueError(f"--resolution must be a multiple of 16, got {self.resolution}")
+        if (self.train_data_dir is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of --train_data_dir and --dataset_name")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpointing_steps < 1:
+            raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+
+    @property
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list."""
+        return [name.strip() for name in (self.report_to or "").split(",") if name.strip()]
+
+
+@dataclass(kw_only=True)
+class FlowMatchingConfig:
+    """Timestep sampling and loss weighting of rectified-flow models (FLUX, Qwen-Image)."""
+
+    weighting_scheme: Literal["none", "uniform", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = (
+        "none"
+    )
+    """Timestep density and loss weighting as in diffusers' SD3/FLUX examples."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal timestep density."""
+    mode_scale: float = 1.29
+    """Scale of the 'mode' timestep density."""
+    timestep_shift: float | Literal["auto"] = 1.0
+    """Shift s of sigma -> s*sigma/(1+(s-1)*sigma); 'auto' uses the scheduler's resolution-based
+    shift exp(mu), as the pipeline does at inference; 1.0 is no shift."""
+
+
+@dataclass(kw_only=True)
+class EditPairDataConfig:
+    """Column names of an edit-pair Hugging Face dataset (--dataset_name)."""
+
+    context_column: str = "context"
+    """Column with the context (source) image."""
+    target_column: str = "target"
+    """Column with the target (edited) image."""
+    mask_column: str = "mask"
+    """Column with the edit mask (white = edited region)."""
+    prompt_column: str = "prompt"
+    """Column with the edit instruction."""
+    overlay_column: str | None = "overlay"
+    """Optional column with an overlay negative; composited from source and target when absent."""
+    dataset_split: str = "train"
+    """Split of the Hugging Face dataset."""
+
+
+def _bool_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {field.name for field in dataclasses.fields(cls) if hints[field.name] is bool}
+
+
+def _normalise_argv(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
+    """Let ``--flag`` alone mean ``--flag true`` and move ``--config FILE`` first, so that every
+    flag on the command line overrides the file."""
+    args = list(argv)
+    out: list[str] = []
+    configs: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("--config="):
+            configs.append(token)
+            i += 1
+            continue
+        if token == "--config" and i + 1 < len(args):
+            configs += args[i : i + 2]
+            i += 2
+            continue
+        out.append(token)
+        if token.startswith("--") and token[2:] in bool_flags:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or following.startswith("--"):
+                out.append("true")
+        i += 1
+    return configs + out
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None):
+    """The jsonargparse parser for config dataclass ``cls`` (flat flags + ``--config``)."""
+    parser = ArgumentParser(prog=prog, description=description or cls.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of any of the flags.")
+    parser.add_class_arguments(cls, nested_key=None, as_group=False)
+    return parser
+
+
+def parse_config(
+    cls: type[ConfigT], argv: Sequence[str] | None = None, description: str | None = None
+) -> ConfigT:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into an instance of the dataclass ``cls``.
+
+    Invalid values, including those rejected by the dataclass's ``__post_init__``, end the program
+    with the usual argparse error message (exit status 2).
+    """
+    parser = build_parser(cls, prog=sys.argv[0], description=description)
+    namespace = parser.parse_args(
+        _normalise_argv(sys.argv[1:] if argv is None else argv, _bool_fields(cls))
+    )
+    values = namespace.as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        parser.error(str(error))  # prints the usage and the message, exits with status 2

@@ -1,0 +1,224 @@
+"""The shared training loop: optimizer, schedule, accumulation, logging, checkpoints, resume.
+
+A script hands it a prepared model, the dataset with its batch sampler, and ``compute_loss``, the
+family's loss for one batch; everything a run does between batches happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from training.checkpoint import Checkpointer, TrainingProgress, resolve_checkpoint
+from training.config import TrainConfig
+from training.metrics import MetricsLog
+from training.runtime import step_generator
+
+logger = logging.getLogger(__name__)
+
+# (prepared model, batch on device, generator) -> (loss, components by name). The prepared model
+# must be the one called: under DDP only its forward synchronises gradients across ranks.
+LossFn = Callable[
+    [torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+
+
+@dataclass
+class TrainingParts:
+    """What a script builds for the loop. ``sampler`` is a ``data.BucketBatchSampler`` (or any
+    batch sampler with ``set_epoch(epoch, start_batch)`` and ``batches_per_epoch``) yielding this
+    rank's batches, a multiple of --gradient_accumulation_steps per epoch."""
+
+    model: torch.nn.Module
+    dataset: Dataset
+    sampler: object
+    collate_fn: Callable[[list], dict]
+    compute_loss: LossFn
+    save_lora: Callable[[torch.nn.Module, Path], None]
+    load_lora: Callable[[torch.nn.Module, Path], None]
+    validate: Callable[[torch.nn.Module, int], None] | None = None
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trainable (LoRA) parameters."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: --max_train_steps, else epochs x steps per epoch."""
+    if config.max_train_steps is not None:
+        return config.max_train_steps
+    return config.num_train_epochs * (batches_per_epoch // config.gradient_accumulation_steps)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _epoch_batches(parts: TrainingParts, config: TrainConfig, epoch: int, skip: int):
+    """This rank's batches of ``epoch``, without the first ``skip`` (already trained on)."""
+    parts.sampler.set_epoch(epoch, start_batch=skip)
+    return DataLoader(
+        parts.dataset,
+        batch_sampler=parts.sampler,
+        collate_fn=parts.collate_fn,
+        num_workers=config.dataloader_num_workers,
+        # Creating the iterator draws worker seeds; from a seeded generator, not the global RNG.
+        generator=torch.Generator().manual_seed(config.seed + epoch),
+    )
+
+
+def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -> TrainingProgress:
+    """Run (or resume) training; returns the final progress. Every rank calls this.
+
+    Writes ``metrics.jsonl``, ``checkpoint-<step>/`` every --checkpointing_steps, validation
+    images every --validation_steps and at the end, and the final LoRA in ``output_dir``.
+    """
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    batches_per_epoch = parts.sampler.batches_per_epoch
+    max_steps = total_steps(config, batches_per_epoch)
+    accumulation = config.gradient_accumulation_steps
+    optimizer = build_optimizer(config, parts.model)
+    # accelerate steps a prepared scheduler once per process and optimizer step.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(parts.model, optimizer, lr_scheduler)
+    checkpointer = Checkpointer(
+        accelerator,
+        config.output_dir,
+        config.checkpoints_total_limit,
+        parts.save_lora,
+        parts.load_lora,
+    )
+    resume_from = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    progress = checkpointer.restore(resume_from) if resume_from else TrainingProgress()
+    metrics = MetricsLog(
+        config.output_dir, resume_step=progress.global_step, enabled=accelerator.is_main_process
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers(Path(config.output_dir).name, config=_tracker_config(config))
+    logger.info(
+        "training %d steps: %d batches of %d per epoch and rank, %d ranks, accumulation %d",
+        max_steps,
+        batches_per_epoch,
+        config.train_batch_size,
+        accelerator.num_processes,
+        accumulation,
+    )
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    bar = tqdm(
+        total=max_steps,
+        initial=progress.global_step,
+        desc="steps",
+        disable=not accelerator.is_main_process,
+    )
+    model.train()
+    epoch, consumed = progress.epoch, progress.batches_in_epoch
+    micro_step = progress.global_step * accumulation
+    sums: dict[str, torch.Tensor] = {}
+    while progress.global_step < max_steps:
+        for batch in _epoch_batches(parts, config, epoch, consumed):
+            generator = step_generator(
+                config.seed, accelerator.process_index, micro_step, accelerator.device
+            )
+            with accelerator.accumulate(model):
+                loss, components = parts.compute_loss(
+                    model, _to_device(batch, accelerator.device), generator
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            consumed += 1
+            for name, value in {"loss": loss, **components}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            if not accelerator.sync_gradients:
+                continue
+            progress = TrainingProgress(progress.global_step + 1, epoch, consumed)
+            record = {
+                "step": progress.global_step,
+                "epoch": epoch,
+                "lr": lr_scheduler.get_last_lr()[0],
+                **{
+                    name: accelerator.reduce(total / accumulation, reduction="mean").item()
+                    for name, total in sums.items()
+                },
+            }
+            sums = {}
+            metrics.write(record)
+            accelerator.log(record, step=progress.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if progress.global_step % config.checkpointing_steps == 0:
+                checkpointer.save(progress)
+            if _validation_due(config, progress.global_step, max_steps):
+                _validate(accelerator, parts, model, progress.global_step)
+            if progress.global_step >= max_steps:
+                break
+        else:
+            epoch, consumed = epoch + 1, 0
+    bar.close()
+    _check_replicas_agree(accelerator, trainable)
+    if accelerator.is_main_process:
+        parts.save_lora(accelerator.unwrap_model(model), Path(config.output_dir))
+        logger.info("saved the LoRA to %s", config.output_dir)
+    # Every rank tears the process group down together, after the last file is written.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return progress
+
+
+def _check_replicas_agree(accelerator: Accelerator, trainable: list[torch.Tensor]) -> None:
+    """Raise unless every rank ends with the same trainable weights, as DDP must keep them."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([param.detach().double().flatten() for param in trainable])
+    position = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    digest = torch.stack([flat.sum(), (flat * flat).sum(), (flat * position).sum()])
+    digests = accelerator.gather(digest[None])
+    if not torch.equal(digests, digests[:1].expand_as(digests)):
+        raise RuntimeError(f"LoRA weights differ across ranks: digests {digests.tolist()}")
+    logger.info("LoRA weights identical on all %d ranks", accelerator.num_processes)
+
+
+def _validation_due(config: TrainConfig, step: int, max_steps: int) -> bool:
+    if config.validation_steps is None:
+        return False
+    return step % config.validation_steps == 0 or step == max_steps
+
+
+def _validate(accelerator: Accelerator, parts: TrainingParts, model, step: int) -> None:
+    if parts.validate is not None and accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        with torch.no_grad():
+            parts.validate(unwrapped, step)
+        unwrapped.train()
+    accelerator.wait_for_everyone()
+
+
+def _tracker_config(config: TrainConfig) -> dict:
+    # Trackers accept scalars and strings only.
+    return {k: v for k, v in vars(config).items() if isinstance(v, int | float | str | bool)}

@@ -1,0 +1,76 @@
+"""Accelerate set-up: devices, mixed precision, accumulation, trackers, logging, seeds."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """An ``Accelerator`` for ``config``; on a machine without CUDA it runs on the CPU.
+
+    ``cpu=True`` matters beyond the device: ``accelerate launch --multi_gpu --num_processes 2``
+    on a CPU-only machine then forms one two-rank gloo group. The launcher's ``WORLD_SIZE`` is
+    checked against the group, so a run can never quietly become independent single-process runs.
+    """
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=config.trackers or None,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
+        cpu=not torch.cuda.is_available(),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes but accelerate formed a group of "
+            f"{accelerator.num_processes}; each would train alone. Check the accelerate config."
+        )
+    _configure_logging(accelerator)
+    set_seed(config.seed, device_specific=False)
+    return accelerator
+
+
+def _configure_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
+    if accelerator.is_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def weight_dtype(config: TrainConfig) -> torch.dtype:
+    """Dtype of the frozen weights for ``--mixed_precision``."""
+    return _DTYPES[config.mixed_precision]
+
+
+def step_generator(seed: int, rank: int, micro_step: int, device: torch.device) -> torch.Generator:
+    """A generator for the noise and timesteps of one micro-batch.
+
+    A pure function of (seed, rank, micro-step), so a resumed run draws exactly what the
+    uninterrupted run drew, whatever else consumed random numbers in between, and ranks differ.
+    """
+    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return generator
