@@ -19,8 +19,22 @@ $(STAMP): pyproject.toml
 	rm -rf build *.egg-info
 	touch $(STAMP)
 
-demo: setup
-	$(PY) scripts/loss_demo.py
+DEMO := outputs/demo
+
+demo: setup $(DEMO)/models/flux-kontext/model_index.json $(DEMO)/data/metadata.jsonl
+	rm -rf $(DEMO)/kontext
+	$(PY) train_kontext_lora.py --config configs/kontext_tiny.yaml
+	@echo
+	@echo "LoRA:        $(DEMO)/kontext/pytorch_lora_weights.safetensors"
+	@echo "metrics:     $(DEMO)/kontext/metrics.jsonl"
+	@echo "validation:  $(DEMO)/kontext/validation/"
+	@echo "checkpoints: $(DEMO)/kontext/checkpoint-*/"
+
+$(DEMO)/models/flux-kontext/model_index.json: | setup
+	$(PY) scripts/make_tiny_models.py --out $(DEMO)/models
+
+$(DEMO)/data/metadata.jsonl: | setup
+	$(PY) scripts/make_synthetic_data.py --family kontext --out $(DEMO)/data --n 8 --resolution 128
 
 lint: setup
 	$(PY) -m ruff check .
@@ -35,6 +49,7 @@ test: lint
 
 bench: setup
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/kontext_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

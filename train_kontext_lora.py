@@ -168,8 +168,9 @@ def kontext_transformer_inputs(
 
 class KontextEncoder:
     """Turns a batch of pixels and prompts into what the loss needs, with the pipeline's own
-    encoders: VAE mode latents, shifted and scaled; T5 and pooled CLIP prompt embeddings; and,
-    with --embedding_encoder, image embeddings of target, context and overlay."""
+    encoders: VAE mode latents, shifted and scaled; T5 and pooled CLIP prompt embeddings; the
+    overlay negative's latent tokens; and, with --embedding_encoder, image embeddings of target,
+    context and overlay instead."""
 
     def __init__(
         self, pipe: FluxKontextPipeline, config: KontextConfig, embedder: ImageEmbedder | None
@@ -217,10 +218,10 @@ class KontextEncoder:
             "mask_latent": batch["mask_latent"],
             "signed_distance_map": batch["signed_distance_map"],
         }
-        if self.needs_overlay:
-            encoded["overlay_latents"] = pipe._encode_vae_image(
-                batch["overlay"].to(dtype), generator=None
-            )
+        if self.needs_overlay and not self.needs_image_embeddings:
+            # Only ever compared as latent tokens: pack it here, once per item.
+            overlay = pipe._encode_vae_image(batch["overlay"].to(dtype), generator=None)
+            encoded["overlay_tokens"] = pipe._pack_latents(overlay, *overlay.shape)
         if self.needs_image_embeddings:
             for name in ("target", "context", "overlay"):
                 encoded[f"{name}_embeds"] = self.embedder(batch[name])
@@ -268,25 +269,40 @@ class KontextLoss:
             config.guidance_scale,
         )
         target_tokens = (height // 2) * (width // 2)
-        velocity = model(**inputs)[0][:, :target_tokens]
+        velocity = model(**inputs)[0][:, :target_tokens].float()
         target_velocity = pipe._pack_latents(noise - x0, batch_size, channels, height, width)
         flow_matching = masked_flow_matching_loss(
-            velocity.float(), target_velocity.float(), weighting=loss_weighting(config, sigmas)
+            velocity, target_velocity.float(), weighting=loss_weighting(config, sigmas)
         )
         components = {"fm": flow_matching.detach()}
-        x0_hat = predicted_x0(
-            x_t.float(),
-            pipe._unpack_latents(
-                velocity,
-                height * pipe.vae_scale_factor,
-                width * pipe.vae_scale_factor,
-                pipe.vae_scale_factor,
-            ).float(),
-            sigmas,
-        )
-        geometry, parts = geometry_starter_loss(
+        # Clean latents as tokens, from tensors already packed: x_t's tokens are the first part
+        # of the transformer's input, and the velocities come packed (each 2x2 repacking copy
+        # costs more than the losses on small latents).
+        noisy_tokens = inputs["hidden_states"][:, :target_tokens].float()
+        predicted_tokens = predicted_x0(noisy_tokens, velocity, sigmas)
+        geometry, parts = self._geometry_losses(encoded, predicted_tokens, height, width)
+        components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
+        tokens = {
+            "pred": predicted_tokens,
+            "target": predicted_x0(noisy_tokens, target_velocity.float(), sigmas),
+            "context": inputs["hidden_states"][:, target_tokens:].float(),
+        }
+        embedding, parts = self._embedding_losses(encoded, tokens, height, width)
+        components.update({f"emb_{name}": value.detach() for name, value in parts.items()})
+        total = config.flow_matching_weight * flow_matching + geometry + embedding
+        return total, components
+
+    def _geometry_losses(
+        self, encoded: dict, predicted_tokens: torch.Tensor, height: int, width: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config = self.config
+        if not any(vars(self.geometry).values()):
+            return predicted_tokens.new_zeros(()), {}
+        scale = self.pipe.vae_scale_factor
+        x0_hat = self.pipe._unpack_latents(predicted_tokens, height * scale, width * scale, scale)
+        return geometry_starter_loss(
             x0_hat,
-            x0.float(),
+            encoded["target_latents"].float(),
             encoded["context_latents"].float(),
             encoded["mask_latent"],
             weights=self.geometry,
@@ -297,23 +313,21 @@ class KontextLoss:
             w_out=config.w_out,
             k_sigma=config.k_sigma,
         )
-        components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
-        embedding, parts = self._embedding_losses(encoded, x0_hat)
-        components.update({f"emb_{name}": value.detach() for name, value in parts.items()})
-        total = config.flow_matching_weight * flow_matching + geometry + embedding
-        return total, components
 
     def _embedding_losses(
-        self, encoded: dict, x0_hat: torch.Tensor
+        self, encoded: dict, tokens: dict[str, torch.Tensor], height: int, width: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The seed 003 mix on latent tokens ``[B, L, 64]``, or on image-encoder embeddings of
+        the decoded prediction when --embedding_encoder is set."""
         weights = self.embedding
         if not any((weights.identity, weights.geometry, weights.overlay)):
-            return x0_hat.new_zeros(()), {}
+            return tokens["pred"].new_zeros(()), {}
         if self.embedder is not None:
             # Decode the prediction (through the frozen VAE, keeping the graph) and embed it.
-            vae = self.pipe.vae
-            latents = x0_hat / vae.config.scaling_factor + vae.config.shift_factor
-            pred = self.embedder(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
+            pipe, scale = self.pipe, self.pipe.vae_scale_factor
+            x0_hat = pipe._unpack_latents(tokens["pred"], height * scale, width * scale, scale)
+            latents = x0_hat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            pred = self.embedder(pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0])
             return embedding_starter_loss(
                 pred,
                 encoded["target_embeds"],
@@ -321,17 +335,12 @@ class KontextLoss:
                 encoded.get("overlay_embeds"),
                 weights=weights,
             )
-
-        def tokens(latents: torch.Tensor) -> torch.Tensor:
-            batch, channels, height, width = latents.shape
-            return self.pipe._pack_latents(latents.float(), batch, channels, height, width)
-
-        overlay = encoded.get("overlay_latents")
+        overlay = encoded.get("overlay_tokens")
         return embedding_starter_loss(
-            tokens(x0_hat),
-            tokens(encoded["target_latents"]),
-            tokens(encoded["context_latents"]),
-            None if overlay is None else tokens(overlay),
+            tokens["pred"],
+            tokens["target"],
+            tokens["context"],
+            None if overlay is None else overlay.float(),
             weights=weights,
         )
 

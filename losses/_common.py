@@ -39,13 +39,32 @@ def masked_mean(values: torch.Tensor, weights: torch.Tensor, dim: Sequence[int])
     """Weighted mean ``sum(v * w) / sum(w)`` over ``dim``; 0 with zero gradient where ``sum(w)=0``.
 
     ``values`` and ``weights`` broadcast against each other; the result keeps no reduced dims.
+    Where every weight is 0 the numerator is exactly 0, so dividing by the clamped denominator
+    gives 0, and the gradient to ``values`` is ``weights / sum(w) = 0``.
     """
     dim = tuple(dim)
-    weights = weights.expand(torch.broadcast_shapes(values.shape, weights.shape))
-    total = (values * weights).sum(dim=dim)
+    if weights.shape != values.shape:
+        weights = weights.expand(torch.broadcast_shapes(values.shape, weights.shape))
     weight = weights.sum(dim=dim)
-    empty = weight <= 0
-    return torch.where(empty, torch.zeros_like(total), total / torch.where(empty, 1.0, weight))
+    return (values * weights).sum(dim=dim) / weight.clamp_min(torch.finfo(weight.dtype).tiny)
+
+
+def safe_sqrt(squares: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` of non-negative ``squares`` whose gradient at 0 is 0, not infinite.
+
+    Clamping at the dtype's smallest normal number keeps the derivative finite; the value there
+    (about 1e-19 in float32) is zero for every practical purpose.
+    """
+    return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
+
+
+def vector_norm(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """Euclidean norm along ``dim``, with gradient 0 (not NaN) at a zero vector.
+
+    ``torch.linalg.vector_norm`` is several times slower on CPU when ``dim`` is not the last
+    dimension (4.6x for a norm over the channels of ``[2, 16, 32, 32]``); summing squares is not.
+    """
+    return safe_sqrt(x.square().sum(dim=dim, keepdim=keepdim))
 
 
 def safe_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
@@ -54,7 +73,7 @@ def safe_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.T
     ``torch.nn.functional.normalize`` divides by ``max(||x||, eps)`` instead, whose gradient at a
     zero vector is ``1/eps`` (1e12 for its default): one degenerate embedding would blow up a step.
     """
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    norm = vector_norm(x, dim=dim, keepdim=True)
     tiny = norm < eps
     unit = x / torch.where(tiny, torch.ones_like(norm), norm)
     return torch.where(tiny, torch.zeros_like(unit), unit)
@@ -69,8 +88,8 @@ def cosine_similarity(
     reductions, so no normalised copy of either input is materialised.
     """
     dot = (a * b).sum(dim=dim)
-    norm_a = torch.linalg.vector_norm(a, dim=dim)
-    norm_b = torch.linalg.vector_norm(b, dim=dim)
+    norm_a = vector_norm(a, dim=dim)
+    norm_b = vector_norm(b, dim=dim)
     tiny = (norm_a < eps) | (norm_b < eps)
     ratio = dot / torch.where(tiny, torch.ones_like(dot), norm_a * norm_b)
     return torch.where(tiny, torch.zeros_like(ratio), ratio)

@@ -422,16 +422,25 @@ def embedding_starter_loss(
         tensors["z_overlay"] = z_overlay
     _check_embeddings(**tensors)
     terms: dict[str, torch.Tensor] = {}
-    if weights.identity != 0:
-        terms["identity"] = loss_no_edit_identity(
-            z_pred, z_gt, z_src, margin=weights.identity_margin, dist="cos"
+    use_overlay = weights.overlay != 0 and z_overlay is not None
+    negatives = {
+        name: z
+        for name, z, on in (
+            ("identity", z_src, weights.identity != 0),
+            ("overlay", z_overlay, use_overlay),
         )
+        if on
+    }
+    if negatives:
+        # One cosine pass of the prediction against target and negatives together: d[0] is
+        # d(pred, gt), which both triplets rank against.
+        others = torch.stack([z_gt, *negatives.values()])
+        d = aggregate(_token_distance(z_pred.unsqueeze(0), others, "cos", 1e-8), "mean", 2)
+        margins = {"identity": weights.identity_margin, "overlay": weights.overlay_margin}
+        for k, name in enumerate(negatives, start=1):
+            terms[name] = margin_ranking_on_distances(d[0], d[k], margin=margins[name])
     if weights.geometry != 0:
         terms["geometry"] = loss_geometry_match(z_pred, z_gt, kind="l2")
-    if weights.overlay != 0 and z_overlay is not None:
-        terms["overlay"] = loss_overlay_avoidance(
-            z_pred, z_gt, z_overlay, margin=weights.overlay_margin, dist="cos"
-        )
     total = z_pred.new_zeros(())
     for name, term in terms.items():
         total = total + getattr(weights, name) * term

@@ -12,12 +12,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-from losses._common import check_choice, check_ndim, check_same_shape, masked_mean
+from losses._common import (
+    check_choice,
+    check_ndim,
+    check_same_shape,
+    masked_mean,
+    safe_sqrt,
+    vector_norm,
+)
 from losses.distance import signed_distance_map_from_mask
 from losses.mask_ops import as_mask_4d, boundary_band, sure_background
 
 ChannelReduce = Literal["mean", "sum"]
+
+# Floor on a change mask's temperature (see soft_change_mask_from_latents).
+MIN_S = 1e-4
 
 
 def _latent_mask(mask_latent: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -38,7 +49,7 @@ def _squared_error_map(
     check_ndim(a, names[0], (4,), "[B, C, H, W]")
     check_same_shape(**dict(zip(names, (a, b), strict=True)))
     check_choice(channel_reduce, "channel_reduce", ("mean", "sum"))
-    diff2 = (a - b) ** 2
+    diff2 = F.mse_loss(a, b, reduction="none")  # one fused kernel, forward and backward
     return diff2.mean(1, keepdim=True) if channel_reduce == "mean" else diff2.sum(1, keepdim=True)
 
 
@@ -121,7 +132,7 @@ def soft_change_mask_from_latents(
     k_sigma: float = 2.0,
     tau: float | torch.Tensor | None = None,
     s: float | torch.Tensor | None = None,
-    min_s: float = 1e-4,
+    min_s: float = MIN_S,
 ) -> tuple[torch.Tensor, ChangeMaskStats, torch.Tensor]:
     """Differentiable mask of where the prediction differs from the context.
 
@@ -151,17 +162,30 @@ def soft_change_mask_from_latents(
     """
     check_ndim(z_pred, "z_pred", (4,), "[B, C, H, W]")
     check_same_shape(z_pred=z_pred, z_ctx=z_ctx)
-    # vector_norm's gradient at an unchanged pixel (D = 0) is 0, not NaN.
-    dist = torch.linalg.vector_norm(z_pred - z_ctx, dim=1, keepdim=True)
+    # The gradient at an unchanged pixel (D = 0) is 0, not NaN.
+    dist = vector_norm(z_pred - z_ctx, dim=1, keepdim=True)
+    background = None
+    if mask_latent is not None:
+        background = sure_background(_latent_mask(mask_latent, dist), band_r)
+    soft_mask, stats = _change_mask(dist, background, k_sigma, tau, s, min_s)
+    return soft_mask, stats, dist
+
+
+def _change_mask(
+    dist: torch.Tensor,
+    sure_background_mask: torch.Tensor | None,
+    k_sigma: float,
+    tau: float | torch.Tensor | None,
+    s: float | torch.Tensor | None,
+    min_s: float,
+) -> tuple[torch.Tensor, ChangeMaskStats]:
+    """:func:`soft_change_mask_from_latents` from the distance map ``dist: [B, 1, H, W]``."""
     if tau is None or s is None:
-        background = None
-        if mask_latent is not None:
-            background = sure_background(_latent_mask(mask_latent, dist), band_r)
-        mean, std = _reference_stats(dist.detach(), background)
+        mean, std = _reference_stats(dist.detach(), sure_background_mask)
     s_value = (_per_sample(s, dist) if s is not None else std).detach().clamp_min(min_s)
     tau_value = _per_sample(tau, dist).detach() if tau is not None else mean + k_sigma * s_value
     soft_mask = torch.sigmoid((dist - tau_value) / s_value)
-    return soft_mask, ChangeMaskStats(tau=tau_value, s=s_value), dist
+    return soft_mask, ChangeMaskStats(tau=tau_value, s=s_value)
 
 
 def _reference_stats(
@@ -314,16 +338,19 @@ def geometry_starter_loss(
         components["mse"] = weighted_masked_mse_latent(
             z_pred, z_tgt, mask_latent, band_r=band_r, w_in=w_in, w_band=w_band, w_out=w_out
         )
+    uses_change_mask = weights.dice or weights.area or weights.bnd
+    if not (weights.bg or uses_change_mask):
+        return _weighted_total(weights, components, z_pred), components
+    # Background preservation and the change mask both read (z_pred - z_ctx)^2 summed over
+    # channels, and both use the sure background: compute them once.
+    check_same_shape(z_pred=z_pred, z_ctx=z_ctx)
+    target = _latent_mask(mask_latent, z_pred)
+    background = sure_background(target, band_r)
+    change = F.mse_loss(z_pred, z_ctx, reduction="none").sum(1, keepdim=True)
     if weights.bg:
-        components["bg"] = background_preservation_mse_latent(
-            z_pred, z_ctx, mask_latent, band_r=band_r
-        )
-    if weights.dice or weights.area or weights.bnd:
-        target = _latent_mask(mask_latent, z_pred)
-        soft_mask, _, _ = soft_change_mask_from_latents(
-            z_pred, z_ctx, mask_latent=target, band_r=band_r, k_sigma=k_sigma
-        )
-        background = sure_background(target, band_r)
+        components["bg"] = masked_mean(change / z_pred.shape[1], background, (1, 2, 3)).mean()
+    if uses_change_mask:
+        soft_mask, _ = _change_mask(safe_sqrt(change), background, k_sigma, None, None, MIN_S)
         if weights.dice:
             components["dice"] = dice_loss(soft_mask, target)
         if weights.area:
@@ -332,7 +359,13 @@ def geometry_starter_loss(
             if signed_distance_map is None:
                 signed_distance_map = signed_distance_map_from_mask(target > 0.5, normalize=True)
             components["bnd"] = boundary_loss(soft_mask, signed_distance_map, zero_mean=True)
-    total = z_pred.new_zeros(())
+    return _weighted_total(weights, components, z_pred), components
+
+
+def _weighted_total(
+    weights: GeometryLossWeights, components: dict[str, torch.Tensor], like: torch.Tensor
+) -> torch.Tensor:
+    total = like.new_zeros(())
     for name, value in components.items():
         total = total + getattr(weights, name) * value
-    return total, components
+    return total

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from losses._common import check_ndim, check_same_shape, masked_mean, safe_normalize
+from losses._common import check_ndim, check_same_shape, masked_mean, safe_normalize, vector_norm
 from losses.mask_ops import as_mask_4d
 
 LOW_COVERAGE = 0.1
@@ -84,7 +84,7 @@ def masked_sam_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     # Select instead of multiplying by the mask so background NaN/inf cannot leak in.
     pred_m = torch.where(m, pred, zeros)
     target_m = torch.where(m, target, zeros)
-    valid = torch.linalg.vector_norm(target_m.detach(), dim=1) > _MIN_TARGET_NORM
+    valid = vector_norm(target_m.detach(), dim=1) > _MIN_TARGET_NORM
 
     u = safe_normalize(pred_m, dim=1)
     v = safe_normalize(target_m, dim=1)
@@ -94,9 +94,7 @@ def masked_sam_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     # atan2 form is accurate across [0, pi] and its gradient stays finite (at u = v autograd takes
     # the norm's subgradient, 0). A zero pred (u = 0) gives 2 * atan2(1, 1) = pi / 2, with zero
     # gradient through safe_normalize.
-    angle = 2.0 * torch.atan2(
-        torch.linalg.vector_norm(u - v, dim=1), torch.linalg.vector_norm(u + v, dim=1)
-    )
+    angle = 2.0 * torch.atan2(vector_norm(u - v, dim=1), vector_norm(u + v, dim=1))
     return masked_mean(angle, valid.to(pred.dtype), dim=(0, 1, 2))
 
 

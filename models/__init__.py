@@ -3,7 +3,8 @@
 ``models.tiny`` builds, from configs, complete tiny pipelines for every family the train scripts
 cover (FLUX Kontext, FLUX Fill, Qwen-Image-Edit, SD1.5 inpainting) and the SD3 VAE, together with
 their parts (tokenizers, text encoders, VAEs, transformers), for offline CPU tests;
-``write_tiny_models`` saves them where ``from_pretrained`` loads them.
+``write_tiny_models`` saves them where ``from_pretrained`` loads them, and ``write_tiny_dinov2``
+saves an image encoder for the embedding losses.
 """
 
 from models.tiny import (
@@ -25,6 +26,7 @@ from models.tiny import (
     tiny_sd15_inpaint_pipeline,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
+    write_tiny_dinov2,
     write_tiny_models,
 )
 
@@ -47,5 +49,6 @@ __all__ = [
     "tiny_sd15_inpaint_pipeline",
     "tiny_t5_encoder",
     "tiny_t5_tokenizer",
+    "write_tiny_dinov2",
     "write_tiny_models",
 ]

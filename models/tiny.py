@@ -36,9 +36,12 @@ from diffusers import (
 )
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    BitImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    Dinov2Config,
+    Dinov2Model,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -523,3 +526,31 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         folders[name] = out_dir / name
         factory(seed).save_pretrained(folders[name])
     return folders
+
+
+def write_tiny_dinov2(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random DINOv2 image encoder and its image processor to ``out_dir``.
+
+    A stand-in for ``--embedding_encoder`` checkpoints: 28x28 input, 14x14 patches (4 patch
+    tokens plus the class token) of width 32, ImageNet mean and std like the real processors.
+    """
+    out_dir = Path(out_dir)
+    with _seeded(seed):
+        model = Dinov2Model(
+            Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                patch_size=14,
+                image_size=28,
+            )
+        )
+    model.save_pretrained(out_dir)
+    BitImageProcessor(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out_dir)
+    return out_dir

@@ -1,4 +1,5 @@
-"""Every Python example in the README runs as written."""
+"""Every Python example in the README runs as written (```py blocks, which need real model
+weights, are illustrations and are not run)."""
 
 import re
 from pathlib import Path

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from datasets import Dataset
+from datasets import Image as ImageFeature
 from diffusers import FluxKontextPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,7 +22,8 @@ import train_kontext_lora as kontext
 from data.edit_pairs import EditPairDataset, collate_edit_pairs
 from data.images import DataError
 from data.synthetic import write_kontext_dataset
-from models.tiny import tiny_flux_kontext_pipeline
+from models.tiny import tiny_flux_kontext_pipeline, write_tiny_dinov2
+from training.config import parse_config
 from training.lora import LORA_WEIGHTS_NAME, add_lora
 from training.metrics import read_metrics
 from training.validation import to_pil
@@ -60,7 +63,12 @@ def base_args(assets: Path, output_dir: Path, **overrides) -> list[str]:
         "seed": 7,
     }
     values.update(overrides)
-    return [token for key, value in values.items() for token in (f"--{key}", str(value))]
+    return [
+        token
+        for key, value in values.items()
+        if value is not None
+        for token in (f"--{key}", str(value))
+    ]
 
 
 def run(assets: Path, output_dir: Path, **overrides) -> Path:
@@ -271,6 +279,59 @@ class TestEachTermAlone:
         assert all(set(r) - {"step", "epoch", "lr", "loss"} == {"fm", term} for r in logged)
         after = evaluate_components(assets, out)
         assert after[term] < untrained_components[term]
+
+
+class TestInputsAndEncoders:
+    def test_image_encoder_embeddings(self, assets, tmp_path, fresh_accelerate):
+        encoder = write_tiny_dinov2(tmp_path / "dinov2")
+        out = run(
+            assets,
+            tmp_path / "out",
+            max_train_steps=2,
+            embedding_encoder=encoder,
+            cache_latents="true",
+        )
+        records = read_metrics(out)
+        assert {"emb_identity", "emb_geometry", "emb_overlay"} <= records[-1].keys()
+        assert all(torch.isfinite(torch.tensor(r["emb_geometry"])) for r in records)
+        entry = next((out / "cache").glob("*/*.safetensors"))
+        stored = load_file(entry)
+        assert stored["target_embeds"].shape == (5, 32)  # class token + 2x2 patches, width 32
+        assert "overlay_tokens" not in stored
+
+    def test_hugging_face_dataset(self, assets, tmp_path, fresh_accelerate):
+        rows = [
+            json.loads(line)
+            for line in (assets / "data" / "metadata.jsonl").read_text().splitlines()
+        ]
+        columns = {
+            name: [str(assets / "data" / row[key]) for row in rows]
+            for name, key in (("source", "context"), ("edited", "target"), ("region", "mask"))
+        }
+        dataset = Dataset.from_dict({**columns, "instruction": [row["prompt"] for row in rows]})
+        for name in columns:
+            dataset = dataset.cast_column(name, ImageFeature())
+        dataset.save_to_disk(tmp_path / "hf")
+        out = run(
+            assets,
+            tmp_path / "out",
+            train_data_dir=None,
+            dataset_name=tmp_path / "hf",
+            context_column="source",
+            target_column="edited",
+            mask_column="region",
+            prompt_column="instruction",
+            max_train_steps=2,
+        )
+        assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+    @pytest.mark.parametrize("name", ["kontext_tiny.yaml", "kontext.yaml"])
+    def test_shipped_configs_parse(self, name):
+        config = parse_config(
+            kontext.KontextConfig,
+            ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"],
+        )
+        assert config.resolution % 16 == 0 and config.max_train_steps > 0
 
 
 class TestSameInputsAsThePipeline:

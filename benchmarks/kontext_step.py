@@ -1,0 +1,183 @@
+"""Kontext training-step time with every loss on vs flow matching alone, measured side by side.
+
+Both variants run in one process on the same LoRA-adapted transformer and the same pre-encoded
+batches (what --cache_latents feeds the loop), in alternating blocks, so drift and warm-up hit
+both alike. By default: the tiny random Kontext transformer on the CPU. With --flux-size: a
+transformer built from FLUX.1's configuration with random weights (speed and memory do not depend
+on the weights) in bf16 with gradient checkpointing, on CUDA, at 1024x1024 with a 1024x1024
+context image; it also reports peak GPU memory.
+
+    python benchmarks/kontext_step.py [--resolution 256] [--batch 2] [--blocks 9]
+    python benchmarks/kontext_step.py --flux-size --resolution 1024 --batch 1
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The suite runs from its checkout (its packages are never installed): import them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+
+import train_kontext_lora as kontext
+from losses import downsample_mask_area, signed_distance_map_from_mask
+from models.tiny import tiny_flux_kontext_pipeline
+from training.lora import add_lora
+
+# FLUX.1 [dev] / Kontext [dev] transformer and scheduler configuration.
+FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+FLUX_SCHEDULER = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):
+    """A Kontext pipeline holding the transformer and scheduler the loss needs."""
+    if not flux_size:
+        pipe = tiny_flux_kontext_pipeline(seed=0)
+        return pipe.to(device)
+    transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER).to(device, dtype)
+    return FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+def encoded_batch(pipe, batch: int, resolution: int, device, dtype) -> dict[str, torch.Tensor]:
+    """Random latents and prompt embeddings shaped as the encoder produces them, and a square
+    insertion mask with its signed distance map."""
+    latent = resolution // 8
+    config = pipe.transformer.config
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    mask = torch.zeros(batch, resolution, resolution)
+    mask[:, resolution // 4 : resolution * 3 // 4, resolution // 3 : resolution * 2 // 3] = 1
+    mask_latent = downsample_mask_area(mask, (latent, latent))
+    return {
+        "target_latents": randn(batch, 16, latent, latent),
+        "context_latents": randn(batch, 16, latent, latent),
+        "overlay_tokens": randn(batch, (latent // 2) ** 2, 64),
+        "prompt_embeds": randn(batch, 512, config.joint_attention_dim),
+        "pooled_prompt_embeds": randn(batch, config.pooled_projection_dim),
+        "mask_latent": mask_latent.to(device),
+        "signed_distance_map": signed_distance_map_from_mask(mask_latent > 0.5, normalize=True).to(
+            device
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flux-size", action="store_true", help="FLUX.1-size transformer, CUDA")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=9, help="alternating blocks per variant")
+    parser.add_argument("--steps", type=int, default=5, help="steps per block")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.flux_size else "cpu")
+    dtype = torch.bfloat16 if args.flux_size else torch.float32
+    torch.manual_seed(0)
+
+    pipe = build_pipeline(args.flux_size, device, dtype)
+    common = {
+        "pretrained_model_name_or_path": "benchmark",
+        "train_data_dir": "benchmark",
+        "resolution": args.resolution,
+        "rank": 16,
+    }
+    all_losses = kontext.KontextConfig(**common)
+    plain = kontext.KontextConfig(
+        **common,
+        geometry_mse_weight=0,
+        background_weight=0,
+        dice_weight=0,
+        area_weight=0,
+        boundary_weight=0,
+        identity_weight=0,
+        geometry_match_weight=0,
+        overlay_weight=0,
+    )
+    add_lora(pipe.transformer, all_losses, kontext.LORA_LAYERS)
+    if args.flux_size:
+        pipe.transformer.enable_gradient_checkpointing()
+    params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch = encoded_batch(pipe, args.batch, args.resolution, device, dtype)
+    variants = {
+        name: kontext.KontextLoss(pipe, config, None, None, batches_are_encoded=True)
+        for name, config in (("flow matching only", plain), ("all losses", all_losses))
+    }
+
+    def step(loss_fn, index):
+        generator = torch.Generator(device).manual_seed(index)
+        with torch.autocast(device.type, dtype=dtype, enabled=args.flux_size):
+            loss, _ = loss_fn(pipe.transformer, batch, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for loss_fn in variants.values():  # warm-up: allocator, kernels, lazy imports
+        step(loss_fn, 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for block in range(args.blocks):
+        for name, loss_fn in variants.items():
+            synchronize()
+            start = time.perf_counter()
+            for index in range(args.steps):
+                step(loss_fn, block * args.steps + index)
+            synchronize()
+            times[name].append((time.perf_counter() - start) / args.steps)
+
+    tokens = (args.resolution // 16) ** 2
+    size = "FLUX.1-size" if args.flux_size else "tiny"
+    print(
+        f"{size} Kontext transformer, {device.type}, batch {args.batch}, "
+        f"{args.resolution}x{args.resolution} target + context ({2 * tokens} image tokens)"
+    )
+    reference = statistics.median(times["flow matching only"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<20} {median * 1e3:10.1f} ms/step   x{median / reference:.3f}")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

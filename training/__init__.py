@@ -1,0 +1,9 @@
+"""Plumbing every train script shares, and no model-family logic.
+
+:mod:`training.config` (flags and YAML), :mod:`training.runtime` (accelerate set-up),
+:mod:`training.lora` (peft adapters in diffusers' format), :mod:`training.checkpoint`
+(atomic, resumable checkpoints), :mod:`training.loop` (the loop itself),
+:mod:`training.flow_matching` (timestep sampling and weighting), :mod:`training.metrics`,
+:mod:`training.caching`, :mod:`training.embeddings`, :mod:`training.datasets` and
+:mod:`training.validation`.
+"""
