@@ -28,10 +28,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, Flux
 
 import train_kontext_lora as kontext
 from losses import downsample_mask_area, signed_distance_map_from_mask
-from models.tiny import tiny_flux_kontext_pipeline
+from models.tiny import FLUX_DEV_SCHEDULER, tiny_flux_kontext_pipeline
 from training.lora import add_lora
 
-# FLUX.1 [dev] / Kontext [dev] transformer and scheduler configuration.
+# FLUX.1 [dev] / Kontext [dev] transformer configuration.
 FLUX_TRANSFORMER = {
     "patch_size": 1,
     "in_channels": 64,
@@ -44,14 +44,6 @@ FLUX_TRANSFORMER = {
     "guidance_embeds": True,
     "axes_dims_rope": [16, 56, 56],
 }
-FLUX_SCHEDULER = {
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
 
 
 def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):
@@ -61,7 +53,7 @@ def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):
         return pipe.to(device)
     transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER).to(device, dtype)
     return FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
         vae=None,
         text_encoder=None,
         tokenizer=None,

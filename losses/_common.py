@@ -35,6 +35,28 @@ def check_choice(value: str, name: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def per_sample(value: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """``value``, a number or one per sample (``[B]``, ``[B, 1, ...]``), as ``[B, 1, ..., 1]``
+    with ``like``'s number of dims, dtype and device, ready to broadcast against ``like``."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    batch, ones = like.shape[0], [1] * (like.ndim - 1)
+    if value.numel() not in (1, batch):
+        raise ValueError(
+            f"{name} must be a number or one value per sample ([B] = [{batch}]), "
+            f"got shape {list(value.shape)}"
+        )
+    return value.reshape(-1, *ones).expand(batch, *ones)
+
+
+def weighted_total(weights: object, components: dict[str, torch.Tensor], like: torch.Tensor):
+    """``sum(getattr(weights, name) * value)`` over ``components``; a 0 on ``like``'s device
+    when there is none."""
+    total = like.new_zeros(())
+    for name, value in components.items():
+        total = total + getattr(weights, name) * value
+    return total
+
+
 def masked_mean(values: torch.Tensor, weights: torch.Tensor, dim: Sequence[int]) -> torch.Tensor:
     """Weighted mean ``sum(v * w) / sum(w)`` over ``dim``; 0 with zero gradient where ``sum(w)=0``.
 

@@ -29,6 +29,7 @@ from losses._common import (
     cosine_similarity,
     reduce_samples,
     safe_normalize,
+    weighted_total,
 )
 
 Dist = Literal["cos", "l2"]
@@ -441,7 +442,4 @@ def embedding_starter_loss(
             terms[name] = margin_ranking_on_distances(d[0], d[k], margin=margins[name])
     if weights.geometry != 0:
         terms["geometry"] = loss_geometry_match(z_pred, z_gt, kind="l2")
-    total = z_pred.new_zeros(())
-    for name, term in terms.items():
-        total = total + getattr(weights, name) * term
-    return total, terms
+    return weighted_total(weights, terms, z_pred), terms

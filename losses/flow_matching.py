@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from losses._common import check_ndim, check_same_shape
-
-
-def _per_sample_weighting(weighting: torch.Tensor, batch: int) -> torch.Tensor:
-    # diffusers' compute_loss_weighting_for_sd3 returns one value per sample, shaped [B] or
-    # [B, 1, 1]; anything else must broadcast against [B, L, D] as given.
-    if weighting.ndim == 1:
-        if weighting.shape[0] != batch:
-            raise ValueError(f"weighting must be [B] with B={batch}, got {list(weighting.shape)}")
-        return weighting[:, None, None]
-    return weighting
+from losses._common import check_ndim, check_same_shape, per_sample
 
 
 def masked_flow_matching_loss(
@@ -36,8 +26,9 @@ def masked_flow_matching_loss(
         alpha: share of the region-weighted term.
         fg_weight: weight of tokens inside the mask (seed 000's ``text_region_weight``).
         bg_weight: weight of tokens outside the mask (seed 000's ``background_weight``).
-        weighting: per-sample flow-matching loss weighting, ``[B]`` or broadcastable to
-            ``[B, L, D]``; multiplies the squared error of both terms.
+        weighting: per-sample flow-matching loss weighting, ``[B]`` (or ``[B, 1, 1]``), as
+            diffusers' ``compute_loss_weighting_for_sd3`` gives it; multiplies the squared error
+            of both terms.
 
     Returns:
         Scalar. With ``err = weighting * (pred - target)^2`` and ``plain = mean(err)``:
@@ -50,7 +41,7 @@ def masked_flow_matching_loss(
     compute_dtype = torch.promote_types(pred.dtype, torch.float32)
     err = (pred.to(compute_dtype) - target.to(compute_dtype)) ** 2
     if weighting is not None:
-        err = err * _per_sample_weighting(weighting.to(compute_dtype), pred.shape[0])
+        err = err * per_sample(weighting, err, "weighting")
     if mask is None:
         return err.mean()
     if tuple(mask.shape) != tuple(pred.shape[:2]):

@@ -19,8 +19,10 @@ from losses._common import (
     check_ndim,
     check_same_shape,
     masked_mean,
+    per_sample,
     safe_sqrt,
     vector_norm,
+    weighted_total,
 )
 from losses.distance import signed_distance_map_from_mask
 from losses.mask_ops import as_mask_4d, boundary_band, sure_background
@@ -117,12 +119,6 @@ class ChangeMaskStats:
     s: torch.Tensor
 
 
-def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or ``[B]`` / ``[B, 1, 1, 1]`` value as ``[B, 1, 1, 1]`` matching ``like``."""
-    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return value.reshape(-1, 1, 1, 1).expand(like.shape[0], 1, 1, 1)
-
-
 def soft_change_mask_from_latents(
     z_pred: torch.Tensor,
     z_ctx: torch.Tensor,
@@ -182,8 +178,10 @@ def _change_mask(
     """:func:`soft_change_mask_from_latents` from the distance map ``dist: [B, 1, H, W]``."""
     if tau is None or s is None:
         mean, std = _reference_stats(dist.detach(), sure_background_mask)
-    s_value = (_per_sample(s, dist) if s is not None else std).detach().clamp_min(min_s)
-    tau_value = _per_sample(tau, dist).detach() if tau is not None else mean + k_sigma * s_value
+    s_value = (per_sample(s, dist, "s") if s is not None else std).detach().clamp_min(min_s)
+    tau_value = (
+        per_sample(tau, dist, "tau").detach() if tau is not None else mean + k_sigma * s_value
+    )
     soft_mask = torch.sigmoid((dist - tau_value) / s_value)
     return soft_mask, ChangeMaskStats(tau=tau_value, s=s_value)
 
@@ -340,7 +338,7 @@ def geometry_starter_loss(
         )
     uses_change_mask = weights.dice or weights.area or weights.bnd
     if not (weights.bg or uses_change_mask):
-        return _weighted_total(weights, components, z_pred), components
+        return weighted_total(weights, components, z_pred), components
     # Background preservation and the change mask both read (z_pred - z_ctx)^2 summed over
     # channels, and both use the sure background: compute them once.
     check_same_shape(z_pred=z_pred, z_ctx=z_ctx)
@@ -359,13 +357,4 @@ def geometry_starter_loss(
             if signed_distance_map is None:
                 signed_distance_map = signed_distance_map_from_mask(target > 0.5, normalize=True)
             components["bnd"] = boundary_loss(soft_mask, signed_distance_map, zero_mean=True)
-    return _weighted_total(weights, components, z_pred), components
-
-
-def _weighted_total(
-    weights: GeometryLossWeights, components: dict[str, torch.Tensor], like: torch.Tensor
-) -> torch.Tensor:
-    total = like.new_zeros(())
-    for name, value in components.items():
-        total = total + getattr(weights, name) * value
-    return total
+    return weighted_total(weights, components, z_pred), components
