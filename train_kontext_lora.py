@@ -58,6 +58,18 @@ LORA_LAYERS = (
     "attn.to_add_out",
 )
 
+# Every auxiliary loss term: its name in metrics.jsonl and the flag that weights it.
+TERM_WEIGHT_FLAGS = {
+    "geo_mse": "geometry_mse_weight",
+    "geo_bg": "background_weight",
+    "geo_dice": "dice_weight",
+    "geo_area": "area_weight",
+    "geo_bnd": "boundary_weight",
+    "emb_identity": "identity_weight",
+    "emb_geometry": "geometry_match_weight",
+    "emb_overlay": "overlay_weight",
+}
+
 
 @dataclass(kw_only=True)
 class KontextConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):

@@ -110,15 +110,7 @@ def main() -> None:
     }
     all_losses = kontext.KontextConfig(**common)
     plain = kontext.KontextConfig(
-        **common,
-        geometry_mse_weight=0,
-        background_weight=0,
-        dice_weight=0,
-        area_weight=0,
-        boundary_weight=0,
-        identity_weight=0,
-        geometry_match_weight=0,
-        overlay_weight=0,
+        **common, **{flag: 0 for flag in kontext.TERM_WEIGHT_FLAGS.values()}
     )
     add_lora(pipe.transformer, all_losses, kontext.LORA_LAYERS)
     if args.flux_size:

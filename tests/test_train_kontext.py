@@ -216,19 +216,6 @@ class TestTrainingRun:
             assert torch.equal(value, lora_tensors(again)[name]), name
 
 
-# Each auxiliary term and the flag that weights it.
-TERM_FLAGS = {
-    "geo_mse": "geometry_mse_weight",
-    "geo_bg": "background_weight",
-    "geo_dice": "dice_weight",
-    "geo_area": "area_weight",
-    "geo_bnd": "boundary_weight",
-    "emb_identity": "identity_weight",
-    "emb_geometry": "geometry_match_weight",
-    "emb_overlay": "overlay_weight",
-}
-
-
 def evaluate_components(assets: Path, lora_dir: Path | None) -> dict[str, float]:
     """Every loss component averaged over the synthetic set with fixed noise and timesteps."""
     pipe = FluxKontextPipeline.from_pretrained(assets / "model")
@@ -261,12 +248,12 @@ def untrained_components(assets):
 
 
 class TestEachTermAlone:
-    @pytest.mark.parametrize("term", list(TERM_FLAGS))
+    @pytest.mark.parametrize("term", list(kontext.TERM_WEIGHT_FLAGS))
     def test_training_on_one_term_lowers_it(
         self, assets, tmp_path, fresh_accelerate, untrained_components, term
     ):
-        weights = {flag: 0 for flag in TERM_FLAGS.values()}
-        weights[TERM_FLAGS[term]] = 1
+        weights = {flag: 0 for flag in kontext.TERM_WEIGHT_FLAGS.values()}
+        weights[kontext.TERM_WEIGHT_FLAGS[term]] = 1
         out = run(
             assets,
             tmp_path / term,
