@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -64,10 +65,6 @@ def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     if config.max_train_steps is not None:
         return config.max_train_steps
     return config.num_train_epochs * (batches_per_epoch // config.gradient_accumulation_steps)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _epoch_batches(parts: TrainingParts, config: TrainConfig, epoch: int, skip: int):
@@ -142,7 +139,7 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
             )
             with accelerator.accumulate(model):
                 loss, components = parts.compute_loss(
-                    model, _to_device(batch, accelerator.device), generator
+                    model, send_to_device(batch, accelerator.device), generator
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
