@@ -37,16 +37,17 @@ from losses import (
     geometry_starter_loss,
     masked_flow_matching_loss,
 )
-from training.caching import CachedItems, fill_cache
+from training.caching import CachedItems, encoder_weights, fill_cache
 from training.config import EditPairDataConfig, FlowMatchingConfig, TrainConfig, parse_config
 from training.datasets import edit_pair_dataset
 from training.embeddings import ImageEmbedder
 from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
 from training.loop import TrainingParts, train
-from training.lora import add_lora, load_lora, save_lora
+from training.lora import LoraFormat, add_lora
 from training.runtime import build_accelerator, weight_dtype
 from training.validation import image_grid, mask_overlay, save_grid, to_pil
 
+KONTEXT_LORA = LoraFormat(FluxKontextPipeline, "transformer")
 LORA_LAYERS = (
     "attn.to_q",
     "attn.to_k",
@@ -57,6 +58,9 @@ LORA_LAYERS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
+
+# Seed 003's geometry-match weight, the default when embeddings come from an image encoder.
+SEED_GEOMETRY_MATCH_WEIGHT = 0.5
 
 # Every auxiliary loss term: its name in metrics.jsonl and the flag that weights it.
 TERM_WEIGHT_FLAGS = {
@@ -82,9 +86,11 @@ class KontextConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):
     flow_matching_weight: float = 1.0
     """Weight of the flow-matching MSE on the target tokens."""
     geometry_mse_weight: float = 1.0
-    """Seed 001: boundary-band weighted MSE of x0_hat vs the target latents."""
+    """Seed 001: boundary-band weighted MSE of x0_hat vs the target latents. Since
+    x0_hat - x0 = -sigma * (v - v_target), it is a sigma**2-weighted, band-weighted velocity MSE."""
     background_weight: float = 0.6
-    """Seed 001: MSE of x0_hat vs the context outside the dilated mask."""
+    """Seed 001: MSE of x0_hat vs the context outside the dilated mask: the target's own change
+    there plus a sigma**2-weighted velocity error."""
     dice_weight: float = 0.9
     """Seed 001: Dice of the soft change mask vs the mask."""
     area_weight: float = 0.2
@@ -103,8 +109,10 @@ class KontextConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):
     """Change-mask threshold in background standard deviations."""
     identity_weight: float = 1.0
     """Seed 003: penalise a prediction closer to the source than to the target."""
-    geometry_match_weight: float = 0.5
-    """Seed 003: squared L2 between prediction and target embeddings."""
+    geometry_match_weight: float | None = None
+    """Seed 003: squared L2 between prediction and target embeddings. Default: the seed's 0.5
+    with --embedding_encoder; 0 on latent tokens, where it is exactly 64 * sigma**2 times the
+    flow-matching loss (a sigma-dependent reweighting of it, not a shape term)."""
     overlay_weight: float = 0.7
     """Seed 003: penalise a prediction closer to the overlay negative than to the target."""
     identity_margin: float = 0.25
@@ -124,9 +132,12 @@ class KontextConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):
         )
 
     def embedding_weights(self) -> EmbeddingLossWeights:
+        geometry = self.geometry_match_weight
+        if geometry is None:
+            geometry = SEED_GEOMETRY_MATCH_WEIGHT if self.embedding_encoder else 0.0
         return EmbeddingLossWeights(
             identity=self.identity_weight,
-            geometry=self.geometry_match_weight,
+            geometry=geometry,
             overlay=self.overlay_weight,
             identity_margin=self.identity_margin,
             overlay_margin=self.overlay_margin,
@@ -201,6 +212,10 @@ class KontextEncoder:
         pipe = self.pipe
         return fingerprint(
             model=self.config.pretrained_model_name_or_path,
+            weights=encoder_weights(
+                self.config.pretrained_model_name_or_path,
+                ("vae", "text_encoder", "text_encoder_2"),
+            ),
             vae=dict(pipe.vae.config),
             text_encoders=[
                 pipe.text_encoder.config.to_dict(),
@@ -209,7 +224,11 @@ class KontextEncoder:
             max_sequence_length=self.config.max_sequence_length,
             dtype=str(pipe.vae.dtype),
             overlay=self.needs_overlay,
-            embedder=self.config.embedding_encoder if self.needs_image_embeddings else None,
+            embedder=(
+                [self.config.embedding_encoder, encoder_weights(self.config.embedding_encoder)]
+                if self.needs_image_embeddings
+                else None
+            ),
         )
 
     @torch.no_grad()
@@ -399,14 +418,6 @@ class KontextValidation:
         return save_grid(image_grid(rows, labels), config.output_dir, step)
 
 
-def save_kontext_lora(model: torch.nn.Module, folder: Path) -> None:
-    save_lora(FluxKontextPipeline, model, folder, "transformer")
-
-
-def load_kontext_lora(model: torch.nn.Module, path: Path) -> None:
-    load_lora(FluxKontextPipeline, model, path, "transformer")
-
-
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(KontextConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
@@ -418,9 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         frozen.requires_grad_(False).eval()
     transformer = pipe.transformer
-    add_lora(transformer, config, LORA_LAYERS)
-    if config.init_lora_weights:
-        load_kontext_lora(transformer, Path(config.init_lora_weights))
+    add_lora(transformer, config, LORA_LAYERS, KONTEXT_LORA)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     embedder = None
@@ -450,8 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
         collate_fn=collate_edit_pairs,
         compute_loss=KontextLoss(pipe, config, encoder, embedder, config.cache_latents),
-        save_lora=save_kontext_lora,
-        load_lora=load_kontext_lora,
+        save_lora=KONTEXT_LORA.save,
+        load_lora=KONTEXT_LORA.load,
         validate=KontextValidation(pipe, dataset, config, accelerator),
     )
     train(accelerator, config, parts)

@@ -90,7 +90,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     Batches are dealt round-robin to ranks. When their count is not a multiple of
     ``num_replicas * gradient_accumulation_steps``, batches from the start of the epoch's order
     are repeated, so every rank runs ``len(self)`` steps and no rank waits on a collective the
-    others never reach.
+    others never reach; ``repeated_batches`` says how many (40 items, batch 1, 8 ranks,
+    accumulation 4: 24).
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             )
         group = num_replicas * gradient_accumulation_steps
         self._batches_per_rank = math.ceil(total / group) * gradient_accumulation_steps
+        self.repeated_batches = self._batches_per_rank * num_replicas - total
         self.epoch = 0
         self.start_batch = 0
 

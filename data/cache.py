@@ -1,10 +1,10 @@
 """On-disk cache of per-item tensors (VAE latents, prompt embeddings) in safetensors.
 
 Entries live at ``<root>/<model fingerprint>/<item key>.safetensors``: the fingerprint covers
-everything that shapes the tensors besides the item (model configs, encoding settings) and the
-item key covers the item's content (file bytes, prompt, bucket size), so two different pairs, or
-one pair under two models, never share an entry. Files are written under a temporary name and
-renamed, so a reader never sees half an entry.
+everything that shapes the tensors besides the item (model configs, the encoders' weight files,
+encoding settings) and the item key covers the item's content (file bytes, prompt, bucket
+size), so two different pairs, or one pair under two models, never share an entry. Files are
+written under a temporary name and renamed, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,6 +24,35 @@ def fingerprint(**parts) -> str:
     """A short stable digest of JSON-serialisable ``parts`` (configs, settings)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def weight_files_digest(folders: Iterable[str | Path]) -> dict[str, list]:
+    """What identifies the weight files under ``folders`` (recursively), cheaply.
+
+    For each file with a weight suffix: its size, modification time (ns) and, for safetensors,
+    a hash of its header (tensor names, dtypes, shapes, offsets, metadata). Weights replaced at
+    the same path change at least the modification time, so a cache keyed by this never serves
+    latents of the old weights; nothing the size of the weights is read. Missing folders give
+    an empty entry.
+    """
+    digest: dict[str, list] = {}
+    for folder in map(Path, folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        for path in files:
+            stat = path.stat()
+            digest[str(path)] = [stat.st_size, stat.st_mtime_ns, _safetensors_header_hash(path)]
+    return digest
+
+
+def _safetensors_header_hash(path: Path) -> str | None:
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return hashlib.sha256(handle.read(min(length, 100_000_000))).hexdigest()
 
 
 class TensorCache:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from diffusers import FluxKontextPipeline
+from diffusers import AutoencoderKL, FluxKontextPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_kontext_lora as kontext
@@ -40,14 +44,27 @@ def assets(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def help_text() -> str:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_kontext_lora.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; a new in-process run needs a clean slate."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def fresh_accelerate():
-    """accelerate keeps process-wide singletons; give every in-process run a clean slate."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def base_args(assets: Path, output_dir: Path, **overrides) -> list[str]:
@@ -94,7 +111,7 @@ class TestOneStep:
             resolution=RESOLUTION,
             rank=4,
         )
-        add_lora(pipe.transformer, config, kontext.LORA_LAYERS)
+        add_lora(pipe.transformer, config, kontext.LORA_LAYERS, kontext.KONTEXT_LORA)
         before = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
         frozen_before = {
             name: p.detach().clone()
@@ -123,9 +140,63 @@ class TestOneStep:
             for name, p in module.named_parameters():
                 assert torch.equal(p, frozen_before[name]), name
         expected = {"fm", "geo_mse", "geo_bg", "geo_dice", "geo_area", "geo_bnd"}
-        expected |= {"emb_identity", "emb_geometry", "emb_overlay"}
+        expected |= {"emb_identity", "emb_overlay"}  # emb_geometry: off on latent tokens
         assert set(components) == expected
         assert all(torch.isfinite(v) for v in components.values())
+
+
+def kontext_config(assets: Path, **overrides) -> kontext.KontextConfig:
+    return kontext.KontextConfig(
+        pretrained_model_name_or_path=str(assets / "model"),
+        train_data_dir=str(assets / "data"),
+        resolution=RESOLUTION,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def latent_token_components(assets):
+    """One batch's loss components with every term on, and the sigma it was drawn at."""
+    pipe = FluxKontextPipeline.from_pretrained(assets / "model")
+    config = kontext_config(assets, geometry_match_weight=0.5, w_in=1.0, w_band=1.0, w_out=1.0)
+    encoder = kontext.KontextEncoder(pipe, config, None)
+    batch = first_item_batch(assets)
+    loss_fn = kontext.KontextLoss(pipe, config, encoder, None, False)
+    with torch.no_grad():
+        _, parts = loss_fn(pipe.transformer, batch, torch.Generator().manual_seed(11))
+    # The same draws, in the loss's order: the noise, then the timestep.
+    generator = torch.Generator().manual_seed(11)
+    x0 = encoder(batch)["target_latents"]
+    torch.randn(x0.shape, generator=generator)
+    sigma = kontext.sample_sigmas(
+        config, 1, x0.shape[-2] * x0.shape[-1] // 4, pipe.scheduler.config, generator
+    )
+    return parts, sigma.item()
+
+
+class TestLatentTokenIdentities:
+    """On latent tokens, x0_hat - x0 = -sigma (v - v*): some auxiliary terms are the
+    flow-matching error reweighted by sigma**2, whatever the model predicts."""
+
+    def test_geometry_match_is_64_sigma_squared_flow_matching(self, latent_token_components):
+        parts, sigma = latent_token_components
+        assert 0 < sigma < 1
+        expected = 64 * sigma**2 * parts["fm"]
+        torch.testing.assert_close(parts["emb_geometry"], expected, rtol=1e-5, atol=0)
+
+    def test_unweighted_geometry_mse_is_sigma_squared_flow_matching(self, latent_token_components):
+        parts, sigma = latent_token_components
+        torch.testing.assert_close(parts["geo_mse"], sigma**2 * parts["fm"], rtol=1e-5, atol=0)
+
+    def test_geometry_match_default_depends_on_the_embeddings(self, assets):
+        assert kontext_config(assets).embedding_weights().geometry == 0
+        with_encoder = kontext_config(assets, embedding_encoder="dinov2")
+        assert with_encoder.embedding_weights().geometry == 0.5
+        chosen = kontext_config(assets, geometry_match_weight=0.05)
+        assert chosen.embedding_weights().geometry == 0.05
+
+    def test_help_says_what_the_term_reduces_to(self, help_text):
+        assert "64 * sigma**2 times the" in " ".join(help_text.split())
 
 
 class TestTrainingRun:
@@ -170,15 +241,13 @@ class TestTrainingRun:
     def test_exact_resume_skips_half_written_checkpoints(self, assets, tmp_path, fresh_accelerate):
         common = {"gradient_accumulation_steps": 2, "checkpointing_steps": 3}
         straight = run(assets, tmp_path / "straight", max_train_steps=6, **common)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         resumed = run(assets, tmp_path / "resumed", max_train_steps=3, **common)
         # Stray folders a crash (or a user) could leave: neither is a complete checkpoint.
         (resumed / "checkpoint-5").mkdir()
         (resumed / "checkpoint-5" / "optimizer.bin").write_bytes(b"half")
         (resumed / ".checkpoint-4.partial").mkdir()
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         run(
             assets,
             resumed,
@@ -194,26 +263,64 @@ class TestTrainingRun:
 
     def test_cached_latents_train_identically(self, assets, tmp_path, fresh_accelerate):
         plain = run(assets, tmp_path / "plain")
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         cached = run(assets, tmp_path / "cached", cache_latents="true")
         entries = list((cached / "cache").glob("*/*.safetensors"))
         assert len(entries) == 4
         for name, value in lora_tensors(plain).items():
             assert torch.equal(value, lora_tensors(cached)[name]), name
 
+    def test_replaced_encoder_weights_miss_the_cache(self, assets, tmp_path, fresh_accelerate):
+        model = tmp_path / "model"
+        shutil.copytree(assets / "model", model)
+        out = run(
+            assets, tmp_path / "out", pretrained_model_name_or_path=model, cache_latents="true"
+        )
+        first = {p.relative_to(out) for p in (out / "cache").glob("*/*.safetensors")}
+        # New VAE weights at the same path: same configs, same file names and sizes.
+        vae = AutoencoderKL.from_pretrained(model / "vae")
+        with torch.no_grad():
+            for param in vae.parameters():
+                param.mul_(1.5)
+        vae.save_pretrained(model / "vae")
+        reset_accelerate()
+        run(
+            assets,
+            out,
+            pretrained_model_name_or_path=model,
+            cache_latents="true",
+            overwrite_output_dir="true",
+        )
+        entries = {p.relative_to(out) for p in (out / "cache").glob("*/*.safetensors")}
+        assert len(first) == 4 and len(entries) == 8 and first < entries
+
     def test_init_lora_weights_starts_from_the_file(self, assets, tmp_path, fresh_accelerate):
-        first = run(assets, tmp_path / "first", max_train_steps=2)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        first = run(assets, tmp_path / "first", max_train_steps=2, lora_alpha=16)
+        reset_accelerate()
+        # No --rank or --lora_alpha: both come from the file's metadata (rank 4, alpha 16).
         again = run(
             assets,
             tmp_path / "again",
             max_train_steps=0,
+            rank=None,
             init_lora_weights=first / LORA_WEIGHTS_NAME,
         )
         for name, value in lora_tensors(first).items():
             assert torch.equal(value, lora_tensors(again)[name]), name
+        with safe_open(str(again / LORA_WEIGHTS_NAME), "pt") as handle:
+            metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+        assert metadata["transformer.lora_alpha"] == 16 and metadata["transformer.r"] == 4
+
+    def test_init_lora_weights_refuses_a_conflicting_flag(self, assets, tmp_path, fresh_accelerate):
+        first = run(assets, tmp_path / "first", max_train_steps=1, lora_alpha=16)
+        reset_accelerate()
+        with pytest.raises(ValueError, match=r"--lora_alpha 4\.0 but the file has 16"):
+            run(
+                assets,
+                tmp_path / "again",
+                lora_alpha=4,
+                init_lora_weights=first / LORA_WEIGHTS_NAME,
+            )
 
 
 def evaluate_components(assets: Path, lora_dir: Path | None) -> dict[str, float]:
@@ -221,11 +328,8 @@ def evaluate_components(assets: Path, lora_dir: Path | None) -> dict[str, float]
     pipe = FluxKontextPipeline.from_pretrained(assets / "model")
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
-    config = kontext.KontextConfig(
-        pretrained_model_name_or_path=str(assets / "model"),
-        train_data_dir=str(assets / "data"),
-        resolution=RESOLUTION,
-    )
+    # Every term on, the latent-token geometry match included, so that each can be read.
+    config = kontext_config(assets, geometry_match_weight=0.5)
     loss_fn = kontext.KontextLoss(
         pipe, config, kontext.KontextEncoder(pipe, config, None), None, False
     )
@@ -423,51 +527,118 @@ class TestBadInput:
         (out / "checkpoint-7").mkdir(parents=True)
         (out / "checkpoint-7" / "training_state.json").write_text("{}")
         with pytest.raises(DataError, match=expected.replace(".", r"\.")):
-            run(assets, out, train_data_dir=data)
+            run(assets, out, train_data_dir=data, resume_from_checkpoint="latest")
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint-7"]
 
 
 class TestCommandLine:
-    def test_help_documents_every_flag(self):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train_kontext_lora.py"), "--help"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+    def test_help_documents_every_flag(self, help_text):
         for field in fields(kontext.KontextConfig):
-            assert f"--{field.name}" in result.stdout, field.name
+            assert f"--{field.name}" in help_text, field.name
 
     def test_two_process_cpu_run(self, assets, tmp_path):
         out = tmp_path / "ddp"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                str(ROOT / "train_kontext_lora.py"),
-                *base_args(assets, out, max_train_steps=4, checkpointing_steps=2),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = launch_two_ranks(assets, out, max_train_steps=4, checkpointing_steps=2)
         assert "2 ranks" in result.stderr and "identical on all 2 ranks" in result.stderr
         assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
         for step in (2, 4):
             names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
             assert {"random_states_0.pkl", "random_states_1.pkl", LORA_WEIGHTS_NAME} <= names
         assert not list(out.glob(".checkpoint-*"))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, so that launches never meet a previous run's store."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_ranks(assets: Path, out: Path, **overrides) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2`` of the script on the CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "train_kontext_lora.py"),
+            *base_args(assets, out, **overrides),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def resume_copy(source: Path, step: int, destination: Path) -> Path:
+    """A new output folder holding only ``source``'s ``checkpoint-<step>`` and its metrics."""
+    destination.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", destination / f"checkpoint-{step}")
+    shutil.copy(source / "metrics.jsonl", destination / "metrics.jsonl")
+    return destination
+
+
+class TestResumeOnAnotherNumberOfProcesses:
+    """Two ranks, or one accumulating two micro-batches: the same global batch, data order,
+    noise and schedule. Resuming across them continues the same run; the final LoRAs agree to
+    float rounding (DDP averages gradients where accumulation sums halves)."""
+
+    # Four items, batch 1: two optimizer steps per epoch; checkpoint-1 is mid-epoch.
+    COMMON: ClassVar[dict] = {
+        "max_train_steps": 3,
+        "checkpointing_steps": 1,
+        "lr_scheduler": "linear",
+    }
+
+    @staticmethod
+    def assert_same_run(expected: Path, got: Path) -> None:
+        for name, value in lora_tensors(expected).items():
+            torch.testing.assert_close(lora_tensors(got)[name], value, rtol=1e-4, atol=1e-6)
+        want, have = read_metrics(expected), read_metrics(got)
+        assert [r["step"] for r in have] == [1, 2, 3]
+        assert [r["lr"] for r in have] == [r["lr"] for r in want]
+        assert [r["lr"] for r in have] == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3, 0.0])
+        for before, after in zip(want, have, strict=True):
+            assert after["loss"] == pytest.approx(before["loss"], rel=1e-4)
+
+    def test_two_ranks_then_one(self, assets, tmp_path, fresh_accelerate):
+        two = tmp_path / "two"
+        launch_two_ranks(assets, two, **self.COMMON)
+        resumed = resume_copy(two, 1, tmp_path / "resumed")
+        run(
+            assets,
+            resumed,
+            gradient_accumulation_steps=2,
+            resume_from_checkpoint="latest",
+            **self.COMMON,
+        )
+        self.assert_same_run(two, resumed)
+
+    def test_one_then_two_ranks(self, assets, tmp_path, fresh_accelerate):
+        one = run(assets, tmp_path / "one", gradient_accumulation_steps=2, **self.COMMON)
+        resumed = resume_copy(one, 1, tmp_path / "resumed")
+        launch_two_ranks(assets, resumed, resume_from_checkpoint="latest", **self.COMMON)
+        self.assert_same_run(one, resumed)
+
+    def test_another_global_batch_is_refused(self, assets, tmp_path, fresh_accelerate):
+        one = run(assets, tmp_path / "one", gradient_accumulation_steps=2, **self.COMMON)
+        resumed = resume_copy(one, 1, tmp_path / "resumed")
+        reset_accelerate()
+        with pytest.raises(ValueError, match="--gradient_accumulation_steps 2"):
+            run(assets, resumed, resume_from_checkpoint="latest", **self.COMMON)

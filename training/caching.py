@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data.cache import TensorCache
+from data.cache import TensorCache, weight_files_digest
 
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[dict], dict[str, torch.Tensor]]
+
+
+def encoder_weights(name_or_path: str, components: Sequence[str] = ("",)) -> dict[str, list]:
+    """:func:`data.cache.weight_files_digest` of the ``components`` (subfolders) of a local
+    model folder, or of a Hub id's snapshot in the local cache; part of a cache fingerprint, so
+    that replaced encoder weights never reuse old entries."""
+    root = Path(name_or_path)
+    if not root.is_dir():
+        try:
+            root = Path(snapshot_download(name_or_path, local_files_only=True))
+        except (HFValidationError, LocalEntryNotFoundError, OSError):
+            logger.warning("%s: no local files to fingerprint the cache with", name_or_path)
+            return {}
+    return weight_files_digest(root / component for component in components)
 
 
 def fill_cache(

@@ -44,7 +44,8 @@ class TrainConfig:
     max_train_steps: int | None = None
     """Optimizer steps to run; overrides num_train_epochs when set."""
     num_train_epochs: int = 1
-    """Epochs to run when max_train_steps is not set."""
+    """Epochs to run when max_train_steps is not set. An epoch is rounded up to whole optimizer
+    steps on every rank by repeating batches from its start (the log says how many)."""
     learning_rate: float = 1e-4
     """Peak learning rate."""
     lr_scheduler: Literal[
@@ -68,16 +69,18 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    rank: int = 16
-    """LoRA rank."""
+    rank: int | None = None
+    """LoRA rank; 16, or the rank stored in --init_lora_weights."""
     lora_alpha: float | None = None
-    """LoRA alpha; defaults to the rank (scale 1)."""
+    """LoRA alpha; the rank (scale 1), or the alpha stored in --init_lora_weights."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch."""
     lora_layers: str | None = None
-    """Comma-separated module names to adapt (e.g. attn.to_q,attn.to_k); the script's default."""
+    """Comma-separated module names to adapt (e.g. attn.to_q,attn.to_k); the script's default,
+    or the modules stored in --init_lora_weights."""
     init_lora_weights: str | None = None
-    """A LoRA .safetensors file (diffusers format) to start from instead of a fresh adapter."""
+    """A LoRA .safetensors file (diffusers format) to start from instead of a fresh adapter; its
+    rank, alpha and modules are read from the file (a flag that disagrees is an error)."""
     seed: int = 0
     """Seed for weights, data order, noise and timesteps."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -87,9 +90,13 @@ class TrainConfig:
     checkpointing_steps: int = 500
     """Save a resumable checkpoint-<step>/ every this many optimizer steps."""
     checkpoints_total_limit: int | None = None
-    """Keep at most this many checkpoints, deleting the oldest."""
+    """Keep at most this many checkpoints (>= 1), deleting the oldest; never the one just saved."""
     resume_from_checkpoint: str | None = None
-    """'latest' (the newest complete checkpoint in output_dir) or a checkpoint folder."""
+    """'latest' (the newest complete checkpoint in output_dir) or a checkpoint folder. Another
+    process count works when processes x accumulation x batch size stays the same."""
+    overwrite_output_dir: bool = False
+    """Delete the checkpoints and outputs of an earlier run in output_dir and start afresh;
+    without it, a fresh run refuses a folder holding checkpoints."""
     validation_steps: int | None = None
     """Run the pipeline on validation examples every this many steps (and at the end)."""
     validation_prompt: str | None = None
@@ -113,10 +120,14 @@ class TrainConfig:
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of --train_data_dir and --dataset_name")
         for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpointing_steps < 1:
             raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(
+                f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
+            )
 
     @property
     def trackers(self) -> list[str]:

@@ -18,7 +18,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from training.checkpoint import Checkpointer, TrainingProgress, resolve_checkpoint
+from training.checkpoint import BatchLayout, Checkpointer, TrainingProgress, resolve_checkpoint
 from training.config import TrainConfig
 from training.metrics import MetricsLog
 from training.runtime import step_generator
@@ -91,12 +91,13 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
     max_steps = total_steps(config, batches_per_epoch)
     accumulation = config.gradient_accumulation_steps
     optimizer = build_optimizer(config, parts.model)
-    # accelerate steps a prepared scheduler once per process and optimizer step.
+    # Stepped below once per optimizer step (build_accelerator turns accelerate's own stepping
+    # off), so the schedule counts optimizer steps whatever the number of processes.
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=max_steps,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(parts.model, optimizer, lr_scheduler)
     checkpointer = Checkpointer(
@@ -105,6 +106,9 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
         config.checkpoints_total_limit,
         parts.save_lora,
         parts.load_lora,
+        BatchLayout(
+            accelerator.num_processes, config.train_batch_size, config.gradient_accumulation_steps
+        ),
     )
     resume_from = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
     progress = checkpointer.restore(resume_from) if resume_from else TrainingProgress()
@@ -121,6 +125,15 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
         accelerator.num_processes,
         accumulation,
     )
+    repeated = getattr(parts.sampler, "repeated_batches", 0)
+    if repeated:
+        logger.info(
+            "each epoch repeats %d batch(es) from its start so that every rank runs whole "
+            "optimizer steps (%d ranks x accumulation %d)",
+            repeated,
+            accelerator.num_processes,
+            accumulation,
+        )
     trainable = [param for param in model.parameters() if param.requires_grad]
     bar = tqdm(
         total=max_steps,
@@ -130,13 +143,12 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
     )
     model.train()
     epoch, consumed = progress.epoch, progress.batches_in_epoch
-    micro_step = progress.global_step * accumulation
     sums: dict[str, torch.Tensor] = {}
     while progress.global_step < max_steps:
         for batch in _epoch_batches(parts, config, epoch, consumed):
-            generator = step_generator(
-                config.seed, accelerator.process_index, micro_step, accelerator.device
-            )
+            # Ranks take every num_processes-th batch of the epoch's global order.
+            position = consumed * accelerator.num_processes + accelerator.process_index
+            generator = step_generator(config.seed, epoch, position, accelerator.device)
             with accelerator.accumulate(model):
                 loss, components = parts.compute_loss(
                     model, send_to_device(batch, accelerator.device), generator
@@ -145,9 +157,9 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
             consumed += 1
             for name, value in {"loss": loss, **components}.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()

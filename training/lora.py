@@ -1,13 +1,18 @@
 """LoRA adapters with peft, saved and loaded in diffusers' LoRA format.
 
 The saved file is what the family's pipeline loads with ``pipe.load_lora_weights(dir)``:
-safetensors, diffusers key names, and the adapter's LoRA config as metadata.
+safetensors, diffusers key names, and the adapter's LoRA config as metadata. A warm start
+(``--init_lora_weights``) takes its rank, alpha and target modules from that metadata, so a LoRA
+resumes at the strength it was trained at.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -16,7 +21,95 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from training.config import TrainConfig
 
+logger = logging.getLogger(__name__)
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_RANK = 16
+# LoraConfig fields that shape an adapter and that a warm start takes from the file's metadata.
+_SHAPE_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+_SHAPE_FIELDS += ("use_rslora", "use_dora")
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A diffusers-format LoRA file read for one component: weights in peft's key names
+    (``blocks.0.attn.to_q.lora_A.weight``) and the adapter's LoRA config from its metadata
+    (empty when the file has none, as files of other trainers may)."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+
+    def rank(self) -> int:
+        """The rank of the first ``lora_A`` weight (``[r, in_features]``)."""
+        return next(w.shape[0] for k, w in self.weights.items() if k.endswith("lora_A.weight"))
+
+    def modules(self) -> list[str]:
+        """Names of the modules the file adapts."""
+        return sorted({k.rsplit(".lora_", 1)[0] for k in self.weights if ".lora_" in k})
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """Where a family keeps its LoRA: the pipeline class whose ``save_lora_weights`` /
+    ``lora_state_dict`` write and read the file, and the adapted component's attribute name
+    ("transformer" or "unet")."""
+
+    pipeline_cls: type
+    component: str = "transformer"
+
+    def save(self, model: torch.nn.Module, directory: str | Path) -> Path:
+        """Write ``model``'s adapter to ``directory/pytorch_lora_weights.safetensors``."""
+        self.pipeline_cls.save_lora_weights(
+            str(directory),
+            **{
+                f"{self.component}_lora_layers": get_peft_model_state_dict(model),
+                f"{self.component}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
+            },
+            safe_serialization=True,
+        )
+        return Path(directory) / LORA_WEIGHTS_NAME
+
+    def read(self, path: str | Path) -> LoraFile:
+        """The component's weights and LoRA config in a file (or a folder holding one).
+
+        Raises ``ValueError`` naming the file when it does not exist or holds no weights for
+        the component.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"LoRA file {path} does not exist")
+        loaded = self.pipeline_cls.lora_state_dict(str(path), return_lora_metadata=True)
+        state_dict, metadata = loaded[0], loaded[-1] or {}
+        prefix = f"{self.component}."
+        weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"LoRA file {path} holds no {self.component} weights")
+        own = {k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}
+        return LoraFile(path, convert_unet_state_dict_to_peft(weights), own)
+
+    def load(self, model: torch.nn.Module, path: str | Path) -> None:
+        """Load a file's weights into ``model``'s existing adapter.
+
+        Raises ``ValueError`` naming the file when a key does not fit the adapter (another model
+        or other --lora_layers) or shapes differ (another --rank).
+        """
+        self.apply(model, self.read(path))
+
+    def apply(self, model: torch.nn.Module, lora_file: LoraFile) -> None:
+        """Copy ``lora_file``'s weights into ``model``'s existing adapter (see :meth:`load`)."""
+        try:
+            result = set_peft_model_state_dict(model, lora_file.weights)
+        except RuntimeError as error:
+            raise ValueError(
+                f"LoRA file {lora_file.path} does not fit the adapter: {error}"
+            ) from error
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if unexpected:
+            raise ValueError(
+                f"LoRA file {lora_file.path} has {len(unexpected)} weights the adapter lacks, "
+                f"e.g. {unexpected[0]}; check --lora_layers and the base model"
+            )
 
 
 def target_modules(config: TrainConfig, default: Sequence[str]) -> list[str]:
@@ -26,70 +119,88 @@ def target_modules(config: TrainConfig, default: Sequence[str]) -> list[str]:
     return list(default)
 
 
-def add_lora(model: torch.nn.Module, config: TrainConfig, default_layers: Sequence[str]) -> None:
-    """Freeze ``model`` and add a trainable fp32 LoRA adapter named "default" to it."""
-    layers = target_modules(config, default_layers)
+def lora_config(
+    config: TrainConfig, default_layers: Sequence[str], init: LoraFile | None = None
+) -> LoraConfig:
+    """The adapter's peft config: from the flags, or from ``init``'s file when warm-starting.
+
+    A warm start takes rank, alpha and target modules from the file's metadata (rank and modules
+    from its weights when it has none). A flag the user set (``--rank``, ``--lora_alpha``,
+    ``--lora_layers``) that disagrees with the file is refused, naming both values.
+    """
+    flags = {
+        "r": config.rank or DEFAULT_RANK,
+        "lora_alpha": config.lora_alpha or config.rank or DEFAULT_RANK,
+        "target_modules": target_modules(config, default_layers),
+    }
+    shape: dict[str, Any] = dict(flags)
+    if init is not None:
+        stored = {k: init.metadata[k] for k in _SHAPE_FIELDS if init.metadata.get(k) is not None}
+        stored.setdefault("r", init.rank())
+        stored.setdefault("target_modules", init.modules())
+        if "lora_alpha" not in stored:
+            stored["lora_alpha"] = config.lora_alpha or stored["r"]
+            logger.warning(
+                "%s has no LoRA metadata; assuming lora_alpha %s (pass --lora_alpha to set it)",
+                init.path,
+                stored["lora_alpha"],
+            )
+        explicit = {
+            "r": ("--rank", config.rank),
+            "lora_alpha": ("--lora_alpha", config.lora_alpha),
+            "target_modules": ("--lora_layers", config.lora_layers and flags["target_modules"]),
+        }
+        conflicts = [
+            f"{flag} {given} but the file has {stored[key]}"
+            for key, (flag, given) in explicit.items()
+            if given is not None and given != "" and _differs(given, stored[key])
+        ]
+        if conflicts:
+            raise ValueError(
+                f"--init_lora_weights {init.path}: {'; '.join(conflicts)}. Drop the flag to use "
+                "the file's value, or start a fresh LoRA without --init_lora_weights."
+            )
+        shape = stored
+    return LoraConfig(
+        **shape,
+        lora_dropout=config.lora_dropout,
+        init_lora_weights="gaussian",
+    )
+
+
+def _differs(given: Any, stored: Any) -> bool:
+    if isinstance(given, list | tuple) or isinstance(stored, list | tuple | set):
+        return set(given) != set(stored)
+    return float(given) != float(stored)
+
+
+def add_lora(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    default_layers: Sequence[str],
+    lora_format: LoraFormat,
+) -> None:
+    """Freeze ``model`` and add a trainable fp32 LoRA adapter named "default" to it.
+
+    With ``--init_lora_weights`` the adapter is shaped like the file's (see :func:`lora_config`)
+    and starts from its weights.
+    """
+    init = lora_format.read(config.init_lora_weights) if config.init_lora_weights else None
+    adapter = lora_config(config, default_layers, init)
     names = [name for name, _ in model.named_modules()]
     unknown = [
-        layer for layer in layers if not any(n == layer or n.endswith(f".{layer}") for n in names)
+        layer
+        for layer in adapter.target_modules
+        if not any(n == layer or n.endswith(f".{layer}") for n in names)
     ]
     if unknown:
         raise ValueError(f"--lora_layers names no module of the model: {', '.join(unknown)}")
-    lora_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.lora_alpha or config.rank,
-        lora_dropout=config.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=layers,
-    )
     model.requires_grad_(False)
-    model.add_adapter(lora_config)
+    model.add_adapter(adapter)
     for param in model.parameters():
         if param.requires_grad:
             # LoRA weights train in fp32 even when the frozen base runs in half precision.
             param.data = param.data.float()
-
-
-def save_lora(pipeline_cls, model: torch.nn.Module, directory: str | Path, component: str) -> Path:
-    """Write ``model``'s adapter with ``pipeline_cls.save_lora_weights``; returns the file.
-
-    ``component`` is the pipeline attribute the adapter belongs to ("transformer" or "unet").
-    """
-    pipeline_cls.save_lora_weights(
-        str(directory),
-        **{
-            f"{component}_lora_layers": get_peft_model_state_dict(model),
-            f"{component}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
-        },
-        safe_serialization=True,
-    )
-    return Path(directory) / LORA_WEIGHTS_NAME
-
-
-def load_lora(pipeline_cls, model: torch.nn.Module, path: str | Path, component: str) -> None:
-    """Load a diffusers-format LoRA file (or a folder holding one) into ``model``'s adapter.
-
-    Raises ``ValueError`` naming the file when it holds no weights for ``component``, when a key
-    does not fit the adapter (another model or other --lora_layers), or when shapes differ
-    (another --rank).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"LoRA file {path} does not exist")
-    state_dict = pipeline_cls.lora_state_dict(str(path))
-    if isinstance(state_dict, tuple):  # some families also return network alphas
-        state_dict = state_dict[0]
-    prefix = f"{component}."
-    weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not weights:
-        raise ValueError(f"LoRA file {path} holds no {component} weights")
-    try:
-        result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(weights))
-    except RuntimeError as error:
-        raise ValueError(f"LoRA file {path} does not fit the adapter: {error}") from error
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-    if unexpected:
-        raise ValueError(
-            f"LoRA file {path} has {len(unexpected)} weights the adapter lacks, "
-            f"e.g. {unexpected[0]}; check --lora_layers and the base model"
-        )
+    if init is not None:
+        lora_format.apply(model, init)
+        logger.info("started from %s (rank %d, alpha %s)", init.path, adapter.r, adapter.lora_alpha)

@@ -12,6 +12,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
+from training.checkpoint import prepare_output_dir
 from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -20,14 +21,18 @@ _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
-    """An ``Accelerator`` for ``config``; on a machine without CUDA it runs on the CPU.
+    """An ``Accelerator`` for ``config``; on a machine without CUDA it runs on the CPU. It also
+    checks ``--output_dir`` before any model is loaded (see ``prepare_output_dir``).
 
     ``cpu=True`` matters beyond the device: ``accelerate launch --multi_gpu --num_processes 2``
     on a CPU-only machine then forms one two-rank gloo group. The launcher's ``WORLD_SIZE`` is
     checked against the group, so a run can never quietly become independent single-process runs.
+    The LR scheduler is stepped by the loop once per optimizer step, not by accelerate once per
+    process, so its state counts optimizer steps whatever the number of processes.
     """
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
         mixed_precision=config.mixed_precision,
         log_with=config.trackers or None,
         project_config=ProjectConfiguration(
@@ -42,6 +47,13 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             f"{accelerator.num_processes}; each would train alone. Check the accelerate config."
         )
     _configure_logging(accelerator)
+    prepare_output_dir(
+        config.output_dir,
+        config.resume_from_checkpoint,
+        config.overwrite_output_dir,
+        accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
     set_seed(config.seed, device_specific=False)
     return accelerator
 
@@ -64,13 +76,15 @@ def weight_dtype(config: TrainConfig) -> torch.dtype:
     return _DTYPES[config.mixed_precision]
 
 
-def step_generator(seed: int, rank: int, micro_step: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:
     """A generator for the noise and timesteps of one micro-batch.
 
-    A pure function of (seed, rank, micro-step), so a resumed run draws exactly what the
-    uninterrupted run drew, whatever else consumed random numbers in between, and ranks differ.
+    A pure function of (seed, epoch, position of the batch in the epoch's global order), so a
+    resumed run draws exactly what the uninterrupted run drew, whatever else consumed random
+    numbers in between; ranks differ because they hold different positions, and a batch gets the
+    same draws on 2 processes as on 1 process accumulating 2.
     """
-    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed, epoch, batch]).generate_state(2, dtype=np.uint32)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(state[0]) << 32 | int(state[1]))
     return generator

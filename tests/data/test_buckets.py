@@ -150,6 +150,19 @@ class TestBucketBatchSampler:
         assert per_rank[0] + per_rank[1] != single  # dealt round-robin, not in halves
         assert [per_rank[i % 2][i // 2] for i in range(12)] == single + single[:5]
 
+    def test_repeated_batches_are_counted(self):
+        # The example: 40 items, batch 1, 8 ranks, accumulation 4 -> 64 batches.
+        for rank in (0, 7):
+            sampler = BucketBatchSampler(
+                [0] * 40, 1, seed=0, num_replicas=8, rank=rank, gradient_accumulation_steps=4
+            )
+            assert sampler.repeated_batches == 24 and sampler.batches_per_epoch == 8
+        assert BucketBatchSampler(self.BUCKETS, 4, seed=2).repeated_batches == 0
+        two_by_three = BucketBatchSampler(
+            self.BUCKETS, 4, seed=2, num_replicas=2, gradient_accumulation_steps=3
+        )
+        assert two_by_three.repeated_batches == 12 - 7
+
     def test_ranks_are_disjoint_without_padding(self):
         buckets = _bucket_ids([8, 8, 8])  # 6 batches of 4: no padding for 2 or 3 ranks
         for num_replicas in (2, 3):

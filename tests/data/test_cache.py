@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data.cache
-from data.cache import TensorCache, fingerprint
+from data.cache import TensorCache, fingerprint, weight_files_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,3 +165,44 @@ class TestTensorCache:
         assert destination == cache.path("k")
         assert source.parent == cache.folder and source != destination
         assert not source.exists()
+
+
+class TestWeightFilesDigest:
+    @staticmethod
+    def write(folder: Path, scale: float = 1.0) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.ones(4, 4) * scale}, str(folder / "model.safetensors"))
+
+    def test_stable_while_untouched(self, tmp_path):
+        self.write(tmp_path / "vae")
+        (tmp_path / "vae" / "config.json").write_text("{}")
+        first = weight_files_digest([tmp_path / "vae"])
+        assert list(first) == [str(tmp_path / "vae" / "model.safetensors")]
+        assert weight_files_digest([tmp_path / "vae"]) == first
+
+    def test_rewritten_weights_change_it(self, tmp_path):
+        self.write(tmp_path / "vae")
+        first = weight_files_digest([tmp_path / "vae"])
+        os.utime(tmp_path / "vae" / "model.safetensors", ns=(0, 0))
+        older = weight_files_digest([tmp_path / "vae"])
+        self.write(tmp_path / "vae", scale=1.5)  # same names, shapes, size and header
+        assert (
+            len({json.dumps(d) for d in (first, older, weight_files_digest([tmp_path / "vae"]))})
+            == 3
+        )
+
+    def test_header_changes_it_whatever_the_time(self, tmp_path):
+        self.write(tmp_path / "a")
+        folder = tmp_path / "a"
+        stamp = (folder / "model.safetensors").stat().st_mtime_ns
+        first = weight_files_digest([folder])
+        save_file(
+            {"w": torch.ones(4, 4, dtype=torch.float64)[:2].float().repeat(2, 1)},
+            str(folder / "model.safetensors"),
+            metadata={"x": "1"},
+        )
+        os.utime(folder / "model.safetensors", ns=(stamp, stamp))
+        assert weight_files_digest([folder]) != first
+
+    def test_missing_folder_is_empty(self, tmp_path):
+        assert weight_files_digest([tmp_path / "nothing"]) == {}

@@ -17,16 +17,21 @@ from peft.utils import get_peft_model_state_dict
 from models.tiny import tiny_flux_kontext_pipeline
 from training.checkpoint import (
     STATE_FILE,
+    BatchLayout,
     Checkpointer,
     TrainingProgress,
     complete_checkpoints,
+    convert_progress,
+    prepare_output_dir,
     resolve_checkpoint,
 )
 from training.config import TrainConfig
-from training.lora import LORA_WEIGHTS_NAME, add_lora, load_lora, save_lora
+from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora
 from training.runtime import build_accelerator
 
 LAYERS = ("attn.to_q", "attn.to_k")
+KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")
+LAYOUT = BatchLayout(num_processes=1, train_batch_size=1, gradient_accumulation_steps=1)
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True, name: str | None = None):
@@ -96,6 +101,74 @@ class TestResolveCheckpoint:
             resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-77"))
 
 
+class TestPrepareOutputDir:
+    def test_fresh_run_refuses_another_runs_checkpoints(self, tmp_path):
+        make_checkpoint(tmp_path, 6)
+        with pytest.raises(ValueError, match=r"checkpoint-6.*--resume_from_checkpoint latest"):
+            prepare_output_dir(tmp_path, None, False, True)
+        assert (tmp_path / "checkpoint-6").is_dir()
+
+    @pytest.mark.parametrize("resume", ["latest", "checkpoint-6"])
+    def test_resumed_run_continues(self, tmp_path, resume):
+        make_checkpoint(tmp_path, 6)
+        prepare_output_dir(tmp_path, resume, False, True)
+        assert (tmp_path / "checkpoint-6").is_dir()
+
+    def test_empty_missing_or_half_written_folders_are_fine(self, tmp_path):
+        prepare_output_dir(tmp_path / "new", None, False, True)
+        make_checkpoint(tmp_path, 3, complete=False)
+        prepare_output_dir(tmp_path, None, False, True)
+
+    def test_overwrite_removes_the_earlier_run_but_not_the_cache(self, tmp_path):
+        make_checkpoint(tmp_path, 2)
+        make_checkpoint(tmp_path, 6)
+        for name in ("metrics.jsonl", LORA_WEIGHTS_NAME, "validation/step-000006.png"):
+            (tmp_path / name).parent.mkdir(exist_ok=True)
+            (tmp_path / name).write_text("old")
+        (tmp_path / "cache" / "abc").mkdir(parents=True)
+        prepare_output_dir(tmp_path, None, True, True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+    def test_overwrite_deletes_nothing_on_other_ranks(self, tmp_path):
+        make_checkpoint(tmp_path, 6)
+        prepare_output_dir(tmp_path, None, True, False)
+        assert (tmp_path / "checkpoint-6").is_dir()
+
+
+ONE = BatchLayout(num_processes=1, train_batch_size=2, gradient_accumulation_steps=4)
+TWO = BatchLayout(num_processes=2, train_batch_size=2, gradient_accumulation_steps=2)
+FOUR = BatchLayout(num_processes=4, train_batch_size=2, gradient_accumulation_steps=1)
+
+
+class TestConvertProgress:
+    def test_same_layout_unchanged(self, tmp_path):
+        progress = TrainingProgress(7, 1, 12)
+        assert convert_progress(progress, TWO, TWO, tmp_path) is progress
+
+    @pytest.mark.parametrize(
+        "saved,current,batches,expected",
+        [(TWO, ONE, 6, 12), (ONE, TWO, 12, 6), (FOUR, ONE, 3, 12), (ONE, FOUR, 8, 2)],
+    )
+    def test_same_global_batch_is_recounted(self, tmp_path, saved, current, batches, expected):
+        converted = convert_progress(TrainingProgress(9, 2, batches), saved, current, tmp_path)
+        assert converted == TrainingProgress(9, 2, expected)
+        # every rank resumes at a whole optimizer step
+        assert converted.batches_in_epoch % current.gradient_accumulation_steps == 0
+
+    def test_other_global_batch_is_refused_with_a_way_out(self, tmp_path):
+        fewer = BatchLayout(num_processes=1, train_batch_size=2, gradient_accumulation_steps=1)
+        with pytest.raises(ValueError) as error:
+            convert_progress(TrainingProgress(4, 0, 4), TWO, fewer, tmp_path / "checkpoint-4")
+        message = str(error.value)
+        assert "checkpoint-4" in message and "2 process(es)" in message
+        assert "--gradient_accumulation_steps 4" in message and "--init_lora_weights" in message
+
+    def test_other_batch_size_is_refused(self, tmp_path):
+        bigger = BatchLayout(num_processes=2, train_batch_size=4, gradient_accumulation_steps=2)
+        with pytest.raises(ValueError, match="batch 2 = 8 items per step"):
+            convert_progress(TrainingProgress(4, 0, 4), TWO, bigger, tmp_path)
+
+
 @dataclass
 class Run:
     """One training run's parts, as the loop prepares them."""
@@ -122,18 +195,21 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def start_run(output_dir: Path, lora_seed: int = 0, total_limit: int | None = None) -> Run:
+def start_run(
+    output_dir: Path, lora_seed: int = 0, total_limit: int | None = None, **config
+) -> Run:
     config = TrainConfig(
         pretrained_model_name_or_path="m",
         train_data_dir="d",
         output_dir=str(output_dir),
         rank=4,
         lora_layers=",".join(LAYERS),
+        **config,
     )
     accelerator = build_accelerator(config)
     transformer = tiny_flux_kontext_pipeline(0).transformer
     torch.manual_seed(lora_seed)  # the LoRA's init
-    add_lora(transformer, config, LAYERS)
+    add_lora(transformer, config, LAYERS, KONTEXT)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
@@ -143,12 +219,9 @@ def start_run(output_dir: Path, lora_seed: int = 0, total_limit: int | None = No
     def save(model, folder):
         if run.fail_saves:
             raise OSError("disk full")
-        save_lora(FluxKontextPipeline, model, folder, "transformer")
+        KONTEXT.save(model, folder)
 
-    def load(model, folder):
-        load_lora(FluxKontextPipeline, model, folder, "transformer")
-
-    checkpointer = Checkpointer(accelerator, output_dir, total_limit, save, load)
+    checkpointer = Checkpointer(accelerator, output_dir, total_limit, save, KONTEXT.load, LAYOUT)
     run = Run(accelerator, model, optimizer, scheduler, checkpointer, output_dir)
     return run
 
@@ -188,6 +261,7 @@ class TestCheckpointer:
             "global_step": 3,
             "epoch": 1,
             "batches_in_epoch": 5,
+            "layout": {"num_processes": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1},
         }
         # the LoRA file is the adapter, in diffusers' format; no frozen base weights anywhere
         state = FluxKontextPipeline.lora_state_dict(str(folder))
@@ -211,6 +285,31 @@ class TestCheckpointer:
         assert not (tmp_path / "checkpoint-2").exists()
         assert half_written.is_dir()  # not a checkpoint: left alone
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    def test_never_deletes_the_checkpoint_it_just_wrote(self, tmp_path):
+        """A run resumed at step 2 while an interrupted history reached step 6."""
+        make_checkpoint(tmp_path, 2)
+        make_checkpoint(tmp_path, 6)
+        run = start_run(tmp_path, total_limit=1, resume_from_checkpoint="checkpoint-2")
+        folder = run.checkpointer.save(TrainingProgress(4))
+        assert complete_checkpoints(tmp_path) == [(4, folder)]
+        assert resolve_checkpoint(tmp_path, "latest") == folder
+
+    def test_limit_two_keeps_the_newest_earlier_one(self, tmp_path):
+        for step in (1, 2, 8):
+            make_checkpoint(tmp_path, step)
+        run = start_run(tmp_path, total_limit=2, resume_from_checkpoint="checkpoint-2")
+        run.checkpointer.save(TrainingProgress(3))
+        assert [step for step, _ in complete_checkpoints(tmp_path)] == [2, 3]
+
+    @pytest.mark.parametrize("limit", [0, -1])
+    def test_limit_below_one_is_refused(self, tmp_path, limit):
+        with pytest.raises(ValueError, match="checkpoints_total_limit must be >= 1"):
+            start_run(tmp_path, total_limit=limit)
+        with pytest.raises(ValueError, match="checkpoints_total_limit must be >= 1"):
+            TrainConfig(
+                pretrained_model_name_or_path="m", train_data_dir="d", checkpoints_total_limit=limit
+            )
 
     def test_without_limit_keeps_all(self, tmp_path):
         run = start_run(tmp_path)
@@ -291,7 +390,7 @@ class TestCheckpointer:
         # a new process: fresh accelerate state, a differently initialised adapter
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        resumed = start_run(tmp_path, lora_seed=1)
+        resumed = start_run(tmp_path, lora_seed=1, resume_from_checkpoint="latest")
         assert any(not torch.equal(resumed.lora()[k], v) for k, v in lora.items())
         folder = resolve_checkpoint(tmp_path, "latest")
         assert folder == tmp_path / "checkpoint-3"

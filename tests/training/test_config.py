@@ -67,7 +67,7 @@ class TestDefaultsAndFlags:
         assert config.train_data_dir == "data"
         assert config.dataset_name is None
         assert config.resolution == 512
-        assert config.rank == 16
+        assert config.rank is None  # 16, or the rank of --init_lora_weights
         assert config.gradient_checkpointing is False
         assert config.timestep_shift == 1.0
         assert config.weighting_scheme == "none"
@@ -171,7 +171,7 @@ class TestConfigFile:
         assert config.gradient_checkpointing is True
         assert config.timestep_shift == "auto"
         assert config.extra_weight == 2.0
-        assert config.rank == 16  # not in the file: the default
+        assert config.rank is None  # not in the file: the default
 
     def test_flag_after_config_wins(self, yaml_file):
         config = parse("--config", str(yaml_file), "--resolution", "128", "--extra_weight", "3")

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from models.tiny import tiny_flux_kontext_pipeline
 from training.config import TrainConfig
-from training.lora import LORA_WEIGHTS_NAME, add_lora, load_lora, save_lora, target_modules
+from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora, lora_config, target_modules
 
 LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")
 
 
 def make_config(**overrides) -> TrainConfig:
@@ -67,7 +68,7 @@ def randomise_lora(model: torch.nn.Module, seed: int) -> None:
 
 def adapted_transformer(seed=0, lora_seed=1, **config):
     transformer = tiny_flux_kontext_pipeline(seed).transformer
-    add_lora(transformer, make_config(**config), LAYERS)
+    add_lora(transformer, make_config(**config), LAYERS, KONTEXT)
     randomise_lora(transformer, lora_seed)
     return transformer
 
@@ -91,7 +92,7 @@ class TestAddLora:
         transformer = tiny_flux_kontext_pipeline(0).transformer.to(torch.bfloat16)
         expected = expected_lora_parameters(transformer, LAYERS, rank=4)
         base_names = {name for name, _ in transformer.named_parameters()}
-        add_lora(transformer, make_config(rank=4), LAYERS)
+        add_lora(transformer, make_config(rank=4), LAYERS, KONTEXT)
         trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         frozen = {n: p for n, p in transformer.named_parameters() if not p.requires_grad}
         assert trainable and all("lora_" in name for name in trainable)
@@ -105,7 +106,7 @@ class TestAddLora:
     def test_rank_alpha_and_targets(self):
         transformer = tiny_flux_kontext_pipeline(0).transformer
         config = make_config(rank=2, lora_alpha=6, lora_layers="norm_out.linear,ff.net.2")
-        add_lora(transformer, config, LAYERS)
+        add_lora(transformer, config, LAYERS, KONTEXT)
         lora_config = transformer.peft_config["default"]
         assert lora_config.r == 2
         assert lora_config.lora_alpha == 6
@@ -121,13 +122,13 @@ class TestAddLora:
 
     def test_alpha_defaults_to_rank(self):
         transformer = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(transformer, make_config(rank=8), LAYERS)
+        add_lora(transformer, make_config(rank=8), LAYERS, KONTEXT)
         assert transformer.peft_config["default"].lora_alpha == 8
 
     def test_fresh_adapter_is_a_no_op_and_trains(self):
         transformer = tiny_flux_kontext_pipeline(0).transformer
         before = run(transformer)
-        add_lora(transformer, make_config(rank=4), LAYERS)
+        add_lora(transformer, make_config(rank=4), LAYERS, KONTEXT)
         torch.testing.assert_close(run(transformer), before, atol=0, rtol=0)
         out = transformer(**transformer_inputs())[0]
         out.square().mean().backward()
@@ -136,7 +137,7 @@ class TestAddLora:
 
     def test_bf16_base_forward_backward(self):
         transformer = tiny_flux_kontext_pipeline(0).transformer.to(torch.bfloat16)
-        add_lora(transformer, make_config(rank=4), LAYERS)
+        add_lora(transformer, make_config(rank=4), LAYERS, KONTEXT)
         inputs = {
             k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v
             for k, v in transformer_inputs().items()
@@ -151,12 +152,12 @@ class TestAddLora:
     def test_unknown_layer_raises_naming_it(self):
         transformer = tiny_flux_kontext_pipeline(0).transformer
         with pytest.raises(ValueError, match=re.escape("attn.to_nothing")):
-            add_lora(transformer, make_config(lora_layers="attn.to_nothing"), LAYERS)
+            add_lora(transformer, make_config(lora_layers="attn.to_nothing"), LAYERS, KONTEXT)
 
     def test_one_unknown_layer_among_known_raises_naming_it(self):
         transformer = tiny_flux_kontext_pipeline(0).transformer
         with pytest.raises(ValueError, match=re.escape("attn.to_kk")):
-            add_lora(transformer, make_config(lora_layers="attn.to_q,attn.to_kk"), LAYERS)
+            add_lora(transformer, make_config(lora_layers="attn.to_q,attn.to_kk"), LAYERS, KONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def saved(tmp_path_factory):
     """An adapted transformer (rank 4, alpha 8), the folder it was saved to, and the file."""
     transformer = adapted_transformer(rank=4, lora_alpha=8)
     folder = tmp_path_factory.mktemp("lora")
-    path = save_lora(FluxKontextPipeline, transformer, folder, "transformer")
+    path = KONTEXT.save(transformer, folder)
     return transformer, folder, path
 
 
@@ -218,9 +219,9 @@ class TestLoadLora:
     def test_round_trip_exact(self, source, as_folder):
         state, folder, path = source
         fresh = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(fresh, make_config(rank=4, lora_alpha=8), LAYERS)
+        add_lora(fresh, make_config(rank=4, lora_alpha=8), LAYERS, KONTEXT)
         assert any(not torch.equal(state[k], v) for k, v in lora_state(fresh).items())
-        load_lora(FluxKontextPipeline, fresh, folder if as_folder else path, "transformer")
+        KONTEXT.load(fresh, folder if as_folder else path)
         loaded = lora_state(fresh)
         assert loaded.keys() == state.keys()
         for key, value in state.items():
@@ -230,16 +231,16 @@ class TestLoadLora:
 
     def test_missing_file(self, tmp_path):
         fresh = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(fresh, make_config(rank=4), LAYERS)
+        add_lora(fresh, make_config(rank=4), LAYERS, KONTEXT)
         missing = tmp_path / "nope.safetensors"
         with pytest.raises(ValueError, match=re.escape(str(missing))):
-            load_lora(FluxKontextPipeline, fresh, missing, "transformer")
+            KONTEXT.load(fresh, missing)
 
     def test_folder_without_the_file(self, tmp_path):
         fresh = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(fresh, make_config(rank=4), LAYERS)
+        add_lora(fresh, make_config(rank=4), LAYERS, KONTEXT)
         with pytest.raises((ValueError, OSError), match=re.escape(str(tmp_path))):
-            load_lora(FluxKontextPipeline, fresh, tmp_path, "transformer")
+            KONTEXT.load(fresh, tmp_path)
 
     def test_no_transformer_weights(self, tmp_path):
         path = tmp_path / "text_only.safetensors"
@@ -255,20 +256,83 @@ class TestLoadLora:
             str(path),
         )
         fresh = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(fresh, make_config(rank=4), LAYERS)
+        add_lora(fresh, make_config(rank=4), LAYERS, KONTEXT)
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*no transformer weights"):
-            load_lora(FluxKontextPipeline, fresh, path, "transformer")
+            KONTEXT.load(fresh, path)
 
     def test_rank_mismatch(self, source):
         _, _, path = source
         fresh = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(fresh, make_config(rank=8), LAYERS)
+        add_lora(fresh, make_config(rank=8), LAYERS, KONTEXT)
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*does not fit"):
-            load_lora(FluxKontextPipeline, fresh, path, "transformer")
+            KONTEXT.load(fresh, path)
 
     def test_layers_the_adapter_lacks(self, source):
         _, _, path = source
         fresh = tiny_flux_kontext_pipeline(0).transformer
-        add_lora(fresh, make_config(rank=4, lora_layers="attn.to_q"), LAYERS)
+        add_lora(fresh, make_config(rank=4, lora_layers="attn.to_q"), LAYERS, KONTEXT)
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*lacks"):
-            load_lora(FluxKontextPipeline, fresh, path, "transformer")
+            KONTEXT.load(fresh, path)
+
+
+class TestWarmStart:
+    """--init_lora_weights shapes the adapter like the file's (rank 4, alpha 8 in ``saved``)."""
+
+    def test_rank_alpha_and_modules_come_from_the_metadata(self, saved):
+        transformer, _, path = saved
+        fresh = tiny_flux_kontext_pipeline(0).transformer
+        add_lora(fresh, make_config(init_lora_weights=str(path)), ("proj_out",), KONTEXT)
+        adapter = fresh.peft_config["default"]
+        assert (adapter.r, adapter.lora_alpha) == (4, 8)
+        assert set(adapter.target_modules) == set(LAYERS)
+        assert fresh.transformer_blocks[0].attn.to_q.scaling["default"] == 2.0
+        assert_same_lora(lora_state(fresh), lora_state(transformer))
+        torch.testing.assert_close(run(fresh), run(transformer), atol=0, rtol=0)
+
+    def test_flags_that_agree_are_accepted(self, saved):
+        _, _, path = saved
+        fresh = tiny_flux_kontext_pipeline(0).transformer
+        config = make_config(
+            init_lora_weights=str(path), rank=4, lora_alpha=8, lora_layers=",".join(LAYERS)
+        )
+        add_lora(fresh, config, ("proj_out",), KONTEXT)
+        assert fresh.peft_config["default"].r == 4
+
+    @pytest.mark.parametrize(
+        "flags,message",
+        [
+            ({"rank": 16}, "--rank 16 but the file has 4"),
+            ({"lora_alpha": 4}, "--lora_alpha 4 but the file has 8"),
+            ({"lora_layers": "attn.to_q"}, "--lora_layers ['attn.to_q'] but the file has"),
+        ],
+    )
+    def test_conflicting_flag_is_refused_naming_both(self, saved, flags, message):
+        _, _, path = saved
+        config = make_config(init_lora_weights=str(path), **flags)
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            lora_config(config, LAYERS, KONTEXT.read(path))
+        assert str(path) in str(error.value)
+
+    def test_file_without_metadata(self, saved, tmp_path, caplog):
+        transformer, _, _ = saved
+        path = tmp_path / "bare.safetensors"
+        save_file({f"transformer.{k}": v for k, v in lora_state(transformer).items()}, str(path))
+        read = KONTEXT.read(path)
+        assert read.metadata == {} and read.rank() == 4
+        adapter = lora_config(make_config(), LAYERS, read)
+        assert adapter.r == 4 and adapter.lora_alpha == 4  # the rank, said in a warning
+        assert "no LoRA metadata" in caplog.text
+        assert set(adapter.target_modules) == {
+            f"{blocks}.{i}.attn.{layer}"
+            for blocks, count in (("transformer_blocks", 1), ("single_transformer_blocks", 1))
+            for i in range(count)
+            for layer in ("to_q", "to_k", "to_v", "to_out.0")
+            if not (blocks == "single_transformer_blocks" and layer == "to_out.0")
+        }
+        assert lora_config(make_config(lora_alpha=8), LAYERS, read).lora_alpha == 8
+
+
+def assert_same_lora(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
