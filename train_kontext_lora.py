@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from diffusers import FluxKontextPipeline
 
-from data.buckets import BucketBatchSampler
-from data.cache import TensorCache, fingerprint
-from data.edit_pairs import EditPairDataset, collate_edit_pairs
+from data.edit_pairs import EditPairDataset
+from data.rows import collate_items
 from losses import (
     EmbeddingLossWeights,
     GeometryLossWeights,
@@ -37,14 +36,28 @@ from losses import (
     geometry_starter_loss,
     masked_flow_matching_loss,
 )
-from training.caching import CachedItems, encoder_weights, fill_cache
-from training.config import EditPairDataConfig, FlowMatchingConfig, TrainConfig, parse_config
-from training.datasets import edit_pair_dataset
+from training.caching import encoded_items, encoder_weights
+from training.config import (
+    EditPairDataConfig,
+    FlowMatchingConfig,
+    FluxConfig,
+    TrainConfig,
+    parse_config,
+)
+from training.datasets import bucket_sampler, edit_pair_dataset
 from training.embeddings import ImageEmbedder
 from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
+from training.flux import (
+    FLUX_ENCODERS,
+    encode_flux_prompt,
+    flux_encoder_fingerprint,
+    flux_image_ids,
+    flux_transformer_inputs,
+    pack,
+)
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
-from training.runtime import build_accelerator, weight_dtype
+from training.runtime import build_accelerator, load_pipeline
 from training.validation import image_grid, mask_overlay, save_grid, to_pil
 
 KONTEXT_LORA = LoraFormat(FluxKontextPipeline, "transformer")
@@ -76,13 +89,11 @@ TERM_WEIGHT_FLAGS = {
 
 
 @dataclass(kw_only=True)
-class KontextConfig(EditPairDataConfig, FlowMatchingConfig, TrainConfig):
+class KontextConfig(EditPairDataConfig, FlowMatchingConfig, FluxConfig, TrainConfig):
     """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
 
     guidance_scale: float = 3.5
     """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
-    max_sequence_length: int = 512
-    """T5 prompt length, as the pipeline's max_sequence_length."""
     flow_matching_weight: float = 1.0
     """Weight of the flow-matching MSE on the target tokens."""
     geometry_mse_weight: float = 1.0
@@ -159,34 +170,17 @@ def kontext_transformer_inputs(
     packed 2x2 and concatenated along the sequence, target first; the context's image ids carry
     1 in channel 0; ``sigmas: [B]`` is the timestep.
     """
-    batch, channels, height, width = noisy_target.shape
-    context_height, context_width = context_latents.shape[-2:]
-    device, dtype = noisy_target.device, noisy_target.dtype
-    target_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
-    context_ids = pipe._prepare_latent_image_ids(
-        batch, context_height // 2, context_width // 2, device, dtype
-    )
+    context_ids = flux_image_ids(pipe, *context_latents.shape[-2:], noisy_target)
     context_ids[..., 0] = 1
-    tokens = torch.cat(
-        [
-            pipe._pack_latents(noisy_target, batch, channels, height, width),
-            pipe._pack_latents(context_latents, batch, channels, context_height, context_width),
-        ],
-        dim=1,
+    return flux_transformer_inputs(
+        pipe,
+        torch.cat([pack(pipe, noisy_target), pack(pipe, context_latents)], dim=1),
+        torch.cat([flux_image_ids(pipe, *noisy_target.shape[-2:], noisy_target), context_ids]),
+        prompt_embeds,
+        pooled_prompt_embeds,
+        sigmas,
+        guidance_scale,
     )
-    guidance = None
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
-    return {
-        "hidden_states": tokens,
-        "timestep": sigmas.to(dtype),
-        "guidance": guidance,
-        "pooled_projections": pooled_prompt_embeds,
-        "encoder_hidden_states": prompt_embeds,
-        "txt_ids": torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-        "img_ids": torch.cat([target_ids, context_ids], dim=0),
-        "return_dict": False,
-    }
 
 
 class KontextEncoder:
@@ -209,37 +203,20 @@ class KontextEncoder:
 
     def fingerprint(self) -> str:
         """What the encoded tensors depend on besides the item, for the cache."""
-        pipe = self.pipe
-        return fingerprint(
-            model=self.config.pretrained_model_name_or_path,
-            weights=encoder_weights(
-                self.config.pretrained_model_name_or_path,
-                ("vae", "text_encoder", "text_encoder_2"),
-            ),
-            vae=dict(pipe.vae.config),
-            text_encoders=[
-                pipe.text_encoder.config.to_dict(),
-                pipe.text_encoder_2.config.to_dict(),
-            ],
-            max_sequence_length=self.config.max_sequence_length,
-            dtype=str(pipe.vae.dtype),
+        embedder = self.config.embedding_encoder if self.needs_image_embeddings else None
+        return flux_encoder_fingerprint(
+            self.pipe,
+            self.config,
             overlay=self.needs_overlay,
-            embedder=(
-                [self.config.embedding_encoder, encoder_weights(self.config.embedding_encoder)]
-                if self.needs_image_embeddings
-                else None
-            ),
+            embedder=embedder and [embedder, encoder_weights(embedder)],
         )
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         pipe = self.pipe
         dtype = pipe.vae.dtype
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=batch["prompt"],
-            prompt_2=None,
-            device=pipe.vae.device,
-            max_sequence_length=self.config.max_sequence_length,
+        prompt_embeds, pooled = encode_flux_prompt(
+            pipe, batch["prompt"], self.config.max_sequence_length
         )
         encoded = {
             "target_latents": pipe._encode_vae_image(batch["target"].to(dtype), generator=None),
@@ -252,7 +229,7 @@ class KontextEncoder:
         if self.needs_overlay and not self.needs_image_embeddings:
             # Only ever compared as latent tokens: pack it here, once per item.
             overlay = pipe._encode_vae_image(batch["overlay"].to(dtype), generator=None)
-            encoded["overlay_tokens"] = pipe._pack_latents(overlay, *overlay.shape)
+            encoded["overlay_tokens"] = pack(pipe, overlay)
         if self.needs_image_embeddings:
             for name in ("target", "context", "overlay"):
                 encoded[f"{name}_embeds"] = self.embedder(batch[name])
@@ -284,7 +261,7 @@ class KontextLoss:
         encoded = batch if self.batches_are_encoded else self.encoder(batch)
         pipe, config = self.pipe, self.config
         x0 = encoded["target_latents"]
-        batch_size, channels, height, width = x0.shape
+        batch_size, _, height, width = x0.shape
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         sigmas = sample_sigmas(
             config, batch_size, (height // 2) * (width // 2), pipe.scheduler.config, generator
@@ -301,7 +278,7 @@ class KontextLoss:
         )
         target_tokens = (height // 2) * (width // 2)
         velocity = model(**inputs)[0][:, :target_tokens].float()
-        target_velocity = pipe._pack_latents(noise - x0, batch_size, channels, height, width)
+        target_velocity = pack(pipe, noise - x0)
         flow_matching = masked_flow_matching_loss(
             velocity, target_velocity.float(), weighting=loss_weighting(config, sigmas)
         )
@@ -422,12 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(KontextConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
 
-    pipe = FluxKontextPipeline.from_pretrained(
-        config.pretrained_model_name_or_path, dtype=weight_dtype(config)
-    ).to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
-    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        frozen.requires_grad_(False).eval()
+    pipe = load_pipeline(FluxKontextPipeline, config, accelerator, FLUX_ENCODERS)
     transformer = pipe.transformer
     add_lora(transformer, config, LORA_LAYERS, KONTEXT_LORA)
     if config.gradient_checkpointing:
@@ -438,26 +410,13 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = edit_pair_dataset(config)
     encoder = KontextEncoder(pipe, config, embedder)
-    items = dataset
-    if config.cache_latents:
-        cache = TensorCache(
-            config.cache_dir or Path(config.output_dir) / "cache", encoder.fingerprint()
-        )
-        fill_cache(accelerator, dataset, cache, collate_edit_pairs, encoder)
-        items = CachedItems(dataset, cache)
+    items = encoded_items(accelerator, config, dataset, encoder, collate_items)
 
     parts = TrainingParts(
         model=transformer,
         dataset=items,
-        sampler=BucketBatchSampler(
-            dataset.bucket_of_items,
-            config.train_batch_size,
-            seed=config.seed,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-        ),
-        collate_fn=collate_edit_pairs,
+        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        collate_fn=collate_items,
         compute_loss=KontextLoss(pipe, config, encoder, embedder, config.cache_latents),
         save_lora=KONTEXT_LORA.save,
         load_lora=KONTEXT_LORA.load,

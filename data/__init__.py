@@ -5,21 +5,14 @@
   whose message names the file (or dataset row and column) and the fault;
 - :mod:`data.buckets`: :func:`make_buckets`, :func:`nearest_bucket`, :func:`fit_to_bucket` and
   :class:`BucketBatchSampler` (one bucket per batch; deterministic, sharded, resumable);
-- :mod:`data.edit_pairs`: :class:`EditPairDataset` (folders with ``metadata.jsonl`` or Hugging
-  Face datasets, validated up front), :func:`composite_overlay`, :func:`collate_edit_pairs`;
+- :mod:`data.rows`: rows of image datasets (folders with ``metadata.jsonl`` or Hugging Face
+  datasets) validated up front, :class:`BucketedRowDataset` and :func:`collate_items`;
+- :mod:`data.edit_pairs`: :class:`EditPairDataset` and :func:`composite_overlay`;
 - :mod:`data.synthetic`: :func:`write_synthetic_dataset` and the Kontext insertion set.
 """
 
 from data.buckets import BucketBatchSampler, fit_to_bucket, make_buckets, nearest_bucket
-from data.edit_pairs import (
-    EditPairDataset,
-    EditPairRow,
-    EditPairRows,
-    FolderRows,
-    HFRows,
-    collate_edit_pairs,
-    composite_overlay,
-)
+from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset, composite_overlay
 from data.images import (
     DataError,
     ImageRef,
@@ -27,6 +20,15 @@ from data.images import (
     mask_to_tensor,
     open_image,
     to_model_range,
+)
+from data.rows import (
+    BucketedRowDataset,
+    FolderRows,
+    HFRows,
+    Row,
+    RowFields,
+    RowSource,
+    collate_items,
 )
 from data.synthetic import (
     KontextExample,
@@ -36,16 +38,19 @@ from data.synthetic import (
 )
 
 __all__ = [
+    "EDIT_PAIR_FIELDS",
     "BucketBatchSampler",
+    "BucketedRowDataset",
     "DataError",
     "EditPairDataset",
-    "EditPairRow",
-    "EditPairRows",
     "FolderRows",
     "HFRows",
     "ImageRef",
     "KontextExample",
-    "collate_edit_pairs",
+    "Row",
+    "RowFields",
+    "RowSource",
+    "collate_items",
     "composite_overlay",
     "fit_to_bucket",
     "image_size",

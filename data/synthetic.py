@@ -1,7 +1,9 @@
 """Synthetic datasets: small, deterministic, and in the layout each family's script reads.
 
 They let the tests and a first CPU run exercise a training script end to end in seconds, with
-answers known by construction. The Kontext insertion set: each example is a smooth background
+answers known by construction. The inpainting set (FLUX.1 Fill, SD1.5 inpainting) is the
+insertion set's targets with their object masks: the model learns to fill the mask with the
+object the prompt names. The Kontext insertion set: each example is a smooth background
 (``context``), the same background with a textured, strongly coloured object filling a known
 mask region (``target``), the mask (0/255 PNG) and a prompt naming the object ("insert a red
 ball"). Backgrounds are muted (every channel in [80, 180]) and every object colour has a channel
@@ -20,7 +22,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-Family = Literal["kontext"]
+Family = Literal["kontext", "flux-fill", "sd15-inpaint"]
 
 OBJECT_COLOURS = {
     "red": (220, 40, 40),
@@ -136,6 +138,18 @@ def _write_metadata(out: Path, rows: list[dict[str, str]]) -> Path:
     return metadata
 
 
+def _prepare_output(out: str | Path, n: int, resolution: int) -> Path:
+    """Check a writer's arguments; ``out`` must not already hold a dataset."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if resolution < 16 or resolution % 16:
+        raise ValueError(f"resolution must be a positive multiple of 16, got {resolution}")
+    out = Path(out)
+    if (out / "metadata.jsonl").exists():
+        raise FileExistsError(f"'{out / 'metadata.jsonl'}' already exists; choose another --out")
+    return out
+
+
 def write_kontext_dataset(
     out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
 ) -> Path:
@@ -148,13 +162,7 @@ def write_kontext_dataset(
         ValueError: ``n < 1`` or ``resolution`` not a positive multiple of 16.
         FileExistsError: ``out`` already holds a ``metadata.jsonl`` (nothing is overwritten).
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if resolution < 16 or resolution % 16:
-        raise ValueError(f"resolution must be a positive multiple of 16, got {resolution}")
-    out = Path(out)
-    if (out / "metadata.jsonl").exists():
-        raise FileExistsError(f"'{out / 'metadata.jsonl'}' already exists; choose another --out")
+    out = _prepare_output(out, n, resolution)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -174,7 +182,42 @@ def write_kontext_dataset(
     return _write_metadata(out, rows)
 
 
-SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {"kontext": write_kontext_dataset}
+def write_inpainting_dataset(
+    out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
+) -> Path:
+    """Write ``n`` inpainting examples in seed 004's folder format; returns the metadata path.
+
+    Layout: ``images/NNNN.png`` (an object on a smooth background), ``masks/NNNN.png`` (the
+    object's region, 0/255, not aligned to any latent grid) and ``metadata.jsonl`` rows
+    ``{"image", "mask", "prompt"}`` with the prompt naming the object ("a red ball").
+
+    Raises:
+        ValueError: ``n < 1`` or ``resolution`` not a positive multiple of 16.
+        FileExistsError: ``out`` already holds a ``metadata.jsonl``.
+    """
+    out = _prepare_output(out, n, resolution)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(n):
+        example = make_kontext_example(rng, *example_size(index, resolution))
+        row = {
+            "image": f"images/{index:04d}.png",
+            "mask": f"masks/{index:04d}.png",
+            "prompt": example.prompt.removeprefix("insert "),
+        }
+        example.target.save(out / row["image"])
+        example.mask.save(out / row["mask"])
+        rows.append(row)
+    return _write_metadata(out, rows)
+
+
+SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {
+    "kontext": write_kontext_dataset,
+    "flux-fill": write_inpainting_dataset,
+    "sd15-inpaint": write_inpainting_dataset,
+}
 
 
 def write_synthetic_dataset(

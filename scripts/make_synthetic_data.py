@@ -21,7 +21,8 @@ def main(family: Family, out: Path, n: int = 8, resolution: int = 128, seed: int
 
     Args:
         family: model family whose data layout to write (kontext: an edit-pair folder of
-            context/target/mask PNGs and metadata.jsonl, for object insertion).
+            context/target/mask PNGs and metadata.jsonl, for object insertion; flux-fill and
+            sd15-inpaint: an inpainting folder of image/mask PNGs and metadata.jsonl).
         out: folder to write into; it must not already hold a dataset.
         n: number of examples.
         resolution: side of the square examples; others are 1.25x longer on one side. A

@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_kontext_lora as kontext
-from data.edit_pairs import EditPairDataset, collate_edit_pairs
+from data.edit_pairs import EditPairDataset
 from data.images import DataError
+from data.rows import collate_items
 from data.synthetic import write_kontext_dataset
 from models.tiny import tiny_flux_kontext_pipeline, write_tiny_dinov2
 from training.config import parse_config
@@ -99,7 +100,7 @@ def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def first_item_batch(assets: Path) -> dict:
     dataset = EditPairDataset.from_folder(assets / "data", resolution=RESOLUTION)
-    return collate_edit_pairs([dataset[0]])
+    return collate_items([dataset[0]])
 
 
 class TestOneStep:
@@ -339,7 +340,7 @@ def evaluate_components(assets: Path, lora_dir: Path | None) -> dict[str, float]
     with torch.no_grad():
         for index, repeat in draws:
             generator = torch.Generator().manual_seed(1000 + 10 * index + repeat)
-            batch = collate_edit_pairs([dataset[index]])
+            batch = collate_items([dataset[index]])
             _, components = loss_fn(pipe.transformer, batch, generator)
             for name, value in components.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / len(draws)

@@ -58,6 +58,24 @@ def fill_cache(
     accelerator.wait_for_everyone()
 
 
+def encoded_items(
+    accelerator: Accelerator,
+    config,
+    dataset: Dataset,
+    encoder,
+    collate_fn: Callable[[list], dict],
+) -> Dataset:
+    """What the loop trains on: ``dataset`` itself, or with --cache_latents its items as
+    ``encoder`` encodes them (``encoder(batch)`` and ``encoder.fingerprint()``), cached once in
+    --cache_dir (default ``<output_dir>/cache``)."""
+    if not config.cache_latents:
+        return dataset
+    root = config.cache_dir or Path(config.output_dir) / "cache"
+    cache = TensorCache(root, encoder.fingerprint())
+    fill_cache(accelerator, dataset, cache, collate_fn, encoder)
+    return CachedItems(dataset, cache)
+
+
 class CachedItems(Dataset):
     """The items of ``dataset`` as stored in ``cache``: its tensors plus ``index``."""
 

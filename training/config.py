@@ -1,10 +1,12 @@
 """Command-line and YAML configuration shared by every train script.
 
 A script declares one keyword-only dataclass that inherits the mixins it needs (``TrainConfig``
-always; ``FlowMatchingConfig`` and ``EditPairDataConfig`` where they apply) and adds its own
-fields. :func:`parse_config` turns it into flat ``--flag`` options whose help comes from the field
-docstrings, plus ``--config FILE.yaml`` holding any of them; flags given on the command line win
-over the file wherever they appear.
+always; ``FlowMatchingConfig``, ``FluxConfig``, ``RegionLossConfig``, ``EditPairDataConfig`` and
+``InpaintingDataConfig`` where they apply) and adds its own fields. :func:`parse_config` turns it
+into ``--flag`` options whose help comes from the field docstrings (a nested dataclass, such as
+seed 000's ``mask_loss``, gives dotted flags: ``--mask_loss.weight``), plus ``--config
+FILE.yaml`` holding any of them (nested as the seed writes it); flags given on the command line
+win over the file wherever they appear.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
@@ -155,6 +157,48 @@ class FlowMatchingConfig:
 
 
 @dataclass(kw_only=True)
+class FluxConfig:
+    """Prompt and guidance settings of the FLUX.1 pipelines (Kontext, Fill)."""
+
+    guidance_scale: float
+    """Guidance embedding value; the family's pipeline default, so that the LoRA is trained in
+    the regime it is sampled in."""
+    max_sequence_length: int = 512
+    """T5 prompt length, as the pipeline's max_sequence_length."""
+
+
+@dataclass
+class MaskLossSettings:
+    """Seed 000's region-weighted loss: (1 - weight) * plain + weight * region-weighted."""
+
+    enabled: bool = False
+    """Mix in the region-weighted loss; off: the plain loss, bit for bit."""
+    weight: float = 0.3
+    """alpha, the share of the region-weighted loss."""
+    text_region_weight: float = 2.0
+    """Weight of tokens inside the mask (the text region in seed 000)."""
+    background_weight: float = 1.0
+    """Weight of tokens outside the mask."""
+
+
+@dataclass(kw_only=True)
+class RegionLossConfig:
+    """The mask-region weighting of the denoising loss (seed 000's names and defaults)."""
+
+    mask_loss: MaskLossSettings = field(default_factory=MaskLossSettings)
+    """Seed 000's mask_loss block: enabled, weight (alpha), text_region_weight,
+    background_weight."""
+
+    def region_loss_weights(self) -> dict[str, float]:
+        """Keyword arguments of ``losses.masked_flow_matching_loss`` for the mask."""
+        return {
+            "alpha": self.mask_loss.weight,
+            "fg_weight": self.mask_loss.text_region_weight,
+            "bg_weight": self.mask_loss.background_weight,
+        }
+
+
+@dataclass(kw_only=True)
 class EditPairDataConfig:
     """Column names of an edit-pair Hugging Face dataset (--dataset_name)."""
 
@@ -172,9 +216,16 @@ class EditPairDataConfig:
     """Split of the Hugging Face dataset."""
 
 
-def _bool_fields(cls: type) -> set[str]:
+def _bool_fields(cls: type, prefix: str = "") -> set[str]:
+    """Names of the boolean flags of dataclass ``cls``, nested ones dotted."""
     hints = typing.get_type_hints(cls)
-    return {field.name for field in dataclasses.fields(cls) if hints[field.name] is bool}
+    names = set()
+    for item in dataclasses.fields(cls):
+        if hints[item.name] is bool:
+            names.add(prefix + item.name)
+        elif dataclasses.is_dataclass(hints[item.name]):
+            names |= _bool_fields(hints[item.name], f"{prefix}{item.name}.")
+    return names
 
 
 def _normalise_argv(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
@@ -223,10 +274,27 @@ def parse_config(
     namespace = parser.parse_args(
         _normalise_argv(sys.argv[1:] if argv is None else argv, _bool_fields(cls))
     )
-    values = namespace.as_dict()
+    values = parser.instantiate(namespace).as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
     try:
         return cls(**values)
     except ValueError as error:
         parser.error(str(error))  # prints the usage and the message, exits with status 2
+
+
+@dataclass(kw_only=True)
+class InpaintingDataConfig:
+    """Inpainting data: columns of a Hugging Face dataset (--dataset_name), random masks."""
+
+    image_column: str = "image"
+    """Column with the image."""
+    mask_column: str = "mask"
+    """Column with the mask (white = region to fill)."""
+    prompt_column: str = "prompt"
+    """Column with the prompt."""
+    dataset_split: str = "train"
+    """Split of the Hugging Face dataset."""
+    random_masks: bool = False
+    """Draw strokes and boxes (5-50% coverage) for rows without a mask, fixed per item by --seed
+    and the item's index, so they repeat on resume and in the latent cache."""

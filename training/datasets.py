@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from accelerate import Accelerator
+
+from data.buckets import BucketBatchSampler
 from data.edit_pairs import EditPairDataset
+from data.inpainting import InpaintingDataset
+from training.config import TrainConfig
 
 
 def edit_pair_dataset(config) -> EditPairDataset:
@@ -21,4 +26,43 @@ def edit_pair_dataset(config) -> EditPairDataset:
         mask_column=config.mask_column,
         prompt_column=config.prompt_column,
         overlay_column=config.overlay_column,
+    )
+
+
+def inpainting_dataset(config) -> InpaintingDataset:
+    """The inpainting examples of --train_data_dir (metadata.jsonl) or --dataset_name.
+
+    ``config`` is a script config inheriting ``TrainConfig`` and ``InpaintingDataConfig``.
+    """
+    if config.train_data_dir is not None:
+        return InpaintingDataset.from_folder(
+            config.train_data_dir,
+            resolution=config.resolution,
+            random_masks=config.random_masks,
+            seed=config.seed,
+        )
+    return InpaintingDataset.from_hf(
+        config.dataset_name,
+        resolution=config.resolution,
+        split=config.dataset_split,
+        image_column=config.image_column,
+        mask_column=config.mask_column,
+        prompt_column=config.prompt_column,
+        random_masks=config.random_masks,
+        seed=config.seed,
+    )
+
+
+def bucket_sampler(
+    config: TrainConfig, accelerator: Accelerator, bucket_of_items: list[int]
+) -> BucketBatchSampler:
+    """This rank's bucketed batches of --train_batch_size, seeded by --seed, whole optimizer
+    steps of --gradient_accumulation_steps per epoch."""
+    return BucketBatchSampler(
+        bucket_of_items,
+        config.train_batch_size,
+        seed=config.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import diffusers
 import numpy as np
@@ -69,6 +70,20 @@ def _configure_logging(accelerator: Accelerator) -> None:
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+
+
+def load_pipeline(
+    pipeline_cls, config: TrainConfig, accelerator: Accelerator, frozen: Sequence[str]
+):
+    """The family's pipeline from --pretrained_model_name_or_path in the --mixed_precision dtype,
+    on the accelerator's device, with its ``frozen`` components (encoders) frozen in eval mode."""
+    pipe = pipeline_cls.from_pretrained(
+        config.pretrained_model_name_or_path, dtype=weight_dtype(config)
+    ).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    for name in frozen:
+        getattr(pipe, name).requires_grad_(False).eval()
+    return pipe
 
 
 def weight_dtype(config: TrainConfig) -> torch.dtype:

@@ -12,13 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.buckets import BucketBatchSampler
-from data.edit_pairs import (
-    MAX_REPORTED_PROBLEMS,
-    EditPairDataset,
-    collate_edit_pairs,
-    composite_overlay,
-)
+from data.edit_pairs import EditPairDataset, composite_overlay
 from data.images import DataError
+from data.rows import MAX_REPORTED_PROBLEMS, collate_items
 from data.synthetic import write_kontext_dataset
 from losses import downsample_mask_area, signed_distance_map_from_mask
 
@@ -119,7 +115,7 @@ class TestItems:
 
     def test_collate_with_the_sampler(self, dataset):
         sampler = BucketBatchSampler(dataset.bucket_of_items, 2, seed=0)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_edit_pairs)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_items)
         batches = list(loader)
         assert len(batches) == 3
         for batch in batches:
@@ -135,7 +131,7 @@ class TestItems:
 
     def test_collate_refuses_mixed_buckets(self, dataset):
         with pytest.raises(ValueError, match="mixes bucket sizes"):
-            collate_edit_pairs([dataset[0], dataset[1]])
+            collate_items([dataset[0], dataset[1]])
 
     def test_pickles_for_worker_processes(self, dataset):
         copy = pickle.loads(pickle.dumps(dataset))

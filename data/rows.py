@@ -1,0 +1,424 @@
+"""Rows of image datasets: where each row's images come from, checked before training starts.
+
+A dataset's rows hold a set of image fields and a prompt, described by :class:`RowFields` (an
+edit pair: context, target, mask and an optional overlay; an inpainting example: image and
+mask). Two sources hold rows. A folder has a ``metadata.jsonl``, one JSON object per line, with
+paths relative to the folder. A Hugging Face dataset (a folder written by
+``Dataset.save_to_disk`` or a name ``datasets.load_dataset`` resolves, from the local cache when
+offline) has one column per field, holding images (``datasets.Image``) or paths.
+
+Every row is validated when a dataset is built, before any training step, and all faults found
+(up to :data:`MAX_REPORTED_PROBLEMS`) are reported in one :class:`DataError`, so a dataset is
+fixed in one pass. :class:`BucketedRowDataset` resizes rows to aspect-ratio buckets and gives
+each item a content key for latent caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.buckets import fit_to_bucket, make_buckets, nearest_bucket
+from data.images import DataError, ImageRef, mask_to_tensor, to_model_range
+
+MAX_REPORTED_PROBLEMS = 20
+METADATA_FILE = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class RowFields:
+    """The image fields of a dataset's rows (every row also has a ``prompt``).
+
+    ``required`` fields must be in every row; ``optional`` ones may be missing. The first required
+    field is the reference: every other image of a row must have its size.
+    """
+
+    kind: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> str:
+        return self.required[0]
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+    def layout(self) -> str:
+        """The JSON keys of a row, for messages: ``{"image", "mask", "prompt"}``."""
+        keys = [f'"{name}"' for name in (*self.required, "prompt")]
+        keys += [f'"{name}"?' for name in self.optional]
+        return "{" + ", ".join(keys) + "}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One well-formed row: its images by field (optional ones only when present), its prompt."""
+
+    images: dict[str, ImageRef]
+    prompt: str
+
+
+def _prompt_problem(prompt: Any, where: str) -> str | None:
+    if isinstance(prompt, str) and prompt.strip():
+        return None
+    return f"{where}: prompt-less row (prompt is {prompt!r}); every row needs a non-empty prompt"
+
+
+class RowSource(ABC):
+    """A source of rows with ``fields``; ``description`` names it in error messages."""
+
+    description: str
+    fields: RowFields
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        """Row ``index``, or ``None`` and the faults that make it unusable."""
+
+    def __getitem__(self, index: int) -> Row:
+        row, problems = self.parse(index)
+        if row is None:
+            raise DataError("; ".join(problems))
+        return row
+
+
+class FolderRows(RowSource):
+    """Rows of ``root/metadata.jsonl``; paths in it are relative to ``root``."""
+
+    def __init__(self, root: str | Path, fields: RowFields) -> None:
+        self.root = Path(root)
+        self.fields = fields
+        self.metadata = self.root / METADATA_FILE
+        self.description = f"{fields.kind} folder '{self.root}'"
+        if not self.root.is_dir():
+            raise DataError(f"{self.description}: not a directory")
+        if not self.metadata.is_file():
+            raise DataError(
+                f"'{self.metadata}': file does not exist; {_article(fields.kind)} {fields.kind} "
+                f"folder needs one JSON object per line: {fields.layout()}"
+            )
+        # Lines are kept raw (line number, bytes) and parsed per item: cheap, and picklable.
+        self._lines = [
+            (number, line)
+            for number, line in enumerate(self.metadata.read_bytes().splitlines(), start=1)
+            if line.strip()
+        ]
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        number, line = self._lines[index]
+        where = f"'{self.metadata}' line {number}"
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return None, [f"{where}: malformed JSON ({error})"]
+        if not isinstance(record, dict):
+            return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
+        problems = []
+        refs: dict[str, ImageRef] = {}
+        for field in self.fields.all:
+            value = record.get(field)
+            if value is None:
+                if field in self.fields.required:
+                    problems.append(f"{where}: missing key '{field}'")
+            elif not isinstance(value, str) or not value:
+                problems.append(f"{where}: '{field}' must be a relative path, got {value!r}")
+            else:
+                refs[field] = ImageRef(self.root / value, f"{where}: {field}")
+        prompt_problem = _prompt_problem(record.get("prompt"), where)
+        if prompt_problem:
+            problems.append(prompt_problem)
+        if problems:
+            return None, problems
+        return Row(refs, record["prompt"]), []
+
+
+class HFRows(RowSource):
+    """Rows of a Hugging Face ``datasets.Dataset``; image columns hold images or paths.
+
+    ``columns`` maps each field (and "prompt") to its column; an optional field whose column is
+    absent (or None) is absent from every row. ``datasets.Image`` columns are read undecoded
+    (encoded bytes or a path), so validation reads only image headers and the content hashes
+    cover the stored bytes.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        columns: dict[str, str | None],
+        description: str,
+        base: Path,
+        fields: RowFields,
+    ) -> None:
+        import datasets
+
+        missing = [
+            f"'{columns[field]}' (for {field})"
+            for field in (*fields.required, "prompt")
+            if columns[field] not in dataset.column_names
+        ]
+        if missing:
+            raise DataError(
+                f"{description}: no column {', '.join(missing)}; "
+                f"its columns are {dataset.column_names}"
+            )
+        columns = {
+            field: column if field != "prompt" and column in dataset.column_names else None
+            for field, column in columns.items()
+            if field != "prompt"
+        } | {"prompt": columns["prompt"]}
+        present = [column for column in columns.values() if column is not None]
+        dataset = dataset.select_columns(present)
+        for field, column in columns.items():
+            if field != "prompt" and column is not None:
+                if isinstance(dataset.features[column], datasets.Image):
+                    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset
+        self.columns = columns
+        self.description = description
+        self.base = base
+        self.fields = fields
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path,
+        *,
+        split: str,
+        columns: dict[str, str | None],
+        fields: RowFields,
+        cache_dir: str | None = None,
+    ) -> HFRows:
+        """Load with ``load_from_disk`` (a ``save_to_disk`` folder) or ``load_dataset``.
+
+        A saved single ``Dataset`` has no splits and is used whatever ``split`` is.
+        """
+        import datasets
+
+        path = Path(name_or_path)
+        description = f"dataset '{name_or_path}' split '{split}'"
+        saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+        try:
+            if saved:
+                loaded = datasets.load_from_disk(str(path))
+            else:
+                loaded = datasets.load_dataset(str(name_or_path), split=split, cache_dir=cache_dir)
+        except (OSError, ValueError) as error:
+            raise DataError(f"{description}: cannot be loaded ({error})") from error
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{description}: no such split; it has {list(loaded)}")
+            loaded = loaded[split]
+        base = path if path.is_dir() else Path()
+        return cls(loaded, columns, description, base, fields)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _image_ref(self, value: Any, where: str) -> ImageRef | str:
+        """The reference for one cell, or a fault message."""
+        if isinstance(value, dict) and value.get("bytes"):
+            return ImageRef(value["bytes"], where)
+        if isinstance(value, dict) and value.get("path"):
+            return ImageRef(self.base / value["path"], where)
+        if isinstance(value, str) and value:
+            return ImageRef(self.base / value, where)
+        return f"{where}: expected an image or a path, got {value!r}"
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        record = self.dataset[index]
+        problems = []
+        refs: dict[str, ImageRef] = {}
+        for field in self.fields.all:
+            column = self.columns[field]
+            value = None if column is None else record[column]
+            if value is None and field in self.fields.optional:
+                continue
+            ref = self._image_ref(value, f"dataset row {index}, column '{column}'")
+            if isinstance(ref, str):
+                problems.append(ref)
+            else:
+                refs[field] = ref
+        prompt_column = self.columns["prompt"]
+        prompt = record[prompt_column]
+        prompt_problem = _prompt_problem(prompt, f"dataset row {index}, column '{prompt_column}'")
+        if prompt_problem:
+            problems.append(prompt_problem)
+        if problems:
+            return None, problems
+        return Row(refs, prompt), []
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _size_problems(row: Row, reference: str) -> tuple[tuple[int, int] | None, list[str]]:
+    """The reference image's ``(height, width)`` and the faults of the row's images (headers
+    only)."""
+    sizes, problems = {}, []
+    for field, ref in row.images.items():
+        try:
+            sizes[field] = ref.size()
+        except DataError as error:
+            problems.append(str(error))
+    reference_size = sizes.get(reference)
+    for field, size in sizes.items():
+        if reference_size is not None and size != reference_size:
+            source = row.images[reference].source
+            named = f" '{source}'" if isinstance(source, Path) else ""
+            problems.append(
+                f"{row.images[field].label}: size {size[1]}x{size[0]} differs from the "
+                f"{reference} image{named} size {reference_size[1]}x{reference_size[0]} "
+                "(width x height)"
+            )
+    return (None if problems else reference_size), problems
+
+
+def validated_sizes(rows: RowSource) -> list[tuple[int, int]]:
+    """Every row's reference size; one :class:`DataError` listing the faults if any row has
+    some."""
+    sizes, problems = [], []
+    for index in range(len(rows)):
+        row, row_problems = rows.parse(index)
+        if row is not None:
+            size, row_problems = _size_problems(row, rows.fields.reference)
+            sizes.append(size)
+        problems += row_problems
+        if len(problems) >= MAX_REPORTED_PROBLEMS:
+            problems = [
+                *problems[:MAX_REPORTED_PROBLEMS],
+                f"(stopped after {index + 1} of {len(rows)} rows; there may be more)",
+            ]
+            break
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise DataError(f"{rows.description}: bad rows; fix them and run again:\n{listed}")
+    if not sizes:
+        raise DataError(f"{rows.description}: no rows")
+    return sizes
+
+
+class BucketedRowDataset(Dataset):
+    """Rows resized to aspect-ratio buckets; subclasses build items in ``__getitem__``.
+
+    Args:
+        rows: where the rows come from (:class:`FolderRows`, :class:`HFRows`).
+        resolution: bucket area is about ``resolution**2``; a multiple of 16.
+        max_aspect: the most elongated bucket's long/short side ratio.
+
+    Raises:
+        DataError: listing every bad row found (up to :data:`MAX_REPORTED_PROBLEMS`).
+
+    Attributes:
+        buckets: ``(height, width)`` of every bucket.
+        bucket_of_items: index into ``buckets`` of every item, for ``BucketBatchSampler``.
+    """
+
+    # Part of every item key: change it when preprocessing changes, so latents cached under old
+    # keys are never reused for differently prepared pixels.
+    key_version: str
+
+    def __init__(self, rows: RowSource, *, resolution: int, max_aspect: float = 2.0) -> None:
+        self.buckets = make_buckets(resolution, max_aspect=max_aspect)
+        self.rows = rows
+        self.bucket_of_items = [
+            self.buckets.index(nearest_bucket(height, width, self.buckets))
+            for height, width in validated_sizes(rows)
+        ]
+        self._file_digests: dict[Path, str] = {}
+        self._keys: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def bucket_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of item ``index``'s bucket."""
+        return self.buckets[self.bucket_of_items[index]]
+
+    def _digest(self, ref: ImageRef) -> str:
+        if isinstance(ref.source, bytes):
+            return hashlib.sha256(ref.source).hexdigest()
+        if ref.source not in self._file_digests:
+            self._file_digests[ref.source] = hashlib.sha256(ref.content()).hexdigest()
+        return self._file_digests[ref.source]
+
+    def key_parts(self, index: int) -> dict[str, Any]:
+        """What item ``index`` is made of besides its files; subclasses add their settings."""
+        return {}
+
+    def key(self, index: int) -> str:
+        """sha256 hex digest of item ``index``'s content, computed once and kept.
+
+        It covers the bytes of every image (files or stored image bytes), the prompt, the bucket
+        size and :meth:`key_parts`: identical items share a key and different items never do, so
+        a latent cache keyed by it is shared across copies of a file and never serves stale
+        latents.
+        """
+        if index not in self._keys:
+            row = self.rows[index]
+            fields: dict[str, Any] = {field: self._digest(ref) for field, ref in row.images.items()}
+            fields.update(
+                prompt=row.prompt,
+                size=self.bucket_size(index),
+                version=self.key_version,
+                **self.key_parts(index),
+            )
+            encoded = json.dumps(fields, sort_keys=True).encode()
+            self._keys[index] = hashlib.sha256(encoded).hexdigest()
+        return self._keys[index]
+
+    @staticmethod
+    def fitted_image(ref: ImageRef, size: tuple[int, int]) -> torch.Tensor:
+        """``ref`` scaled and centre-cropped to ``size``: ``[3, h, w]`` in [-1, 1]."""
+        return to_model_range(fit_to_bucket(ref.open("RGB"), size))
+
+    @staticmethod
+    def fitted_mask(ref: ImageRef, size: tuple[int, int]) -> torch.Tensor:
+        """A mask with exactly the images' geometric transform: ``[1, h, w]`` in {0, 1}.
+
+        Filtered on 0..255 grey, then thresholded, so edges land where the image's do.
+        """
+        return mask_to_tensor(fit_to_bucket(ref.open("L"), size, Image.Resampling.BILINEAR))
+
+
+def collate_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items of one bucket: every tensor field gains a batch dim ``[B, ...]``, ``index``
+    becomes a ``[B]`` long tensor, other fields (``prompt``) become lists.
+
+    Works for dataset items and for cached items alike.
+
+    Raises:
+        ValueError: the items come from buckets of different sizes.
+    """
+    batch: dict[str, Any] = {}
+    for field, value in items[0].items():
+        values = [item[field] for item in items]
+        if field == "index":
+            batch[field] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(value, torch.Tensor):
+            shapes = sorted({tuple(v.shape) for v in values})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"a batch mixes bucket sizes ({field} shapes {shapes}); "
+                    "draw batches with BucketBatchSampler"
+                )
+            batch[field] = torch.stack(values)
+        else:
+            batch[field] = values
+    return batch
