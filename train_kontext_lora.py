@@ -49,6 +49,7 @@ from training.embeddings import ImageEmbedder
 from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
 from training.flux import (
     FLUX_ENCODERS,
+    FLUX_LORA_LAYERS,
     encode_flux_prompt,
     flux_encoder_fingerprint,
     flux_image_ids,
@@ -61,16 +62,6 @@ from training.runtime import build_accelerator, load_pipeline
 from training.validation import image_grid, mask_overlay, save_grid, to_pil
 
 KONTEXT_LORA = LoraFormat(FluxKontextPipeline, "transformer")
-LORA_LAYERS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
 
 # Seed 003's geometry-match weight, the default when embeddings come from an image encoder.
 SEED_GEOMETRY_MATCH_WEIGHT = 0.5
@@ -401,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load_pipeline(FluxKontextPipeline, config, accelerator, FLUX_ENCODERS)
     transformer = pipe.transformer
-    add_lora(transformer, config, LORA_LAYERS, KONTEXT_LORA)
+    add_lora(transformer, config, FLUX_LORA_LAYERS, KONTEXT_LORA)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     embedder = None

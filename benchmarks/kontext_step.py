@@ -20,15 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
 import train_kontext_lora as kontext
+from benchmarks.harness import print_ratios, time_variants, training_step
 from losses import downsample_mask_area, signed_distance_map_from_mask
 from models.tiny import FLUX_DEV_SCHEDULER, tiny_flux_kontext_pipeline
+from training.flux import FLUX_LORA_LAYERS
 from training.lora import add_lora
 
 # FLUX.1 [dev] / Kontext [dev] transformer configuration.
@@ -108,57 +108,39 @@ def main() -> None:
         "resolution": args.resolution,
         "rank": 16,
     }
-    all_losses = kontext.KontextConfig(**common)
+    # Every term on, the latent-token geometry match included (off by default there).
+    all_losses = kontext.KontextConfig(**common, geometry_match_weight=0.5)
     plain = kontext.KontextConfig(
         **common, **{flag: 0 for flag in kontext.TERM_WEIGHT_FLAGS.values()}
     )
-    add_lora(pipe.transformer, all_losses, kontext.LORA_LAYERS)
+    add_lora(pipe.transformer, all_losses, FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
     if args.flux_size:
         pipe.transformer.enable_gradient_checkpointing()
     params = [p for p in pipe.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch = encoded_batch(pipe, args.batch, args.resolution, device, dtype)
+    autocast = dtype if args.flux_size else None
     variants = {
         name: kontext.KontextLoss(pipe, config, None, None, batches_are_encoded=True)
         for name, config in (("flow matching only", plain), ("all losses", all_losses))
     }
 
-    def step(loss_fn, index):
-        generator = torch.Generator(device).manual_seed(index)
-        with torch.autocast(device.type, dtype=dtype, enabled=args.flux_size):
-            loss, _ = loss_fn(pipe.transformer, batch, generator)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for loss_fn in variants.values():  # warm-up: allocator, kernels, lazy imports
-        step(loss_fn, 0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for block in range(args.blocks):
-        for name, loss_fn in variants.items():
-            synchronize()
-            start = time.perf_counter()
-            for index in range(args.steps):
-                step(loss_fn, block * args.steps + index)
-            synchronize()
-            times[name].append((time.perf_counter() - start) / args.steps)
-
+    medians = time_variants(
+        {
+            name: training_step(pipe.transformer, loss_fn, batch, optimizer, device, autocast)
+            for name, loss_fn in variants.items()
+        },
+        args.blocks,
+        args.steps,
+        device,
+    )
     tokens = (args.resolution // 16) ** 2
     size = "FLUX.1-size" if args.flux_size else "tiny"
     print(
         f"{size} Kontext transformer, {device.type}, batch {args.batch}, "
         f"{args.resolution}x{args.resolution} target + context ({2 * tokens} image tokens)"
     )
-    reference = statistics.median(times["flow matching only"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<20} {median * 1e3:10.1f} ms/step   x{median / reference:.3f}")
+    print_ratios(medians)
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

@@ -8,11 +8,21 @@
 - :mod:`data.rows`: rows of image datasets (folders with ``metadata.jsonl`` or Hugging Face
   datasets) validated up front, :class:`BucketedRowDataset` and :func:`collate_items`;
 - :mod:`data.edit_pairs`: :class:`EditPairDataset` and :func:`composite_overlay`;
+- :mod:`data.inpainting`: :class:`InpaintingDataset` (seed 004's image/mask/prompt rows) and
+  :func:`random_inpainting_mask`;
+- :mod:`data.fill_latents`: :class:`FillLatentDataset`, seed 004's precomputed FLUX.1 Fill
+  folders, and the 8x8 pixel-mask rearrangement the Fill pipeline uses;
 - :mod:`data.synthetic`: :func:`write_synthetic_dataset` and the Kontext insertion set.
 """
 
 from data.buckets import BucketBatchSampler, fit_to_bucket, make_buckets, nearest_bucket
 from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset, composite_overlay
+from data.fill_latents import (
+    FillLatentDataset,
+    VaeScaling,
+    mask_latents_from_pixels,
+    pixels_from_mask_latents,
+)
 from data.images import (
     DataError,
     ImageRef,
@@ -21,6 +31,7 @@ from data.images import (
     open_image,
     to_model_range,
 )
+from data.inpainting import InpaintingDataset, random_inpainting_mask
 from data.rows import (
     BucketedRowDataset,
     FolderRows,
@@ -43,22 +54,28 @@ __all__ = [
     "BucketedRowDataset",
     "DataError",
     "EditPairDataset",
+    "FillLatentDataset",
     "FolderRows",
     "HFRows",
     "ImageRef",
+    "InpaintingDataset",
     "KontextExample",
     "Row",
     "RowFields",
     "RowSource",
+    "VaeScaling",
     "collate_items",
     "composite_overlay",
     "fit_to_bucket",
     "image_size",
     "make_buckets",
     "make_kontext_example",
+    "mask_latents_from_pixels",
     "mask_to_tensor",
     "nearest_bucket",
     "open_image",
+    "pixels_from_mask_latents",
+    "random_inpainting_mask",
     "to_model_range",
     "write_kontext_dataset",
     "write_synthetic_dataset",

@@ -138,8 +138,20 @@ def _write_metadata(out: Path, rows: list[dict[str, str]]) -> Path:
     return metadata
 
 
-def _prepare_output(out: str | Path, n: int, resolution: int) -> Path:
-    """Check a writer's arguments; ``out`` must not already hold a dataset."""
+def _write_examples(
+    out: str | Path,
+    *,
+    n: int,
+    resolution: int,
+    seed: int,
+    files: dict[str, tuple[str, str]],
+    prompt: Callable[[str], str],
+) -> Path:
+    """Write ``n`` insertion examples as a folder with ``metadata.jsonl``.
+
+    ``files`` maps each row field to (path pattern with the index, ``KontextExample``
+    attribute written there); the row's prompt is ``prompt(example.prompt)``.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if resolution < 16 or resolution % 16:
@@ -147,7 +159,17 @@ def _prepare_output(out: str | Path, n: int, resolution: int) -> Path:
     out = Path(out)
     if (out / "metadata.jsonl").exists():
         raise FileExistsError(f"'{out / 'metadata.jsonl'}' already exists; choose another --out")
-    return out
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(n):
+        example = make_kontext_example(rng, *example_size(index, resolution))
+        row = {}
+        for field, (pattern, attribute) in files.items():
+            row[field] = pattern.format(index)
+            (out / row[field]).parent.mkdir(parents=True, exist_ok=True)
+            getattr(example, attribute).save(out / row[field])
+        rows.append({**row, "prompt": prompt(example.prompt)})
+    return _write_metadata(out, rows)
 
 
 def write_kontext_dataset(
@@ -162,24 +184,14 @@ def write_kontext_dataset(
         ValueError: ``n < 1`` or ``resolution`` not a positive multiple of 16.
         FileExistsError: ``out`` already holds a ``metadata.jsonl`` (nothing is overwritten).
     """
-    out = _prepare_output(out, n, resolution)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in range(n):
-        example = make_kontext_example(rng, *example_size(index, resolution))
-        row = {
-            "context": f"images/{index:04d}_context.png",
-            "target": f"images/{index:04d}_target.png",
-            "mask": f"masks/{index:04d}.png",
-            "prompt": example.prompt,
-        }
-        example.context.save(out / row["context"])
-        example.target.save(out / row["target"])
-        example.mask.save(out / row["mask"])
-        rows.append(row)
-    return _write_metadata(out, rows)
+    files = {
+        "context": ("images/{:04d}_context.png", "context"),
+        "target": ("images/{:04d}_target.png", "target"),
+        "mask": ("masks/{:04d}.png", "mask"),
+    }
+    return _write_examples(
+        out, n=n, resolution=resolution, seed=seed, files=files, prompt=lambda text: text
+    )
 
 
 def write_inpainting_dataset(
@@ -195,22 +207,15 @@ def write_inpainting_dataset(
         ValueError: ``n < 1`` or ``resolution`` not a positive multiple of 16.
         FileExistsError: ``out`` already holds a ``metadata.jsonl``.
     """
-    out = _prepare_output(out, n, resolution)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in range(n):
-        example = make_kontext_example(rng, *example_size(index, resolution))
-        row = {
-            "image": f"images/{index:04d}.png",
-            "mask": f"masks/{index:04d}.png",
-            "prompt": example.prompt.removeprefix("insert "),
-        }
-        example.target.save(out / row["image"])
-        example.mask.save(out / row["mask"])
-        rows.append(row)
-    return _write_metadata(out, rows)
+    files = {"image": ("images/{:04d}.png", "target"), "mask": ("masks/{:04d}.png", "mask")}
+    return _write_examples(
+        out,
+        n=n,
+        resolution=resolution,
+        seed=seed,
+        files=files,
+        prompt=lambda text: text.removeprefix("insert "),
+    )
 
 
 SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from diffusers import AutoencoderKL, FluxKontextPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from script_runs import (
+    ROOT,
+    TrainScript,
+    lora_tensors,
+    reset_accelerate,
+    resume_copy,
+)
+from script_runs import help_text as script_help
 
 import train_kontext_lora as kontext
 from data.edit_pairs import EditPairDataset
@@ -29,11 +32,11 @@ from data.rows import collate_items
 from data.synthetic import write_kontext_dataset
 from models.tiny import tiny_flux_kontext_pipeline, write_tiny_dinov2
 from training.config import parse_config
+from training.flux import FLUX_LORA_LAYERS
 from training.lora import LORA_WEIGHTS_NAME, add_lora
 from training.metrics import read_metrics
 from training.validation import to_pil
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 64
 
 
@@ -47,18 +50,7 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def help_text() -> str:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train_kontext_lora.py"), "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; a new in-process run needs a clean slate."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    return script_help("train_kontext_lora.py")
 
 
 @pytest.fixture
@@ -68,34 +60,10 @@ def fresh_accelerate():
     reset_accelerate()
 
 
-def base_args(assets: Path, output_dir: Path, **overrides) -> list[str]:
-    values = {
-        "pretrained_model_name_or_path": assets / "model",
-        "train_data_dir": assets / "data",
-        "output_dir": output_dir,
-        "resolution": RESOLUTION,
-        "max_train_steps": 4,
-        "checkpointing_steps": 100,
-        "learning_rate": 1e-3,
-        "rank": 4,
-        "seed": 7,
-    }
-    values.update(overrides)
-    return [
-        token
-        for key, value in values.items()
-        if value is not None
-        for token in (f"--{key}", str(value))
-    ]
-
-
-def run(assets: Path, output_dir: Path, **overrides) -> Path:
-    kontext.main(base_args(assets, output_dir, **overrides))
-    return output_dir
-
-
-def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / LORA_WEIGHTS_NAME)
+SCRIPT = TrainScript(kontext, kontext.KontextConfig, RESOLUTION, seed=7)
+run = SCRIPT.run
+launch = SCRIPT.launch
+kontext_config = SCRIPT.config
 
 
 def first_item_batch(assets: Path) -> dict:
@@ -112,7 +80,7 @@ class TestOneStep:
             resolution=RESOLUTION,
             rank=4,
         )
-        add_lora(pipe.transformer, config, kontext.LORA_LAYERS, kontext.KONTEXT_LORA)
+        add_lora(pipe.transformer, config, FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
         before = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
         frozen_before = {
             name: p.detach().clone()
@@ -144,15 +112,6 @@ class TestOneStep:
         expected |= {"emb_identity", "emb_overlay"}  # emb_geometry: off on latent tokens
         assert set(components) == expected
         assert all(torch.isfinite(v) for v in components.values())
-
-
-def kontext_config(assets: Path, **overrides) -> kontext.KontextConfig:
-    return kontext.KontextConfig(
-        pretrained_model_name_or_path=str(assets / "model"),
-        train_data_dir=str(assets / "data"),
-        resolution=RESOLUTION,
-        **overrides,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +201,11 @@ class TestTrainingRun:
     def test_exact_resume_skips_half_written_checkpoints(self, assets, tmp_path, fresh_accelerate):
         common = {"gradient_accumulation_steps": 2, "checkpointing_steps": 3}
         straight = run(assets, tmp_path / "straight", max_train_steps=6, **common)
-        reset_accelerate()
         resumed = run(assets, tmp_path / "resumed", max_train_steps=3, **common)
         # Stray folders a crash (or a user) could leave: neither is a complete checkpoint.
         (resumed / "checkpoint-5").mkdir()
         (resumed / "checkpoint-5" / "optimizer.bin").write_bytes(b"half")
         (resumed / ".checkpoint-4.partial").mkdir()
-        reset_accelerate()
         run(
             assets,
             resumed,
@@ -264,7 +221,6 @@ class TestTrainingRun:
 
     def test_cached_latents_train_identically(self, assets, tmp_path, fresh_accelerate):
         plain = run(assets, tmp_path / "plain")
-        reset_accelerate()
         cached = run(assets, tmp_path / "cached", cache_latents="true")
         entries = list((cached / "cache").glob("*/*.safetensors"))
         assert len(entries) == 4
@@ -284,7 +240,6 @@ class TestTrainingRun:
             for param in vae.parameters():
                 param.mul_(1.5)
         vae.save_pretrained(model / "vae")
-        reset_accelerate()
         run(
             assets,
             out,
@@ -297,7 +252,6 @@ class TestTrainingRun:
 
     def test_init_lora_weights_starts_from_the_file(self, assets, tmp_path, fresh_accelerate):
         first = run(assets, tmp_path / "first", max_train_steps=2, lora_alpha=16)
-        reset_accelerate()
         # No --rank or --lora_alpha: both come from the file's metadata (rank 4, alpha 16).
         again = run(
             assets,
@@ -314,7 +268,6 @@ class TestTrainingRun:
 
     def test_init_lora_weights_refuses_a_conflicting_flag(self, assets, tmp_path, fresh_accelerate):
         first = run(assets, tmp_path / "first", max_train_steps=1, lora_alpha=16)
-        reset_accelerate()
         with pytest.raises(ValueError, match=r"--lora_alpha 4\.0 but the file has 16"):
             run(
                 assets,
@@ -539,60 +492,13 @@ class TestCommandLine:
 
     def test_two_process_cpu_run(self, assets, tmp_path):
         out = tmp_path / "ddp"
-        result = launch_two_ranks(assets, out, max_train_steps=4, checkpointing_steps=2)
+        result = launch(assets, out, max_train_steps=4, checkpointing_steps=2)
         assert "2 ranks" in result.stderr and "identical on all 2 ranks" in result.stderr
         assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
         for step in (2, 4):
             names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
             assert {"random_states_0.pkl", "random_states_1.pkl", LORA_WEIGHTS_NAME} <= names
         assert not list(out.glob(".checkpoint-*"))
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on, so that launches never meet a previous run's store."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch_two_ranks(assets: Path, out: Path, **overrides) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes 2`` of the script on the CPU."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(ROOT / "train_kontext_lora.py"),
-            *base_args(assets, out, **overrides),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def resume_copy(source: Path, step: int, destination: Path) -> Path:
-    """A new output folder holding only ``source``'s ``checkpoint-<step>`` and its metrics."""
-    destination.mkdir()
-    shutil.copytree(source / f"checkpoint-{step}", destination / f"checkpoint-{step}")
-    shutil.copy(source / "metrics.jsonl", destination / "metrics.jsonl")
-    return destination
 
 
 class TestResumeOnAnotherNumberOfProcesses:
@@ -620,7 +526,7 @@ class TestResumeOnAnotherNumberOfProcesses:
 
     def test_two_ranks_then_one(self, assets, tmp_path, fresh_accelerate):
         two = tmp_path / "two"
-        launch_two_ranks(assets, two, **self.COMMON)
+        launch(assets, two, **self.COMMON)
         resumed = resume_copy(two, 1, tmp_path / "resumed")
         run(
             assets,
@@ -634,12 +540,11 @@ class TestResumeOnAnotherNumberOfProcesses:
     def test_one_then_two_ranks(self, assets, tmp_path, fresh_accelerate):
         one = run(assets, tmp_path / "one", gradient_accumulation_steps=2, **self.COMMON)
         resumed = resume_copy(one, 1, tmp_path / "resumed")
-        launch_two_ranks(assets, resumed, resume_from_checkpoint="latest", **self.COMMON)
+        launch(assets, resumed, resume_from_checkpoint="latest", **self.COMMON)
         self.assert_same_run(one, resumed)
 
     def test_another_global_batch_is_refused(self, assets, tmp_path, fresh_accelerate):
         one = run(assets, tmp_path / "one", gradient_accumulation_steps=2, **self.COMMON)
         resumed = resume_copy(one, 1, tmp_path / "resumed")
-        reset_accelerate()
         with pytest.raises(ValueError, match="--gradient_accumulation_steps 2"):
             run(assets, resumed, resume_from_checkpoint="latest", **self.COMMON)

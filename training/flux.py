@@ -15,6 +15,17 @@ from training.caching import encoder_weights
 from training.config import FluxConfig, TrainConfig
 
 FLUX_ENCODERS = ("vae", "text_encoder", "text_encoder_2")
+# The attention projections of both stream types, as diffusers' FLUX LoRA examples adapt them.
+FLUX_LORA_LAYERS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 def encode_flux_prompt(

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 from diffusers.utils import convert_unet_state_dict_to_peft
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from training.config import TrainConfig
@@ -60,15 +61,7 @@ class LoraFormat:
 
     def save(self, model: torch.nn.Module, directory: str | Path) -> Path:
         """Write ``model``'s adapter to ``directory/pytorch_lora_weights.safetensors``."""
-        self.pipeline_cls.save_lora_weights(
-            str(directory),
-            **{
-                f"{self.component}_lora_layers": get_peft_model_state_dict(model),
-                f"{self.component}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
-            },
-            safe_serialization=True,
-        )
-        return Path(directory) / LORA_WEIGHTS_NAME
+        return save_lora_components(self.pipeline_cls, {self.component: model}, directory)
 
     def read(self, path: str | Path) -> LoraFile:
         """The component's weights and LoRA config in a file (or a folder holding one).
@@ -110,6 +103,20 @@ class LoraFormat:
                 f"LoRA file {lora_file.path} has {len(unexpected)} weights the adapter lacks, "
                 f"e.g. {unexpected[0]}; check --lora_layers and the base model"
             )
+
+
+def save_lora_components(
+    pipeline_cls, models: dict[str, torch.nn.Module], directory: str | Path
+) -> Path:
+    """Write the adapters of several components of one pipeline (``{"unet": unet,
+    "text_encoder": text_encoder}``) into one ``pytorch_lora_weights.safetensors``, each with
+    its LoRA config as metadata, as ``pipeline_cls.save_lora_weights`` lays them out."""
+    arguments = {}
+    for component, model in models.items():
+        arguments[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        arguments[f"{component}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    pipeline_cls.save_lora_weights(str(directory), **arguments, safe_serialization=True)
+    return Path(directory) / LORA_WEIGHTS_NAME
 
 
 def target_modules(config: TrainConfig, default: Sequence[str]) -> list[str]:
@@ -196,7 +203,13 @@ def add_lora(
     if unknown:
         raise ValueError(f"--lora_layers names no module of the model: {', '.join(unknown)}")
     model.requires_grad_(False)
-    model.add_adapter(adapter)
+    if isinstance(model, ModelMixin):
+        model.add_adapter(adapter)
+    else:
+        # transformers' add_adapter asks for a newer peft than diffusers needs; peft's own
+        # injection, with the config where peft's state-dict helpers look for it, is the same.
+        inject_adapter_in_model(adapter, model, adapter_name="default")
+        model.peft_config = {"default": adapter}
     for param in model.parameters():
         if param.requires_grad:
             # LoRA weights train in fp32 even when the frozen base runs in half precision.

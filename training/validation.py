@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,3 +48,41 @@ def save_grid(grid: Image.Image, output_dir: str | Path, step: int) -> Path:
     path = folder / f"step-{step:06d}.png"
     grid.save(path)
     return path
+
+
+class InpaintingValidation:
+    """Runs an inpainting pipeline (FLUX.1 Fill, SD1.5 inpainting) with the training model on
+    the first examples and saves a grid: image | mask | prediction | prediction with the mask
+    tinted. ``pipeline_kwargs`` are the family's extra call arguments (guidance, prompt length).
+    """
+
+    def __init__(self, pipe, dataset, config, accelerator, pipeline_kwargs: dict[str, Any]):
+        self.pipe = pipe
+        self.dataset = dataset
+        self.config = config
+        self.accelerator = accelerator
+        self.pipeline_kwargs = pipeline_kwargs
+
+    def __call__(self, model, step: int) -> Path:
+        config = self.config
+        rows = []
+        for index in range(min(config.num_validation_images, len(self.dataset))):
+            item = self.dataset[index]
+            height, width = item["image"].shape[-2:]
+            mask = to_pil(item["mask"].expand(3, -1, -1) * 2 - 1)
+            with self.accelerator.autocast():
+                prediction = self.pipe(
+                    prompt=config.validation_prompt or item["prompt"],
+                    image=to_pil(item["image"]),
+                    mask_image=mask,
+                    height=height,
+                    width=width,
+                    num_inference_steps=config.validation_inference_steps,
+                    generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
+                    **self.pipeline_kwargs,
+                ).images[0]
+            rows.append(
+                [to_pil(item["image"]), mask, prediction, mask_overlay(prediction, item["mask"])]
+            )
+        labels = ["image", "mask", "prediction", "mask overlay"]
+        return save_grid(image_grid(rows, labels), config.output_dir, step)

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from training.config import EditPairDataConfig, FlowMatchingConfig, TrainConfig, parse_config
+from training.config import (
+    EditPairDataConfig,
+    FlowMatchingConfig,
+    MaskLossSettings,
+    RegionLossConfig,
+    TrainConfig,
+    parse_config,
+)
 
 
 @dataclass(kw_only=True)
@@ -312,3 +319,40 @@ class TestTrackers:
 
     def test_from_the_command_line(self):
         assert parse(*BASE, "--report_to", "wandb,tensorboard").trackers == ["wandb", "tensorboard"]
+
+
+@dataclass(kw_only=True)
+class RegionConfig(RegionLossConfig, TrainConfig):
+    """A script with seed 000's nested mask_loss block."""
+
+
+class TestNestedMaskLoss:
+    def parse(self, *argv: str) -> RegionConfig:
+        return parse_config(RegionConfig, [*BASE, *argv])
+
+    def test_seed_defaults(self):
+        settings = self.parse().mask_loss
+        assert isinstance(settings, MaskLossSettings)
+        assert (settings.enabled, settings.weight) == (False, 0.3)
+        assert (settings.text_region_weight, settings.background_weight) == (2.0, 1.0)
+
+    def test_dotted_flags_and_bare_boolean(self):
+        config = self.parse("--mask_loss.enabled", "--mask_loss.weight", "0.5")
+        assert config.mask_loss.enabled is True and config.mask_loss.weight == 0.5
+        assert config.region_loss_weights() == {"alpha": 0.5, "fg_weight": 2.0, "bg_weight": 1.0}
+
+    def test_yaml_nested_as_the_seed_writes_it_and_flags_win(self, tmp_path):
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            "mask_loss:\n  enabled: true\n  weight: 0.3\n  text_region_weight: 3.0\n"
+            "  background_weight: 0.5\n"
+        )
+        config = self.parse("--config", str(path), "--mask_loss.text_region_weight", "4")
+        assert config.mask_loss == MaskLossSettings(True, 0.3, 4.0, 0.5)
+
+    def test_help_lists_the_nested_flags(self, capsys):
+        with pytest.raises(SystemExit):
+            parse_config(RegionConfig, ["--help"])
+        text = capsys.readouterr().out
+        for name in ("enabled", "weight", "text_region_weight", "background_weight"):
+            assert f"--mask_loss.{name}" in text

@@ -1,0 +1,161 @@
+"""Running a train script in tests: in this process, or as two CPU ranks with accelerate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from training.lora import LORA_WEIGHTS_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; a new in-process run needs a clean slate."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def script_args(values: dict) -> list[str]:
+    """``{"rank": 4, "seed": None}`` -> ``["--rank", "4"]``: None leaves a flag out."""
+    return [
+        token
+        for key, value in values.items()
+        if value is not None
+        for token in (f"--{key}", str(value))
+    ]
+
+
+def run_in_process(main: Callable[[list[str]], None], values: dict) -> Path:
+    """``main(args)`` with a fresh accelerate state; returns the output folder."""
+    reset_accelerate()
+    try:
+        main(script_args(values))
+    finally:
+        reset_accelerate()
+    return Path(values["output_dir"])
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, so that launches never meet a previous run's store."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_ranks(script: str, values: dict) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 script`` on the CPU; asserts success."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launcher += ["--num_processes", "2", "--num_machines", "1"]
+    launcher += ["--main_process_port", str(free_port())]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = subprocess.run(
+        [*launcher, str(ROOT / script), *script_args(values)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def help_text(script: str) -> str:
+    """What ``python script --help`` prints."""
+    command = [sys.executable, str(ROOT / script), "--help"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def resume_copy(source: Path, step: int, destination: Path) -> Path:
+    """A new output folder holding only ``source``'s ``checkpoint-<step>`` and its metrics."""
+    destination.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", destination / f"checkpoint-{step}")
+    shutil.copy(source / "metrics.jsonl", destination / "metrics.jsonl")
+    return destination
+
+
+def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / LORA_WEIGHTS_NAME)
+
+
+def assert_same_tensors(expected: dict, got: dict) -> None:
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name
+
+
+class TrainScript:
+    """A train script under test, with the tiny model and data of a test module's ``assets``
+    folder (``assets/model``, ``assets/data``) and the flags every test run shares."""
+
+    def __init__(self, module, config_cls: type, resolution: int, **defaults) -> None:
+        self.module = module
+        self.file = f"{module.__name__}.py"
+        self.config_cls = config_cls
+        self.resolution = resolution
+        self.defaults = defaults
+
+    def values(self, assets: Path, output_dir: Path, **overrides) -> dict:
+        return {
+            "pretrained_model_name_or_path": assets / "model",
+            "train_data_dir": assets / "data",
+            "output_dir": output_dir,
+            "resolution": self.resolution,
+            "max_train_steps": 4,
+            "checkpointing_steps": 100,
+            "learning_rate": 1e-3,
+            "rank": 4,
+            **self.defaults,
+            **overrides,
+        }
+
+    def run(self, assets: Path, output_dir: Path, **overrides) -> Path:
+        """The script's ``main`` in this process; returns the output folder."""
+        return run_in_process(self.module.main, self.values(assets, output_dir, **overrides))
+
+    def launch(self, assets: Path, output_dir: Path, **overrides) -> subprocess.CompletedProcess:
+        """The script on two CPU ranks."""
+        return launch_two_ranks(self.file, self.values(assets, output_dir, **overrides))
+
+    def config(self, assets: Path, **overrides):
+        """The script's config for the assets, as its ``main`` would parse it."""
+        return self.config_cls(
+            pretrained_model_name_or_path=str(assets / "model"),
+            train_data_dir=str(assets / "data"),
+            resolution=self.resolution,
+            **overrides,
+        )
+
+
+def write_assets(root: Path, pipeline, write_data: Callable[..., Path], resolution: int) -> Path:
+    """``root/model`` (the saved tiny ``pipeline``) and ``root/data`` (four synthetic items)."""
+    pipeline.save_pretrained(root / "model")
+    write_data(root / "data", n=4, resolution=resolution, seed=0)
+    return root
+
+
+def first_inpainting_batch(assets: Path, resolution: int) -> dict:
+    """The first item of ``assets/data`` as a batch of one."""
+    from data.inpainting import InpaintingDataset
+    from data.rows import collate_items
+
+    dataset = InpaintingDataset.from_folder(assets / "data", resolution=resolution)
+    return collate_items([dataset[0]])
+
+
+def quiet_pipeline(pipeline_cls, assets: Path):
+    """The pipeline of ``assets/model``, without progress bars."""
+    pipe = pipeline_cls.from_pretrained(assets / "model")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,32 @@
+"""The step benchmarks run (one tiny block each): they import what the scripts export, so an
+interface change breaks them here rather than on the day someone measures. No timings are
+checked."""
+
+import subprocess
+import sys
+
+import pytest
+from script_runs import ROOT
+
+
+@pytest.mark.parametrize(
+    "script,variants",
+    [
+        ("kontext_step.py", ["flow matching only", "all losses"]),
+        ("inpaint_step.py", ["Fill: + region + bg", "SD1.5: + region"]),
+    ],
+)
+def test_benchmark_runs(script, variants):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / script),
+            *("--blocks", "1", "--steps", "1", "--resolution", "32", "--batch", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in variants:
+        assert name in result.stdout and "ms/step" in result.stdout

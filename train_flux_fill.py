@@ -1,0 +1,284 @@
+"""Train a FLUX.1 Fill LoRA that fills a masked region as the prompt describes.
+
+Each example is (image, mask, prompt): a folder in seed 004's JSONL format, a Hugging Face
+dataset, or seed 004's precomputed folder (``manifest.json``, see ``data.fill_latents``). The
+transformer sees exactly what ``FluxFillPipeline`` feeds it: the noisy target tokens (64
+channels), the masked image's latents (sampled from the VAE, shifted and scaled, 64 channels)
+and the pixel mask under each token (8x8 x 2x2 = 256 channels), 384 in all; plain image ids; T5
+and pooled CLIP prompt embeddings; the guidance embedding at the pipeline's default 30; sigma as
+the timestep. The loss is flow matching on the target tokens, with seed 000's mask-region
+weighting and seed 001's background preservation available (both off by default).
+
+    accelerate launch train_flux_fill.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-Fill-dev \\
+        --train_data_dir my_inpainting --output_dir out --mixed_precision bf16 \\
+        --resolution 1024 --max_train_steps 2000 --validation_steps 250
+
+then ``FluxFillPipeline.from_pretrained(...).load_lora_weights("out")``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxFillPipeline
+
+from data.fill_latents import (
+    MANIFEST_FILE,
+    FillLatentDataset,
+    VaeScaling,
+    mask_latents_from_pixels,
+    pixels_from_mask_latents,
+)
+from data.rows import collate_items
+from losses import background_preservation_mse_latent, map_mask_to_latent, masked_flow_matching_loss
+from training.caching import encoded_items
+from training.config import (
+    FlowMatchingConfig,
+    FluxConfig,
+    InpaintingDataConfig,
+    RegionLossConfig,
+    TrainConfig,
+    parse_config,
+)
+from training.datasets import bucket_sampler, inpainting_dataset
+from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
+from training.flux import (
+    FLUX_ENCODERS,
+    FLUX_LORA_LAYERS,
+    encode_flux_prompt,
+    flux_encoder_fingerprint,
+    flux_image_ids,
+    flux_transformer_inputs,
+    pack,
+)
+from training.latents import latent_distribution, sample_scaled_latents
+from training.loop import TrainingParts, train
+from training.lora import LoraFormat, add_lora
+from training.runtime import build_accelerator, load_pipeline
+from training.validation import InpaintingValidation
+
+logger = logging.getLogger(__name__)
+
+FILL_LORA = LoraFormat(FluxFillPipeline, "transformer")
+
+
+@dataclass(kw_only=True)
+class FillConfig(
+    RegionLossConfig, InpaintingDataConfig, FlowMatchingConfig, FluxConfig, TrainConfig
+):
+    """Train a FLUX.1 Fill LoRA with optional mask-region weighting and background preservation."""
+
+    guidance_scale: float = 30.0
+    """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
+    background_preservation_weight: float = 0.0
+    """Seed 001: weight of the MSE of x0_hat vs the image outside the dilated mask (0: off).
+    On latents it is a sigma**2-weighted velocity error outside the mask."""
+    band_r: int = 1
+    """Dilation of the mask, in latent pixels, before the background term."""
+
+
+def fill_conditioning(
+    pipe: FluxFillPipeline, masked_latents: torch.Tensor, mask_latents: torch.Tensor
+) -> torch.Tensor:
+    """``[B, L, 320]``: the packed masked-image latents (``[B, 16, h, w]``, scaled) followed by
+    the packed pixel mask (``[B, 64, h, w]``), as ``FluxFillPipeline`` concatenates them."""
+    return torch.cat([pack(pipe, masked_latents), pack(pipe, mask_latents)], dim=-1)
+
+
+def fill_transformer_inputs(
+    pipe: FluxFillPipeline,
+    noisy: torch.Tensor,
+    conditioning: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    sigmas: torch.Tensor,
+    guidance_scale: float,
+) -> dict:
+    """Transformer kwargs of one ``FluxFillPipeline`` step: ``noisy: [B, 16, h, w]`` packed to
+    64 channels and followed by ``conditioning: [B, L, 320]`` along the features."""
+    return flux_transformer_inputs(
+        pipe,
+        torch.cat([pack(pipe, noisy), conditioning.to(noisy)], dim=-1),
+        flux_image_ids(pipe, *noisy.shape[-2:], noisy),
+        prompt_embeds,
+        pooled_prompt_embeds,
+        sigmas,
+        guidance_scale,
+    )
+
+
+class FillEncoder:
+    """A batch of pixels and prompts -> what the loss needs, with the pipeline's own encoders:
+    T5 and pooled CLIP embeddings, the VAE distributions of the image and of the masked image,
+    and the 64-channel pixel mask (``[B, 64, h, w]``)."""
+
+    def __init__(self, pipe: FluxFillPipeline, config: FillConfig) -> None:
+        self.pipe = pipe
+        self.config = config
+
+    def fingerprint(self) -> str:
+        return flux_encoder_fingerprint(self.pipe, self.config, form="fill/distribution/v1")
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        pipe = self.pipe
+        prompt_embeds, pooled = encode_flux_prompt(
+            pipe, batch["prompt"], self.config.max_sequence_length
+        )
+        image = latent_distribution(pipe.vae, batch["image"])
+        masked = latent_distribution(pipe.vae, batch["masked_image"])
+        return {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "latents_mean": image["mean"],
+            "latents_std": image["std"],
+            "masked_latents_mean": masked["mean"],
+            "masked_latents_std": masked["std"],
+            "mask_latents": mask_latents_from_pixels(batch["mask"]).to(pipe.vae.dtype),
+        }
+
+
+class FillLoss:
+    """Flow matching on the target tokens (+ region weighting, + background preservation) for
+    one batch: the loop's ``compute_loss``."""
+
+    def __init__(
+        self, pipe: FluxFillPipeline, config: FillConfig, encoder: FillEncoder, encoded: bool
+    ):
+        self.pipe = pipe
+        self.config = config
+        self.encoder = encoder
+        self.batches_are_encoded = encoded
+
+    def sample_conditioning(self, encoded: dict, generator: torch.Generator) -> torch.Tensor:
+        """``[B, L, 320]``; draws the masked image's latents first, as the pipeline does."""
+        vae = self.pipe.vae.config
+        masked = sample_scaled_latents(
+            encoded["masked_latents_mean"],
+            encoded["masked_latents_std"],
+            generator,
+            vae.scaling_factor,
+            vae.shift_factor,
+        )
+        return fill_conditioning(self.pipe, masked, encoded["mask_latents"])
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        encoded = batch if self.batches_are_encoded else self.encoder(batch)
+        pipe, config = self.pipe, self.config
+        vae = pipe.vae.config
+        conditioning = self.sample_conditioning(encoded, generator)
+        x0 = sample_scaled_latents(
+            encoded["latents_mean"],
+            encoded["latents_std"],
+            generator,
+            vae.scaling_factor,
+            vae.shift_factor,
+        )
+        batch_size, _, height, width = x0.shape
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        sigmas = sample_sigmas(
+            config, batch_size, (height // 2) * (width // 2), pipe.scheduler.config, generator
+        )
+        x_t = noisy_latents(x0, noise, sigmas)
+        inputs = fill_transformer_inputs(
+            pipe,
+            x_t,
+            conditioning,
+            encoded["prompt_embeds"],
+            encoded["pooled_prompt_embeds"],
+            sigmas,
+            config.guidance_scale,
+        )
+        velocity = model(**inputs)[0].float()
+        target = pack(pipe, noise - x0).float()
+        pixel_mask = pixels_from_mask_latents(encoded["mask_latents"].float())
+        region = map_mask_to_latent(pixel_mask[:, 0]) if config.mask_loss.enabled else None
+        flow_matching = masked_flow_matching_loss(
+            velocity,
+            target,
+            region,
+            weighting=loss_weighting(config, sigmas),
+            **config.region_loss_weights(),
+        )
+        components = {"fm": flow_matching.detach()}
+        total = flow_matching
+        if config.background_preservation_weight:
+            scale = pipe.vae_scale_factor
+            x0_hat = pipe._unpack_latents(
+                predicted_x0(inputs["hidden_states"][..., :64].float(), velocity, sigmas),
+                height * scale,
+                width * scale,
+                scale,
+            )
+            background = background_preservation_mse_latent(
+                x0_hat,
+                x0.float(),
+                encoded["mask_latents"].float().mean(dim=1, keepdim=True),
+                band_r=config.band_r,
+            )
+            components["bg"] = background.detach()
+            total = total + config.background_preservation_weight * background
+        return total, components
+
+
+def fill_dataset(config: FillConfig, pipe: FluxFillPipeline):
+    """The raw examples (folder or HF dataset), or a precomputed folder (``manifest.json``)."""
+    if config.train_data_dir and (Path(config.train_data_dir) / MANIFEST_FILE).is_file():
+        vae = pipe.vae.config
+        scaling = VaeScaling(vae.scaling_factor, vae.shift_factor or 0.0)
+        return FillLatentDataset(config.train_data_dir, scaling, require_latents=True)
+    return inpainting_dataset(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(FillConfig, argv, description=__doc__)
+    accelerator = build_accelerator(config)
+    pipe = load_pipeline(FluxFillPipeline, config, accelerator, FLUX_ENCODERS)
+    transformer = pipe.transformer
+    add_lora(transformer, config, FLUX_LORA_LAYERS, FILL_LORA)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    dataset = fill_dataset(config, pipe)
+    encoder = FillEncoder(pipe, config)
+    precomputed = isinstance(dataset, FillLatentDataset)
+    items = (
+        dataset
+        if precomputed
+        else encoded_items(accelerator, config, dataset, encoder, collate_items)
+    )
+    validate = None
+    if precomputed:
+        logger.warning("validation images need raw images; none for a precomputed folder")
+    else:
+        validate = InpaintingValidation(
+            pipe,
+            dataset,
+            config,
+            accelerator,
+            {
+                "guidance_scale": config.guidance_scale,
+                "max_sequence_length": config.max_sequence_length,
+            },
+        )
+    parts = TrainingParts(
+        model=transformer,
+        dataset=items,
+        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        collate_fn=collate_items,
+        compute_loss=FillLoss(pipe, config, encoder, precomputed or config.cache_latents),
+        save_lora=FILL_LORA.save,
+        load_lora=FILL_LORA.load,
+        validate=validate,
+    )
+    train(accelerator, config, parts)
+
+
+if __name__ == "__main__":
+    main()

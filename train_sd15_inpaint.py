@@ -1,0 +1,287 @@
+"""Train a Stable Diffusion 1.5 inpainting LoRA (UNet, optionally the text encoder too).
+
+Each example is (image, mask, prompt): a folder in seed 004's JSONL format or a Hugging Face
+dataset. The UNet sees exactly what ``StableDiffusionInpaintPipeline`` feeds it: 9 channels,
+``cat([noisy latents, mask, masked-image latents])`` with the mask resized to the latent grid
+as the pipeline resizes it (nearest) and the masked image's latents sampled from the VAE and
+scaled; CLIP text embeddings at the tokenizer's 77 tokens; integer timesteps. The noise schedule
+and the prediction type (epsilon or v_prediction) come from the model's scheduler config; min-SNR
+weighting (--snr_gamma) and seed 000's mask-region weighting are available.
+
+    accelerate launch train_sd15_inpaint.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-inpainting \\
+        --train_data_dir my_inpainting --output_dir out --mixed_precision fp16 \\
+        --resolution 512 --max_train_steps 4000 --validation_steps 500
+
+then ``StableDiffusionInpaintPipeline.from_pretrained(...).load_lora_weights("out")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers.training_utils import compute_snr
+
+from data.cache import fingerprint
+from data.rows import collate_items
+from losses import downsample_mask_area, masked_flow_matching_loss
+from training.caching import encoded_items, encoder_weights
+from training.config import InpaintingDataConfig, RegionLossConfig, TrainConfig, parse_config
+from training.datasets import bucket_sampler, inpainting_dataset
+from training.latents import latent_distribution, sample_scaled_latents
+from training.loop import TrainingParts, train
+from training.lora import LoraFormat, add_lora, save_lora_components
+from training.runtime import build_accelerator, load_pipeline
+from training.validation import InpaintingValidation
+
+UNET_LORA = LoraFormat(StableDiffusionInpaintPipeline, "unet")
+TEXT_ENCODER_LORA = LoraFormat(StableDiffusionInpaintPipeline, "text_encoder")
+# diffusers' SD LoRA examples: the attention projections of the UNet and of CLIP.
+UNET_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(kw_only=True)
+class SD15InpaintConfig(RegionLossConfig, InpaintingDataConfig, TrainConfig):
+    """Train a Stable Diffusion 1.5 inpainting LoRA with optional min-SNR and region weighting."""
+
+    snr_gamma: float | None = None
+    """Min-SNR weighting gamma (5.0 is the paper's choice); None: unweighted MSE."""
+    train_text_encoder: bool = False
+    """Also train a LoRA on the CLIP text encoder's attention (its own default layers)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the validation pipeline (the pipeline's default)."""
+
+
+class InpaintDenoiser(torch.nn.Module):
+    """What the loop trains (and DDP wraps): the UNet, and the text encoder when it trains."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``sample: [B, 9, h, w]``, ``timestep: [B]`` integers; text as embeddings ``[B, 77,
+        D]`` or, with a trained text encoder, as token ids ``[B, 77]`` -> ``[B, 4, h, w]``."""
+        if self.text_encoder is not None:
+            encoder_hidden_states = self.text_encoder(input_ids)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def unet_inputs(
+    noisy: torch.Tensor, mask: torch.Tensor, masked_latents: torch.Tensor
+) -> torch.Tensor:
+    """``[B, 9, h, w]`` = ``cat([noisy [B, 4, h, w], mask, masked_latents [B, 4, h, w]])`` with
+    the pixel mask ``[B, 1, H, W]`` resized to ``(h, w)`` as the pipeline resizes it."""
+    latent_mask = F.interpolate(mask, size=noisy.shape[-2:]).to(noisy)
+    return torch.cat([noisy, latent_mask, masked_latents.to(noisy)], dim=1)
+
+
+def tokenize(pipe: StableDiffusionInpaintPipeline, prompts: list[str]) -> torch.Tensor:
+    """Token ids ``[B, 77]`` as the pipeline's ``encode_prompt`` makes them."""
+    tokenizer = pipe.tokenizer
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+
+
+class SD15Encoder:
+    """A batch of pixels and prompts -> what the loss needs: the prompt (CLIP embeddings, or
+    token ids when the text encoder trains), the VAE distributions of the image and of the masked
+    image, and the pixel mask."""
+
+    def __init__(self, pipe: StableDiffusionInpaintPipeline, config: SD15InpaintConfig) -> None:
+        self.pipe = pipe
+        self.config = config
+
+    def fingerprint(self) -> str:
+        pipe = self.pipe
+        return fingerprint(
+            model=self.config.pretrained_model_name_or_path,
+            weights=encoder_weights(
+                self.config.pretrained_model_name_or_path, ("vae", "text_encoder")
+            ),
+            vae=dict(pipe.vae.config),
+            text_encoder=pipe.text_encoder.config.to_dict(),
+            dtype=str(pipe.vae.dtype),
+            token_ids=self.config.train_text_encoder,
+            form="sd15-inpaint/distribution/v1",
+        )
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        pipe = self.pipe
+        if self.config.train_text_encoder:
+            prompt = {"input_ids": tokenize(pipe, batch["prompt"])}
+        else:
+            embeds = pipe.encode_prompt(batch["prompt"], pipe.text_encoder.device, 1, False)[0]
+            prompt = {"prompt_embeds": embeds}
+        image = latent_distribution(pipe.vae, batch["image"])
+        masked = latent_distribution(pipe.vae, batch["masked_image"])
+        return {
+            **prompt,
+            "latents_mean": image["mean"],
+            "latents_std": image["std"],
+            "masked_latents_mean": masked["mean"],
+            "masked_latents_std": masked["std"],
+            "mask": batch["mask"],
+        }
+
+
+class SD15Loss:
+    """Epsilon or v-prediction MSE (+ min-SNR, + region weighting) for one batch."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionInpaintPipeline,
+        config: SD15InpaintConfig,
+        encoder: SD15Encoder,
+        encoded: bool,
+    ) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.encoder = encoder
+        self.batches_are_encoded = encoded
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def sample_latents(self, encoded: dict, name: str, generator: torch.Generator):
+        return sample_scaled_latents(
+            encoded[f"{name}_mean"],
+            encoded[f"{name}_std"],
+            generator,
+            self.pipe.vae.config.scaling_factor,
+        )
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        encoded = batch if self.batches_are_encoded else self.encoder(batch)
+        config, scheduler = self.config, self.noise_scheduler
+        # The masked image is drawn first, as the pipeline draws it from its generator.
+        masked = self.sample_latents(encoded, "masked_latents", generator)
+        x0 = self.sample_latents(encoded, "latents", generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        timesteps = torch.randint(
+            0,
+            scheduler.config.num_train_timesteps,
+            (x0.shape[0],),
+            generator=generator,
+            device=x0.device,
+        )
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        prediction = model(
+            unet_inputs(noisy, encoded["mask"], masked),
+            timesteps,
+            encoder_hidden_states=encoded.get("prompt_embeds"),
+            input_ids=encoded.get("input_ids"),
+        ).float()
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = noise
+        region = None
+        if config.mask_loss.enabled:
+            region = downsample_mask_area(encoded["mask"], x0.shape[-2:]).flatten(1)
+        loss = masked_flow_matching_loss(
+            as_tokens(prediction),
+            as_tokens(target.float()),
+            region,
+            weighting=self.snr_weights(timesteps),
+            **config.region_loss_weights(),
+        )
+        return loss, {"mse": loss.detach()}
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma weights ``[B]`` as diffusers' examples compute them, or None."""
+        gamma = self.config.snr_gamma
+        if gamma is None:
+            return None
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=gamma)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return weights / (snr + 1)
+        return weights / snr
+
+
+def as_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w] -> [B, h * w, C]``, row-major, so latent pixels weigh as tokens do."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def add_text_encoder_lora(text_encoder: torch.nn.Module, config: SD15InpaintConfig) -> None:
+    """A LoRA on CLIP's attention; from --init_lora_weights when that file has one."""
+    init = config.init_lora_weights
+    if init is not None:
+        try:
+            TEXT_ENCODER_LORA.read(init)
+        except ValueError:
+            init = None  # a UNet-only file: the text encoder starts fresh
+    own = dataclasses.replace(config, lora_layers=None, init_lora_weights=init)
+    add_lora(text_encoder, own, TEXT_ENCODER_LORA_LAYERS, TEXT_ENCODER_LORA)
+
+
+def save_sd15_lora(model: InpaintDenoiser, folder: Path) -> None:
+    components = {"unet": model.unet}
+    if model.text_encoder is not None:
+        components["text_encoder"] = model.text_encoder
+    save_lora_components(StableDiffusionInpaintPipeline, components, folder)
+
+
+def load_sd15_lora(model: InpaintDenoiser, folder: Path) -> None:
+    UNET_LORA.load(model.unet, folder)
+    if model.text_encoder is not None:
+        TEXT_ENCODER_LORA.load(model.text_encoder, folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(SD15InpaintConfig, argv, description=__doc__)
+    accelerator = build_accelerator(config)
+    pipe = load_pipeline(
+        StableDiffusionInpaintPipeline, config, accelerator, ("vae", "text_encoder")
+    )
+    add_lora(pipe.unet, config, UNET_LORA_LAYERS, UNET_LORA)
+    text_encoder = None
+    if config.train_text_encoder:
+        text_encoder = pipe.text_encoder
+        add_text_encoder_lora(text_encoder, config)
+        text_encoder.train()
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+
+    dataset = inpainting_dataset(config)
+    encoder = SD15Encoder(pipe, config)
+    parts = TrainingParts(
+        model=InpaintDenoiser(pipe.unet, text_encoder),
+        dataset=encoded_items(accelerator, config, dataset, encoder, collate_items),
+        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        collate_fn=collate_items,
+        compute_loss=SD15Loss(pipe, config, encoder, config.cache_latents),
+        save_lora=save_sd15_lora,
+        load_lora=load_sd15_lora,
+        validate=InpaintingValidation(
+            pipe, dataset, config, accelerator, {"guidance_scale": config.guidance_scale}
+        ),
+    )
+    train(accelerator, config, parts)
+
+
+if __name__ == "__main__":
+    main()
