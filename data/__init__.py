@@ -7,6 +7,9 @@
   :class:`BucketBatchSampler` (one bucket per batch; deterministic, sharded, resumable);
 - :mod:`data.edit_pairs`: :class:`EditPairDataset` (folders with ``metadata.jsonl`` or Hugging
   Face datasets, validated up front), :func:`composite_overlay`, :func:`collate_edit_pairs`;
+- :mod:`data.multispectral`: :class:`MultispectralDataset` (multi-band TIFFs or folders of
+  16-bit band PNGs, leaf masks from PNGs or NaN no-data, ``--bands``), :func:`band_statistics`
+  (robust per-band normalisation over leaf pixels) and the synthetic leaf set;
 - :mod:`data.synthetic`: :func:`write_synthetic_dataset` and the Kontext insertion set.
 """
 
@@ -28,6 +31,15 @@ from data.images import (
     open_image,
     to_model_range,
 )
+from data.multispectral import (
+    BandStatistics,
+    LeafImage,
+    MultispectralDataset,
+    band_statistics,
+    find_leaf_images,
+    parse_bands,
+    write_multispectral_dataset,
+)
 from data.synthetic import (
     KontextExample,
     make_kontext_example,
@@ -36,6 +48,7 @@ from data.synthetic import (
 )
 
 __all__ = [
+    "BandStatistics",
     "BucketBatchSampler",
     "DataError",
     "EditPairDataset",
@@ -45,8 +58,12 @@ __all__ = [
     "HFRows",
     "ImageRef",
     "KontextExample",
+    "LeafImage",
+    "MultispectralDataset",
+    "band_statistics",
     "collate_edit_pairs",
     "composite_overlay",
+    "find_leaf_images",
     "fit_to_bucket",
     "image_size",
     "make_buckets",
@@ -54,7 +71,9 @@ __all__ = [
     "mask_to_tensor",
     "nearest_bucket",
     "open_image",
+    "parse_bands",
     "to_model_range",
     "write_kontext_dataset",
+    "write_multispectral_dataset",
     "write_synthetic_dataset",
 ]

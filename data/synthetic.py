@@ -6,6 +6,7 @@ answers known by construction. The Kontext insertion set: each example is a smoo
 mask region (``target``), the mask (0/255 PNG) and a prompt naming the object ("insert a red
 ball"). Backgrounds are muted (every channel in [80, 180]) and every object colour has a channel
 at most 40, so the target differs from the context on every mask pixel and nowhere else.
+The multispectral leaf set is written by :func:`data.multispectral.write_multispectral_dataset`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-Family = Literal["kontext"]
+from data.multispectral import write_multispectral_dataset
+
+Family = Literal["kontext", "multispectral"]
 
 OBJECT_COLOURS = {
     "red": (220, 40, 40),
@@ -174,11 +177,15 @@ def write_kontext_dataset(
     return _write_metadata(out, rows)
 
 
-SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {"kontext": write_kontext_dataset}
+SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {
+    "kontext": write_kontext_dataset,
+    "multispectral": write_multispectral_dataset,
+}
 
 
 def write_synthetic_dataset(
     family: Family, out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
 ) -> Path:
-    """Write the synthetic dataset of ``family`` into ``out``; returns its index file."""
+    """Write the synthetic dataset of ``family`` into ``out``; returns its index file
+    (``metadata.jsonl``; for ``multispectral``, the ``images`` folder)."""
     return SYNTHETIC_WRITERS[family](out, n=n, resolution=resolution, seed=seed)
