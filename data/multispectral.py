@@ -399,10 +399,11 @@ def synthetic_size(index: int, resolution: int) -> tuple[int, int]:
 
 
 def synthetic_leaf(
-    rng: np.random.Generator, height: int, width: int
+    rng: np.random.Generator, height: int, width: int, kind: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(pixels [5, H, W] reflectance, leaf [H, W] bool)``: a leaf with a midrib, shading and
-    sensor noise on a uniform background, its spectrum and the background's drawn from ``rng``."""
+    """``(pixels [5, H, W] reflectance, leaf [H, W] bool)``: a leaf of ``LEAF_SPECTRA[kind]`` with
+    a midrib, shading and sensor noise on a uniform background; its shape, orientation and the
+    background are drawn from ``rng``."""
     side = min(height, width)
     yy, xx = np.mgrid[0:height, 0:width] + 0.5
     centre_y = height / 2 + rng.uniform(-0.05, 0.05) * side
@@ -413,7 +414,7 @@ def synthetic_leaf(
     length, breadth = rng.uniform(0.32, 0.42) * side, rng.uniform(0.22, 0.3) * side
     wobble = 1 + 0.08 * np.sin(3 * np.arctan2(across, along) + rng.uniform(0, 2 * np.pi))
     leaf = (along / length) ** 2 + (across / breadth) ** 2 <= wobble**2
-    spectrum = np.asarray(LEAF_SPECTRA[rng.choice(list(LEAF_SPECTRA))])[:, None, None]
+    spectrum = np.asarray(LEAF_SPECTRA[kind])[:, None, None]
     background = np.asarray(BACKGROUND_SPECTRA[rng.choice(list(BACKGROUND_SPECTRA))])
     vein = np.where(
         np.abs(across) < max(side / 40, 0.75), np.asarray(VEIN_FACTOR)[:, None, None], 1
@@ -431,7 +432,8 @@ def write_multispectral_dataset(
     """Write ``n`` synthetic 5-band leaf images in the folder layout; the same seed gives the
     same files. Returns the ``images`` folder.
 
-    In turn: a planar TIFF with a mask PNG; a folder of 16-bit band PNGs with a mask PNG; a TIFF
+    Leaf kinds (healthy, stressed, senescent) take turns. Formats, in turn: a planar TIFF with
+    a mask PNG; a folder of 16-bit band PNGs with a mask PNG; a TIFF
     whose background is NaN (no-data) and which has no mask file. Sizes cycle through square,
     wider and shorter than ``resolution`` (see :func:`synthetic_size`). Values are reflectance
     x 10000 (float32 in TIFFs, uint16 in PNGs).
@@ -453,7 +455,10 @@ def write_multispectral_dataset(
     (out / "masks").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     for index in range(n):
-        reflectance, leaf = synthetic_leaf(rng, *synthetic_size(index, resolution))
+        # Every leaf kind in turn, shifted each round of three so that kinds and file formats
+        # do not coincide.
+        kind = list(LEAF_SPECTRA)[(index + index // 3) % len(LEAF_SPECTRA)]
+        reflectance, leaf = synthetic_leaf(rng, *synthetic_size(index, resolution), kind)
         values = (reflectance * REFLECTANCE_SCALE).astype(np.float32)
         name = f"{index:04d}"
         if index % 3 == 1:
