@@ -12,6 +12,9 @@
   :func:`random_inpainting_mask`;
 - :mod:`data.fill_latents`: :class:`FillLatentDataset`, seed 004's precomputed FLUX.1 Fill
   folders, and the 8x8 pixel-mask rearrangement the Fill pipeline uses;
+- :mod:`data.multispectral`: :class:`MultispectralDataset` (multi-band TIFFs or folders of
+  16-bit band PNGs, leaf masks from PNGs or NaN no-data, ``--bands``), :func:`band_statistics`
+  (robust per-band normalisation over leaf pixels) and the synthetic leaf set;
 - :mod:`data.synthetic`: :func:`write_synthetic_dataset` and the Kontext insertion set.
 """
 
@@ -32,6 +35,15 @@ from data.images import (
     to_model_range,
 )
 from data.inpainting import InpaintingDataset, random_inpainting_mask
+from data.multispectral import (
+    BandStatistics,
+    LeafImage,
+    MultispectralDataset,
+    band_statistics,
+    find_leaf_images,
+    parse_bands,
+    write_multispectral_dataset,
+)
 from data.rows import (
     BucketedRowDataset,
     FolderRows,
@@ -50,6 +62,7 @@ from data.synthetic import (
 
 __all__ = [
     "EDIT_PAIR_FIELDS",
+    "BandStatistics",
     "BucketBatchSampler",
     "BucketedRowDataset",
     "DataError",
@@ -60,12 +73,16 @@ __all__ = [
     "ImageRef",
     "InpaintingDataset",
     "KontextExample",
+    "LeafImage",
+    "MultispectralDataset",
     "Row",
     "RowFields",
     "RowSource",
     "VaeScaling",
+    "band_statistics",
     "collate_items",
     "composite_overlay",
+    "find_leaf_images",
     "fit_to_bucket",
     "image_size",
     "make_buckets",
@@ -74,9 +91,11 @@ __all__ = [
     "mask_to_tensor",
     "nearest_bucket",
     "open_image",
+    "parse_bands",
     "pixels_from_mask_latents",
     "random_inpainting_mask",
     "to_model_range",
     "write_kontext_dataset",
+    "write_multispectral_dataset",
     "write_synthetic_dataset",
 ]

@@ -8,6 +8,7 @@ object the prompt names. The Kontext insertion set: each example is a smooth bac
 mask region (``target``), the mask (0/255 PNG) and a prompt naming the object ("insert a red
 ball"). Backgrounds are muted (every channel in [80, 180]) and every object colour has a channel
 at most 40, so the target differs from the context on every mask pixel and nowhere else.
+The multispectral leaf set is written by :func:`data.multispectral.write_multispectral_dataset`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-Family = Literal["kontext", "flux-fill", "sd15-inpaint"]
+from data.multispectral import write_multispectral_dataset
+
+Family = Literal["kontext", "flux-fill", "sd15-inpaint", "multispectral"]
 
 OBJECT_COLOURS = {
     "red": (220, 40, 40),
@@ -222,11 +225,13 @@ SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {
     "kontext": write_kontext_dataset,
     "flux-fill": write_inpainting_dataset,
     "sd15-inpaint": write_inpainting_dataset,
+    "multispectral": write_multispectral_dataset,
 }
 
 
 def write_synthetic_dataset(
     family: Family, out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
 ) -> Path:
-    """Write the synthetic dataset of ``family`` into ``out``; returns its index file."""
+    """Write the synthetic dataset of ``family`` into ``out``; returns its index file
+    (``metadata.jsonl``; for ``multispectral``, the ``images`` folder)."""
     return SYNTHETIC_WRITERS[family](out, n=n, resolution=resolution, seed=seed)

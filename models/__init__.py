@@ -4,9 +4,11 @@
 cover (FLUX Kontext, FLUX Fill, Qwen-Image-Edit, SD1.5 inpainting) and the SD3 VAE, together with
 their parts (tokenizers, text encoders, VAEs, transformers), for offline CPU tests;
 ``write_tiny_models`` saves them where ``from_pretrained`` loads them, and ``write_tiny_dinov2``
-saves an image encoder for the embedding losses.
+saves an image encoder for the embedding losses. ``models.multispectral`` holds
+``AutoencoderKLMultispectralAdapter``, the SD3 VAE adapted to N-band images.
 """
 
+from models.multispectral import AutoencoderKLMultispectralAdapter
 from models.tiny import (
     TINY_MODEL_FACTORIES,
     tiny_autoencoder_kl,
@@ -32,6 +34,7 @@ from models.tiny import (
 
 __all__ = [
     "TINY_MODEL_FACTORIES",
+    "AutoencoderKLMultispectralAdapter",
     "tiny_autoencoder_kl",
     "tiny_clip_text_model",
     "tiny_clip_tokenizer",

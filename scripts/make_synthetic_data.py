@@ -1,6 +1,7 @@
 """Write a small synthetic dataset in the layout a family's training script reads.
 
 python scripts/make_synthetic_data.py --family kontext --out data/kontext-synthetic
+python scripts/make_synthetic_data.py --family multispectral --out data/leaves --n 12
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ def main(family: Family, out: Path, n: int = 8, resolution: int = 128, seed: int
     Args:
         family: model family whose data layout to write (kontext: an edit-pair folder of
             context/target/mask PNGs and metadata.jsonl, for object insertion; flux-fill and
-            sd15-inpaint: an inpainting folder of image/mask PNGs and metadata.jsonl).
+            sd15-inpaint: an inpainting folder of image/mask PNGs and metadata.jsonl;
+            multispectral: 5-band leaf images, as TIFFs or folders of 16-bit band PNGs, with
+            leaf masks or NaN no-data backgrounds).
         out: folder to write into; it must not already hold a dataset.
         n: number of examples.
-        resolution: side of the square examples; others are 1.25x longer on one side. A
-            multiple of 16.
+        resolution: side of the square examples; others are 1.25x longer on one side
+            (multispectral: wider, or 0.75x as tall; training crops or pads them). A multiple
+            of 16.
         seed: random seed.
     """
     index = write_synthetic_dataset(family, out, n=n, resolution=resolution, seed=seed)

@@ -97,10 +97,13 @@ def assert_same_tensors(expected: dict, got: dict) -> None:
 
 class TrainScript:
     """A train script under test, with the tiny model and data of a test module's ``assets``
-    folder (``assets/model``, ``assets/data``) and the flags every test run shares."""
+    folder (``assets/<model>``, ``assets/data``) and the flags every test run shares."""
 
-    def __init__(self, module, config_cls: type, resolution: int, **defaults) -> None:
+    def __init__(
+        self, module, config_cls: type, resolution: int, model: str = "model", **defaults
+    ) -> None:
         self.module = module
+        self.model = model
         self.file = f"{module.__name__}.py"
         self.config_cls = config_cls
         self.resolution = resolution
@@ -108,7 +111,7 @@ class TrainScript:
 
     def values(self, assets: Path, output_dir: Path, **overrides) -> dict:
         return {
-            "pretrained_model_name_or_path": assets / "model",
+            "pretrained_model_name_or_path": assets / self.model,
             "train_data_dir": assets / "data",
             "output_dir": output_dir,
             "resolution": self.resolution,
@@ -131,7 +134,7 @@ class TrainScript:
     def config(self, assets: Path, **overrides):
         """The script's config for the assets, as its ``main`` would parse it."""
         return self.config_cls(
-            pretrained_model_name_or_path=str(assets / "model"),
+            pretrained_model_name_or_path=str(assets / self.model),
             train_data_dir=str(assets / "data"),
             resolution=self.resolution,
             **overrides,

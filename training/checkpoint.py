@@ -132,8 +132,8 @@ def resolve_checkpoint(output_dir: str | Path, value: str | None) -> Path | None
     return folder
 
 
-# What a run writes into --output_dir besides its cache; --overwrite_output_dir removes these.
-_RUN_OUTPUTS = ("metrics.jsonl", "pytorch_lora_weights.safetensors", "validation", "logs")
+# The one folder --overwrite_output_dir keeps: latents keyed by content stay valid.
+_KEPT_ON_OVERWRITE = "cache"
 
 
 def prepare_output_dir(
@@ -143,8 +143,8 @@ def prepare_output_dir(
 
     A fresh run (no ``--resume_from_checkpoint``) in a folder holding checkpoints would mix two
     runs: ``latest`` could later resume the other run's weights. It raises ``ValueError`` unless
-    ``overwrite`` (--overwrite_output_dir), which deletes the earlier run's checkpoints and
-    outputs (the latent cache stays; it is keyed by content) on the main process.
+    ``overwrite`` (--overwrite_output_dir), which deletes everything the earlier run left in the
+    folder but its latent cache (keyed by content, so still valid), on the main process.
     """
     root = Path(output_dir)
     existing = complete_checkpoints(root)
@@ -158,10 +158,12 @@ def prepare_output_dir(
             "them and start afresh, or choose another --output_dir."
         )
     if is_main_process:
-        for path in [folder for _, folder in existing] + [root / name for name in _RUN_OUTPUTS]:
-            if path.is_dir():
+        for path in root.iterdir():
+            if path.name == _KEPT_ON_OVERWRITE:
+                continue
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists():
+            else:
                 path.unlink()
         logger.info("--overwrite_output_dir: removed the earlier run's outputs from %s", root)
 

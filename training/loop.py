@@ -7,7 +7,7 @@ family's loss for one batch; everything a run does between batches happens here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,9 @@ LossFn = Callable[
 class TrainingParts:
     """What a script builds for the loop. ``sampler`` is a ``data.BucketBatchSampler`` (or any
     batch sampler with ``set_epoch(epoch, start_batch)`` and ``batches_per_epoch``) yielding this
-    rank's batches, a multiple of --gradient_accumulation_steps per epoch."""
+    rank's batches, a multiple of --gradient_accumulation_steps per epoch. ``validate(model, step)``
+    runs on the main process; a mapping it returns (metric name -> number) joins that step's
+    record in metrics.jsonl."""
 
     model: torch.nn.Module
     dataset: Dataset
@@ -45,7 +47,7 @@ class TrainingParts:
     compute_loss: LossFn
     save_lora: Callable[[torch.nn.Module, Path], None]
     load_lora: Callable[[torch.nn.Module, Path], None]
-    validate: Callable[[torch.nn.Module, int], None] | None = None
+    validate: Callable[[torch.nn.Module, int], Mapping[str, float] | None] | None = None
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -176,14 +178,14 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
                 },
             }
             sums = {}
+            if _validation_due(config, progress.global_step, max_steps):
+                record.update(_validate(accelerator, parts, model, progress.global_step))
             metrics.write(record)
             accelerator.log(record, step=progress.global_step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if progress.global_step % config.checkpointing_steps == 0:
                 checkpointer.save(progress)
-            if _validation_due(config, progress.global_step, max_steps):
-                _validate(accelerator, parts, model, progress.global_step)
             if progress.global_step >= max_steps:
                 break
         else:
@@ -218,14 +220,17 @@ def _validation_due(config: TrainConfig, step: int, max_steps: int) -> bool:
     return step % config.validation_steps == 0 or step == max_steps
 
 
-def _validate(accelerator: Accelerator, parts: TrainingParts, model, step: int) -> None:
+def _validate(accelerator: Accelerator, parts: TrainingParts, model, step: int) -> dict:
+    """Run ``parts.validate`` on the main process; the metrics it returned ({} elsewhere)."""
+    results = None
     if parts.validate is not None and accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         with torch.no_grad():
-            parts.validate(unwrapped, step)
+            results = parts.validate(unwrapped, step)
         unwrapped.train()
     accelerator.wait_for_everyone()
+    return dict(results) if isinstance(results, Mapping) else {}
 
 
 def _tracker_config(config: TrainConfig) -> dict:
