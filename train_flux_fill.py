@@ -35,7 +35,7 @@ from data.fill_latents import (
 )
 from data.rows import collate_items
 from losses import background_preservation_mse_latent, map_mask_to_latent, masked_flow_matching_loss
-from training.caching import encoded_items
+from training.caching import encoded_items, offload_after_caching
 from training.config import (
     FlowMatchingConfig,
     FluxConfig,
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
                 "max_sequence_length": config.max_sequence_length,
             },
         )
+    validate = offload_after_caching(
+        config, [getattr(pipe, name) for name in FLUX_ENCODERS], accelerator.device, validate
+    )
     parts = TrainingParts(
         model=transformer,
         dataset=items,

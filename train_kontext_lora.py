@@ -36,7 +36,7 @@ from losses import (
     geometry_starter_loss,
     masked_flow_matching_loss,
 )
-from training.caching import encoded_items, encoder_weights
+from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     EditPairDataConfig,
     FlowMatchingConfig,
@@ -411,7 +411,13 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=KontextLoss(pipe, config, encoder, embedder, config.cache_latents),
         save_lora=KONTEXT_LORA.save,
         load_lora=KONTEXT_LORA.load,
-        validate=KontextValidation(pipe, dataset, config, accelerator),
+        validate=offload_after_caching(
+            config,
+            # With an image encoder the loss decodes predictions: the VAE stays.
+            [pipe.text_encoder, pipe.text_encoder_2] + ([] if embedder else [pipe.vae]),
+            accelerator.device,
+            KontextValidation(pipe, dataset, config, accelerator),
+        ),
     )
     train(accelerator, config, parts)
 

@@ -30,7 +30,7 @@ from diffusers.training_utils import compute_snr
 from data.cache import fingerprint
 from data.rows import collate_items
 from losses import downsample_mask_area, masked_flow_matching_loss
-from training.caching import encoded_items, encoder_weights
+from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import InpaintingDataConfig, RegionLossConfig, TrainConfig, parse_config
 from training.datasets import bucket_sampler, inpainting_dataset
 from training.latents import latent_distribution, sample_scaled_latents
@@ -276,8 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=SD15Loss(pipe, config, encoder, config.cache_latents),
         save_lora=save_sd15_lora,
         load_lora=load_sd15_lora,
-        validate=InpaintingValidation(
-            pipe, dataset, config, accelerator, {"guidance_scale": config.guidance_scale}
+        validate=offload_after_caching(
+            config,
+            # A trained text encoder is part of the model, not an encoder to offload.
+            [pipe.vae] + ([] if config.train_text_encoder else [pipe.text_encoder]),
+            accelerator.device,
+            InpaintingValidation(
+                pipe, dataset, config, accelerator, {"guidance_scale": config.guidance_scale}
+            ),
         ),
     )
     train(accelerator, config, parts)

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from data.multispectral import write_multispectral_dataset
 
-Family = Literal["kontext", "flux-fill", "sd15-inpaint", "multispectral"]
+Family = Literal["kontext", "qwen-edit", "flux-fill", "sd15-inpaint", "multispectral"]
 
 OBJECT_COLOURS = {
     "red": (220, 40, 40),
@@ -147,13 +147,17 @@ def _write_examples(
     n: int,
     resolution: int,
     seed: int,
+    make: Callable[[np.random.Generator, int, int], dict],
     files: dict[str, tuple[str, str]],
-    prompt: Callable[[str], str],
+    side_files: dict[str, str] | None = None,
+    prompt: Callable[[str], str] = str,
 ) -> Path:
-    """Write ``n`` insertion examples as a folder with ``metadata.jsonl``.
+    """Write ``n`` examples drawn by ``make(rng, height, width)`` (images and a ``prompt``) as a
+    folder with ``metadata.jsonl``.
 
-    ``files`` maps each row field to (path pattern with the index, ``KontextExample``
-    attribute written there); the row's prompt is ``prompt(example.prompt)``.
+    ``files`` maps each row field to (path pattern with the index, key of the image written
+    there); ``side_files`` maps path patterns to images written but not listed in the rows; the
+    row's prompt is ``prompt(example["prompt"])``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -165,14 +169,19 @@ def _write_examples(
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(n):
-        example = make_kontext_example(rng, *example_size(index, resolution))
-        row = {}
-        for field, (pattern, attribute) in files.items():
-            row[field] = pattern.format(index)
-            (out / row[field]).parent.mkdir(parents=True, exist_ok=True)
-            getattr(example, attribute).save(out / row[field])
-        rows.append({**row, "prompt": prompt(example.prompt)})
+        example = make(rng, *example_size(index, resolution))
+        row = {field: pattern.format(index) for field, (pattern, _) in files.items()}
+        written = {pattern.format(index): key for pattern, key in (side_files or {}).items()}
+        written |= {row[field]: key for field, (_, key) in files.items()}
+        for path, key in written.items():
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            example[key].save(out / path)
+        rows.append({**row, "prompt": prompt(example["prompt"])})
     return _write_metadata(out, rows)
+
+
+def _kontext_example(rng: np.random.Generator, height: int, width: int) -> dict:
+    return vars(make_kontext_example(rng, height, width))
 
 
 def write_kontext_dataset(
@@ -193,7 +202,7 @@ def write_kontext_dataset(
         "mask": ("masks/{:04d}.png", "mask"),
     }
     return _write_examples(
-        out, n=n, resolution=resolution, seed=seed, files=files, prompt=lambda text: text
+        out, n=n, resolution=resolution, seed=seed, make=_kontext_example, files=files
     )
 
 
@@ -216,13 +225,70 @@ def write_inpainting_dataset(
         n=n,
         resolution=resolution,
         seed=seed,
+        make=_kontext_example,
         files=files,
         prompt=lambda text: text.removeprefix("insert "),
     )
 
 
+TEXT_WORDS = ("CAFE", "OPEN", "SALE", "BAR", "HOTEL", "EXIT", "BOOKS", "TAXI")
+TEXT_COLOURS = {"red": (200, 30, 30), "blue": (30, 50, 200), "black": (20, 20, 20)}
+
+
+def make_text_edit(rng: np.random.Generator, height: int, width: int) -> dict:
+    """One text edit: a background with a pale sign (``context``), the same with a word written
+    on the sign (``target``), the word's box (``mask``, 0/255) and the instruction."""
+    background = smooth_background(rng, height, width)
+    sign_height = round(rng.uniform(0.3, 0.45) * height)
+    sign_width = round(rng.uniform(0.6, 0.85) * width)
+    top = int(rng.integers(0, height - sign_height + 1))
+    left = int(rng.integers(0, width - sign_width + 1))
+    context = Image.fromarray(np.rint(background).astype(np.uint8))
+    draw = ImageDraw.Draw(context)
+    draw.rectangle((left, top, left + sign_width - 1, top + sign_height - 1), fill=(235, 230, 215))
+    word = str(rng.choice(TEXT_WORDS))
+    colour = str(rng.choice(list(TEXT_COLOURS)))
+    font = ImageFont.load_default(size=max(8, sign_height // 2))
+    target = context.copy()
+    box = ImageDraw.Draw(target).textbbox((0, 0), word, font=font)
+    x = left + (sign_width - (box[2] - box[0])) // 2 - box[0]
+    y = top + (sign_height - (box[3] - box[1])) // 2 - box[1]
+    ImageDraw.Draw(target).text((x, y), word, font=font, fill=TEXT_COLOURS[colour])
+    drawn = np.any(np.asarray(target) != np.asarray(context), axis=-1)
+    rows, cols = np.nonzero(drawn)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = 255
+    prompt = f'write "{word}" in {colour} on the sign'
+    return {"context": context, "target": target, "mask": Image.fromarray(mask), "prompt": prompt}
+
+
+def write_text_edit_dataset(
+    out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
+) -> Path:
+    """Write ``n`` text edits as a Qwen-Image-Edit folder, masks in seed 000's parallel layout.
+
+    Layout: ``images/NNNN_context.png``, ``images/NNNN_target.png``, ``metadata.jsonl`` rows
+    ``{"context", "target", "prompt"}`` and ``text_masks/NNNN_target.png``, the text's box named
+    after its target (read with ``data.use_text_mask``).
+    """
+    files = {
+        "context": ("images/{:04d}_context.png", "context"),
+        "target": ("images/{:04d}_target.png", "target"),
+    }
+    return _write_examples(
+        out,
+        n=n,
+        resolution=resolution,
+        seed=seed,
+        make=make_text_edit,
+        files=files,
+        side_files={"text_masks/{:04d}_target.png": "mask"},
+    )
+
+
 SYNTHETIC_WRITERS: dict[str, Callable[..., Path]] = {
     "kontext": write_kontext_dataset,
+    "qwen-edit": write_text_edit_dataset,
     "flux-fill": write_inpainting_dataset,
     "sd15-inpaint": write_inpainting_dataset,
     "multispectral": write_multispectral_dataset,

@@ -14,8 +14,8 @@ so any prompt tokenizes without a download.
 
 from __future__ import annotations
 
+import json
 import string
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +30,7 @@ from diffusers import (
     FluxTransformer2DModel,
     PNDMScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImageTransformer2DModel,
     StableDiffusionInpaintPipeline,
     UNet2DConditionModel,
@@ -46,13 +47,12 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
 )
-from transformers.utils import is_torchvision_available
+
+from models.qwen_processor import Qwen2VLImageOnlyProcessor
 
 # Words with whole-word tokens, so that typical prompts are not all single symbols; any other
 # text still tokenizes through the byte alphabet (BPE) or the unknown token (T5).
@@ -346,23 +346,12 @@ def tiny_qwen2_vl_image_processor() -> Qwen2VLImageProcessor:
     )
 
 
-def tiny_qwen2_vl_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
-    """The ``Qwen2VLProcessor`` that ``QwenImageEditPipeline`` calls: ``tokenizer`` with image and
-    video processors of the same geometry and pixel budget.
-
-    Needs torchvision: transformers builds every ``Qwen2VLProcessor`` with a video processor, and
-    its video processors exist only with torchvision (without it this raises transformers'
-    ``ImportError`` saying so).
-    """
-    return Qwen2VLProcessor(
-        image_processor=tiny_qwen2_vl_image_processor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(
-            patch_size=QWEN_VISION_PATCH,
-            temporal_patch_size=2,
-            merge_size=QWEN_VISION_MERGE,
-            size=dict(QWEN_VISION_SIZE),
-        ),
+def tiny_qwen2_vl_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLImageOnlyProcessor:
+    """The vision-language processor ``QwenImageEditPipeline`` calls: ``tokenizer`` with the tiny
+    image processor. Image-only (``models.qwen_processor``), so it needs no torchvision;
+    ``write_tiny_models`` saves it in the layout of a real checkpoint's ``processor/`` folder."""
+    return Qwen2VLImageOnlyProcessor(
+        image_processor=tiny_qwen2_vl_image_processor(), tokenizer=tokenizer
     )
 
 
@@ -441,20 +430,52 @@ def tiny_qwen_image_transformer(seed: int = 0) -> QwenImageTransformer2DModel:
         ).eval()
 
 
-def tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
-    """A ``QwenImageEditPipeline`` whose Qwen2.5-VL text encoder also sees the context image.
-
-    Needs torchvision (see ``tiny_qwen2_vl_processor``).
-    """
+def _tiny_qwen_edit_components(seed: int) -> dict[str, object]:
+    """Every ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline`` component."""
     tokenizer = tiny_qwen2_tokenizer()
-    return QwenImageEditPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
-        vae=tiny_qwen_image_vae(seed),
-        text_encoder=tiny_qwen2_5_vl_text_encoder(tokenizer, seed),
-        tokenizer=tokenizer,
-        processor=tiny_qwen2_vl_processor(tokenizer),
-        transformer=tiny_qwen_image_transformer(seed),
-    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+        "vae": tiny_qwen_image_vae(seed),
+        "text_encoder": tiny_qwen2_5_vl_text_encoder(tokenizer, seed),
+        "tokenizer": tokenizer,
+        "processor": tiny_qwen2_vl_processor(tokenizer),
+        "transformer": tiny_qwen_image_transformer(seed),
+    }
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0) -> QwenImageEditPipeline:
+    """A ``QwenImageEditPipeline`` whose Qwen2.5-VL text encoder also sees the context image."""
+    return QwenImageEditPipeline(**_tiny_qwen_edit_components(seed))
+
+
+def tiny_qwen_image_edit_plus_pipeline(seed: int = 0) -> QwenImageEditPlusPipeline:
+    """A ``QwenImageEditPlusPipeline`` (Edit-2509/2511: the vision-language encoder sees the
+    condition at 384x384 area, the VAE at 1024x1024), with the same components."""
+    return QwenImageEditPlusPipeline(**_tiny_qwen_edit_components(seed))
+
+
+def _as_checkpoint_processor(folder: Path) -> None:
+    """Make a saved tiny Qwen pipeline's processor look as a real checkpoint's: the standard
+    ``Qwen2VLProcessor`` class in ``model_index.json`` and ``processor_config.json``, with a video
+    processor of the image processor's geometry, so that transformers loads it as usual where
+    torchvision is installed (and ``load_image_only_processor`` reads it anywhere)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    config_path = folder / "processor" / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    image = config["image_processor"]
+    config["video_processor"] = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "patch_size": image["patch_size"],
+        "temporal_patch_size": image["temporal_patch_size"],
+        "merge_size": image["merge_size"],
+        "size": image["size"],
+        "image_mean": image["image_mean"],
+        "image_std": image["image_std"],
+    }
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def tiny_sd15_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
@@ -500,6 +521,7 @@ TINY_MODEL_FACTORIES = {
     "flux-kontext": tiny_flux_kontext_pipeline,
     "flux-fill": tiny_flux_fill_pipeline,
     "qwen-image-edit": tiny_qwen_image_edit_pipeline,
+    "qwen-image-edit-plus": tiny_qwen_image_edit_plus_pipeline,
     "sd15-inpaint": tiny_sd15_inpaint_pipeline,
     "sd3-vae": tiny_sd3_vae,
 }
@@ -509,22 +531,18 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Build every tiny model with ``seed`` and save it under ``out_dir/<name>``.
 
     Returns ``{name: folder}`` for ``flux-kontext``, ``flux-fill``, ``qwen-image-edit``,
-    ``sd15-inpaint`` (pipelines) and ``sd3-vae`` (an ``AutoencoderKL``), each loadable with its
-    class's ``from_pretrained(folder)``. Without torchvision ``qwen-image-edit`` cannot be built
-    (see ``tiny_qwen2_vl_processor``): it is left out, with a warning.
+    ``qwen-image-edit-plus``, ``sd15-inpaint`` (pipelines) and ``sd3-vae`` (an
+    ``AutoencoderKL``). Each loads with its class's ``from_pretrained(folder)``; the Qwen
+    pipelines name the standard ``Qwen2VLProcessor``, which transformers builds only with
+    torchvision, so without it pass ``processor=load_image_only_processor(folder)``.
     """
     out_dir = Path(out_dir)
     folders = {}
     for name, factory in TINY_MODEL_FACTORIES.items():
-        if name == "qwen-image-edit" and not is_torchvision_available():
-            warnings.warn(
-                f"not writing {out_dir / name}: QwenImageEditPipeline's Qwen2VLProcessor needs "
-                "torchvision, which is not installed",
-                stacklevel=2,
-            )
-            continue
         folders[name] = out_dir / name
         factory(seed).save_pretrained(folders[name])
+        if name.startswith("qwen"):
+            _as_checkpoint_processor(folders[name])
     return folders
 
 

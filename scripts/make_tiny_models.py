@@ -2,8 +2,9 @@
 
     python scripts/make_tiny_models.py --out tiny-models [--seed 0]
 
-writes ``flux-kontext``, ``flux-fill``, ``qwen-image-edit``, ``sd15-inpaint`` (diffusers pipelines)
-and ``sd3-vae`` (an ``AutoencoderKL``) under ``--out``; see ``models/tiny.py`` for what each holds.
+writes ``flux-kontext``, ``flux-fill``, ``qwen-image-edit``, ``qwen-image-edit-plus``,
+``sd15-inpaint`` (diffusers pipelines) and ``sd3-vae`` (an ``AutoencoderKL``) under ``--out``;
+see ``models/tiny.py`` for what each holds.
 Nothing is downloaded: weights are random and tokenizers are built from a small vocabulary.
 """
 

@@ -14,6 +14,7 @@ from script_runs import ROOT
     [
         ("kontext_step.py", ["flow matching only", "all losses"]),
         ("inpaint_step.py", ["Fill: + region + bg", "SD1.5: + region"]),
+        ("qwen_edit_step.py", ["+ mask loss", "uncached (pixels)"]),
     ],
 )
 def test_benchmark_runs(script, variants):

@@ -17,6 +17,7 @@ from diffusers import (
     FluxKontextPipeline,
     PNDMScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     StableDiffusionInpaintPipeline,
 )
 from PIL import Image
@@ -36,21 +37,19 @@ from models import (
     tiny_qwen2_5_vl_text_encoder,
     tiny_qwen2_tokenizer,
     tiny_qwen2_vl_image_processor,
+    tiny_qwen2_vl_processor,
     tiny_qwen_image_transformer,
     tiny_qwen_image_vae,
     tiny_sd3_vae,
     tiny_sd15_inpaint_pipeline,
     write_tiny_models,
 )
+from models.qwen_processor import load_image_only_processor
 from models.tiny import FLUX_DEV_SCHEDULER, QWEN_IMAGE_SCHEDULER, QWEN_VISION_MERGE
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Replace the cat with a small dog, keep the sofa!"
 ODD_PROMPT = 'Put a "naïve" café sign (50% off) on the wall — 東京, ☕ & ß?'
-needs_torchvision = pytest.mark.skipif(
-    not is_torchvision_available(),
-    reason="transformers' Qwen2VLProcessor needs a video processor, which needs torchvision",
-)
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +156,20 @@ def test_sd15_inpaint_loads_and_inpaints(tiny_models):
     _assert_inpaints(pipe)
 
 
-@needs_torchvision
-def test_qwen_image_edit_loads_and_edits(tiny_models):
-    pipe = QwenImageEditPipeline.from_pretrained(tiny_models["qwen-image-edit"])
+@pytest.mark.parametrize(
+    "name,pipeline_cls",
+    [
+        ("qwen-image-edit", QwenImageEditPipeline),
+        ("qwen-image-edit-plus", QwenImageEditPlusPipeline),
+    ],
+)
+def test_qwen_image_edit_loads_and_edits_without_torchvision(tiny_models, name, pipeline_cls):
+    folder = tiny_models[name]
+    assert pipeline_cls.load_config(folder)["_class_name"] == pipeline_cls.__name__
+    assert pipeline_cls.load_config(folder)["processor"] == ["transformers", "Qwen2VLProcessor"]
+    processor = load_image_only_processor(str(folder))
+    assert processor.get_attributes() == ["image_processor", "tokenizer"]
+    pipe = pipeline_cls.from_pretrained(folder, processor=processor)
     assert pipe.vae_scale_factor == 8
     images = pipe(
         image=_image(64, 96),
@@ -174,17 +184,32 @@ def test_qwen_image_edit_loads_and_edits(tiny_models):
     _assert_image(images, 64, 96)
 
 
-@pytest.mark.skipif(is_torchvision_available(), reason="only without torchvision")
-def test_qwen_image_edit_left_out_with_a_warning_without_torchvision(tmp_path):
-    with pytest.warns(UserWarning, match="qwen-image-edit.*torchvision"):
-        folders = write_tiny_models(tmp_path)
-    assert set(folders) == set(TINY_MODEL_FACTORIES) - {"qwen-image-edit"}
-    assert not (tmp_path / "qwen-image-edit").exists()
+@pytest.mark.skipif(not is_torchvision_available(), reason="transformers' own processor loading")
+def test_qwen_image_edit_loads_as_a_checkpoint_with_torchvision(tiny_models):
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_models["qwen-image-edit"])
+    assert type(pipe.processor).__name__ == "Qwen2VLProcessor"
+
+
+def test_image_only_processor_matches_the_image_processor_and_tokenizer():
+    """The processor expands the image placeholder to the image's vision tokens, as the full
+    Qwen2-VL processor does, and passes the image processor's pixels through."""
+    tokenizer = tiny_qwen2_tokenizer()
+    image_processor = tiny_qwen2_vl_image_processor()
+    processor = tiny_qwen2_vl_processor(tokenizer)
+    context = _image(1024, 768)
+    text = f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}"
+    inputs = processor(text=[text], images=[context], return_tensors="pt")
+    vision = image_processor(images=[context], return_tensors="pt")
+    n_image_tokens = int(vision["image_grid_thw"].prod()) // QWEN_VISION_MERGE**2
+    expanded = text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens)
+    assert inputs["input_ids"].tolist() == tokenizer([expanded]).input_ids
+    assert torch.equal(inputs["pixel_values"], vision["pixel_values"])
+    assert torch.equal(inputs["image_grid_thw"], vision["image_grid_thw"])
 
 
 def test_qwen_components_run_the_edit_pipeline():
-    """Everything but the processor (which needs torchvision): the text encoder reads an image
-    the way the processor lays it out, and the pipeline denoises from its hidden states."""
+    """The text encoder reads an image the way the processor lays it out, and the pipeline
+    denoises from its hidden states."""
     tokenizer = tiny_qwen2_tokenizer()
     image_processor = tiny_qwen2_vl_image_processor()
     components = _qwen_components(seed=0)
@@ -392,8 +417,6 @@ def test_script_writes_every_family(tmp_path):
     result = _script("--out", str(tmp_path), "--seed", "3")
     assert result.returncode == 0, result.stderr
     expected = set(TINY_MODEL_FACTORIES)
-    if not is_torchvision_available():
-        expected.discard("qwen-image-edit")
     assert {path.name for path in tmp_path.iterdir()} == expected
     for name in expected - {"sd3-vae"}:
         assert (tmp_path / name / "model_index.json").is_file()

@@ -76,6 +76,45 @@ def encoded_items(
     return CachedItems(dataset, cache)
 
 
+class EncoderOffload:
+    """Frozen encoders kept on the CPU once the cache is full (--offload_encoders), brought back
+    to the training device around each validation, which runs the whole pipeline."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], device: torch.device) -> None:
+        self.modules = list(modules)
+        self.device = device
+
+    def offload(self) -> None:
+        for module in self.modules:
+            module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def around(self, validate: Callable) -> Callable:
+        """``validate`` with the encoders on the device while it runs."""
+
+        def validate_on_device(model, step):
+            for module in self.modules:
+                module.to(self.device)
+            try:
+                return validate(model, step)
+            finally:
+                self.offload()
+
+        return validate_on_device
+
+
+def offload_after_caching(config, modules: Sequence[torch.nn.Module], device, validate):
+    """With --offload_encoders, move ``modules`` to the CPU now and return ``validate`` wrapped
+    to bring them back while it runs; otherwise ``validate`` unchanged."""
+    if not config.offload_encoders:
+        return validate
+    offload = EncoderOffload(modules, device)
+    offload.offload()
+    logger.info("encoders offloaded to the CPU; the device holds the denoiser alone")
+    return validate and offload.around(validate)
+
+
 class CachedItems(Dataset):
     """The items of ``dataset`` as stored in ``cache``: its tensors plus ``index``."""
 

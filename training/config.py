@@ -16,8 +16,10 @@ import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -113,6 +115,9 @@ class TrainConfig:
     """Encode latents and prompts once and keep them in a safetensors cache (see cache_dir)."""
     cache_dir: str | None = None
     """Folder of the latent/prompt cache; defaults to <output_dir>/cache."""
+    offload_encoders: bool = False
+    """With --cache_latents: once the cache is full, keep the text encoders and the VAE on the
+    CPU (on the GPU only while validating), so the GPU holds the denoiser alone."""
     dataloader_num_workers: int = 0
     """DataLoader worker processes."""
 
@@ -126,6 +131,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpointing_steps < 1:
             raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        if self.offload_encoders and not self.cache_latents:
+            raise ValueError("--offload_encoders needs --cache_latents: training would encode")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
@@ -198,9 +205,19 @@ class RegionLossConfig:
         }
 
 
+@dataclass
+class TextMaskSettings:
+    """Seed 000's data block: where text masks come from."""
+
+    use_text_mask: bool = False
+    """Load text masks: a row's 'mask', else <dataset>/<mask_dir_name>/<target stem>.png|jpg."""
+    mask_dir_name: str = "text_masks"
+    """Folder of the dataset holding masks named after their targets."""
+
+
 @dataclass(kw_only=True)
-class EditPairDataConfig:
-    """Column names of an edit-pair Hugging Face dataset (--dataset_name)."""
+class ImagePairDataConfig:
+    """Column names of a Hugging Face dataset of (context, target, mask, prompt) rows."""
 
     context_column: str = "context"
     """Column with the context (source) image."""
@@ -210,10 +227,26 @@ class EditPairDataConfig:
     """Column with the edit mask (white = edited region)."""
     prompt_column: str = "prompt"
     """Column with the edit instruction."""
-    overlay_column: str | None = "overlay"
-    """Optional column with an overlay negative; composited from source and target when absent."""
     dataset_split: str = "train"
     """Split of the Hugging Face dataset."""
+
+
+@dataclass(kw_only=True)
+class EditPairDataConfig(ImagePairDataConfig):
+    """Column names of an edit-pair Hugging Face dataset (--dataset_name)."""
+
+    overlay_column: str | None = "overlay"
+    """Optional column with an overlay negative; composited from source and target when absent."""
+
+
+@dataclass(kw_only=True)
+class TextEditDataConfig(ImagePairDataConfig):
+    """Instruction-edit data with seed 000's optional text masks."""
+
+    data: TextMaskSettings = field(default_factory=TextMaskSettings)
+    """Seed 000's data block: use_text_mask, mask_dir_name (YAML: nested, init_args allowed)."""
+    strict_masks: bool = False
+    """With data.use_text_mask, refuse rows without a mask instead of training them plainly."""
 
 
 def _bool_fields(cls: type, prefix: str = "") -> set[str]:
@@ -238,11 +271,11 @@ def _normalise_argv(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
     while i < len(args):
         token = args[i]
         if token.startswith("--config="):
-            configs.append(token)
+            configs += ["--config", _without_init_args(token.split("=", 1)[1])]
             i += 1
             continue
         if token == "--config" and i + 1 < len(args):
-            configs += args[i : i + 2]
+            configs += ["--config", _without_init_args(args[i + 1])]
             i += 2
             continue
         out.append(token)
@@ -252,6 +285,25 @@ def _normalise_argv(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
                 out.append("true")
         i += 1
     return configs + out
+
+
+def _without_init_args(path: str) -> str:
+    """``path``, or, when the YAML file nests a block's settings under ``init_args`` (seed 000
+    writes ``data: {init_args: {use_text_mask: ...}}``, a LightningCLI habit), the file's content
+    with those settings lifted into the block, as a YAML string ``--config`` also accepts."""
+    file = Path(path)
+    if not file.is_file():
+        return path
+    content = yaml.safe_load(file.read_text())
+    if not isinstance(content, dict) or not any(
+        isinstance(value, dict) and "init_args" in value for value in content.values()
+    ):
+        return path
+    lifted = {
+        key: value["init_args"] if isinstance(value, dict) and "init_args" in value else value
+        for key, value in content.items()
+    }
+    return yaml.safe_dump(lifted)
 
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None):

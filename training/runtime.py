@@ -73,12 +73,17 @@ def _configure_logging(accelerator: Accelerator) -> None:
 
 
 def load_pipeline(
-    pipeline_cls, config: TrainConfig, accelerator: Accelerator, frozen: Sequence[str]
+    pipeline_cls,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    frozen: Sequence[str],
+    **components,
 ):
     """The family's pipeline from --pretrained_model_name_or_path in the --mixed_precision dtype,
-    on the accelerator's device, with its ``frozen`` components (encoders) frozen in eval mode."""
+    on the accelerator's device, with its ``frozen`` components (encoders) frozen in eval mode;
+    ``components`` replace the checkpoint's own (as ``from_pretrained`` takes them)."""
     pipe = pipeline_cls.from_pretrained(
-        config.pretrained_model_name_or_path, dtype=weight_dtype(config)
+        config.pretrained_model_name_or_path, dtype=weight_dtype(config), **components
     ).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     for name in frozen:

@@ -6,7 +6,8 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from data.cache import TensorCache
-from training.caching import CachedItems, fill_cache
+from training.caching import CachedItems, EncoderOffload, fill_cache, offload_after_caching
+from training.config import TrainConfig
 
 
 class KeyedItems(Dataset):
@@ -119,3 +120,43 @@ class TestCachedItems:
         items = CachedItems(dataset, cache)
         assert torch.equal(items[1]["z"], torch.full((2,), 8.0))
         assert "pixels" not in items[1]
+
+
+class TestOffloadEncoders:
+    """--offload_encoders: the encoders wait on the CPU and join the device around validation
+    (which on this CPU-only machine is the CPU too: the plumbing, not the transfer, is tested)."""
+
+    def test_encoders_follow_validation(self):
+        encoder = torch.nn.Linear(2, 2)
+        seen = []
+        offload = EncoderOffload([encoder], torch.device("cpu"))
+
+        def validate(model, step):
+            seen.append((model, step, encoder.weight.device.type))
+            return {"psnr": 1.0}
+
+        wrapped = offload.around(validate)
+        assert wrapped("model", 3) == {"psnr": 1.0} and seen == [("model", 3, "cpu")]
+
+    def test_encoders_go_back_even_when_validation_fails(self):
+        calls = []
+
+        class Recording(torch.nn.Module):
+            def _apply(self, fn, recurse=True):
+                calls.append(fn(torch.zeros(())).device.type)
+                return super()._apply(fn, recurse)
+
+        offload = EncoderOffload([Recording()], torch.device("cpu"))
+
+        def broken(model, step):
+            raise RuntimeError("validation failed")
+
+        with pytest.raises(RuntimeError, match="validation failed"):
+            offload.around(broken)(None, 1)
+        assert len(calls) == 2  # to the device, then back to the CPU
+
+    def test_needs_the_cache(self):
+        base = {"pretrained_model_name_or_path": "m", "train_data_dir": "d"}
+        with pytest.raises(ValueError, match="--offload_encoders needs --cache_latents"):
+            TrainConfig(**base, offload_encoders=True)
+        assert offload_after_caching(TrainConfig(**base), [], "cpu", print) is print

@@ -1,0 +1,155 @@
+"""The instruction-edit dataset of Qwen-Image-Edit: (context, target, prompt[, text mask]) rows.
+
+Rows are the edit-pair folder's (``metadata.jsonl`` with ``context``, ``target``, ``prompt`` and
+an optional ``mask``) or a Hugging Face dataset's. Seed 000 also keeps masks beside the data:
+with ``use_text_mask``, a row without a ``mask`` takes ``<dataset>/<mask_dir_name>/<target
+stem>.png`` (or ``.jpg``) when that file exists. Masks are white (255) on the text region, the
+target's size, and go through exactly the target's resize and crop. A row may have no mask at all;
+its item says so (``has_mask``) and the loss falls back to the plain one for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.images import ImageRef
+from data.rows import BucketedRowDataset, FolderRows, HFRows, Row, RowFields, RowSource
+
+TEXT_EDIT_FIELDS = RowFields("edit-pair", ("context", "target"), ("mask",))
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class ParallelMasks(RowSource):
+    """``rows`` with a missing ``mask`` taken from ``folder/<target stem>.<png|jpg>`` (seed 000's
+    parallel layout) where such a file exists; the found mask is validated like any other."""
+
+    def __init__(self, rows: RowSource, folder: Path) -> None:
+        self.rows = rows
+        self.folder = folder
+        self.fields = rows.fields
+        self.description = rows.description
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        row, problems = self.rows.parse(index)
+        if row is None or "mask" in row.images:
+            return row, problems
+        target = row.images["target"].source
+        if not isinstance(target, Path):
+            return row, problems  # image bytes have no file name to look a mask up by
+        for suffix in MASK_SUFFIXES:
+            candidate = self.folder / f"{target.stem}{suffix}"
+            if candidate.is_file():
+                where = f"{row.images['target'].what} (mask from {self.folder.name}/)"
+                return Row({**row.images, "mask": ImageRef(candidate, where)}, row.prompt), []
+        return row, problems
+
+
+def text_edit_rows(rows: RowSource, root: Path, use_text_mask: bool, mask_dir_name: str):
+    """``rows`` as the dataset reads them: masks ignored unless ``use_text_mask``, then missing
+    ones looked up in ``root/mask_dir_name``."""
+    if not use_text_mask:
+        return WithoutMasks(rows)
+    return ParallelMasks(rows, root / mask_dir_name)
+
+
+class WithoutMasks(RowSource):
+    """``rows`` with every mask dropped: seed 000's ``use_text_mask: false`` loads none."""
+
+    def __init__(self, rows: RowSource) -> None:
+        self.rows = rows
+        self.fields = rows.fields
+        self.description = rows.description
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        row, problems = self.rows.parse(index)
+        if row is None:
+            return row, problems
+        images = {field: ref for field, ref in row.images.items() if field != "mask"}
+        return Row(images, row.prompt), problems
+
+
+class TextEditDataset(BucketedRowDataset):
+    """Instruction edits resized to aspect-ratio buckets (the target's bucket for both images).
+
+    Args:
+        rows: where the rows come from; prefer :meth:`from_folder` and :meth:`from_hf`.
+        resolution: bucket area is about ``resolution**2``; a multiple of 16.
+        max_aspect: the most elongated bucket's long/short side ratio.
+    """
+
+    key_version = "text-edit/cover-crop/lanczos+bilinear-mask/v1"
+
+    @classmethod
+    def from_folder(
+        cls,
+        root: str | Path,
+        *,
+        resolution: int,
+        use_text_mask: bool = False,
+        mask_dir_name: str = "text_masks",
+    ) -> TextEditDataset:
+        """The edits listed in ``root/metadata.jsonl``."""
+        rows = FolderRows(root, TEXT_EDIT_FIELDS)
+        return cls(
+            text_edit_rows(rows, Path(root), use_text_mask, mask_dir_name), resolution=resolution
+        )
+
+    @classmethod
+    def from_hf(
+        cls,
+        name_or_path: str | Path,
+        *,
+        resolution: int,
+        split: str = "train",
+        context_column: str = "context",
+        target_column: str = "target",
+        mask_column: str | None = "mask",
+        prompt_column: str = "prompt",
+        use_text_mask: bool = False,
+        mask_dir_name: str = "text_masks",
+    ) -> TextEditDataset:
+        """The edits of a Hugging Face dataset; the parallel mask folder is looked up beside a
+        ``save_to_disk`` folder, for rows whose target is a file path."""
+        columns = {
+            "context": context_column,
+            "target": target_column,
+            "mask": mask_column,
+            "prompt": prompt_column,
+        }
+        rows = HFRows.load(name_or_path, split=split, columns=columns, fields=TEXT_EDIT_FIELDS)
+        return cls(
+            text_edit_rows(rows, Path(name_or_path), use_text_mask, mask_dir_name),
+            resolution=resolution,
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """One item at the bucket size ``(h, w)``.
+
+        Returns:
+            ``context``, ``target``: ``[3, h, w]`` in [-1, 1]; ``mask``: ``[1, h, w]`` in
+            {0, 1} (zeros when the row has none); ``has_mask``: bool tensor; ``prompt``; ``index``.
+        """
+        row = self.rows[index]
+        size = self.bucket_size(index)
+        has_mask = "mask" in row.images
+        if has_mask:
+            mask = self.fitted_mask(row.images["mask"], size)
+        else:
+            mask = torch.zeros(1, *size)
+        return {
+            "context": self.fitted_image(row.images["context"], size),
+            "target": self.fitted_image(row.images["target"], size),
+            "mask": mask,
+            "has_mask": torch.tensor(has_mask),
+            "prompt": row.prompt,
+            "index": index,
+        }

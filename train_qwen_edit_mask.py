@@ -1,0 +1,358 @@
+"""Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss.
+
+Each example is (context image, target image, instruction[, text mask]). The transformer sees
+exactly what the checkpoint's pipeline feeds it, ``QwenImageEditPipeline`` (Qwen-Image-Edit) or
+``QwenImageEditPlusPipeline`` (Edit-2509/2511), chosen from ``model_index.json``: noisy target
+tokens followed by the condition image's tokens (VAE mode, normalised by the VAE's latent mean and
+std), ``img_shapes`` with one entry per image, the prompt embedded by the vision-language encoder
+with the pipeline's own template and image, ``encoder_hidden_states_mask`` as the pipeline passes
+it, and sigma as the timestep with the pipeline's resolution-dependent shift. The condition image
+is resized by the pipeline's own rule (:func:`condition_images`). The loss is flow matching on the
+target tokens, mixed with seed 000's text-region weighting when ``mask_loss.enabled``.
+
+    accelerate launch train_qwen_edit_mask.py --config configs/qwen_edit.yaml \\
+        --train_data_dir my_text_edits --output_dir out
+
+then ``QwenImageEditPipeline.from_pretrained(...).load_lora_weights("out")``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+from PIL import Image
+
+from data.cache import fingerprint
+from data.images import DataError
+from data.rows import collate_items
+from data.text_edits import TextEditDataset
+from losses import map_mask_to_latent, masked_flow_matching_loss
+from models.qwen_processor import load_image_only_processor
+from training.caching import encoded_items, encoder_weights, offload_after_caching
+from training.config import (
+    FlowMatchingConfig,
+    RegionLossConfig,
+    TextEditDataConfig,
+    TrainConfig,
+    parse_config,
+)
+from training.datasets import bucket_sampler
+from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
+from training.flux import FLUX_LORA_LAYERS, pack
+from training.loop import TrainingParts, train
+from training.lora import LoraFormat, add_lora
+from training.runtime import build_accelerator, load_pipeline
+from training.validation import image_grid, mask_overlay, save_grid, to_pil
+
+logger = logging.getLogger(__name__)
+
+QWEN_ENCODERS = ("vae", "text_encoder")
+PIPELINES = {cls.__name__: cls for cls in (QwenImageEditPipeline, QwenImageEditPlusPipeline)}
+# The attention projections of both streams, as for FLUX, but the text stream's output
+# projection: Qwen-Image has no single-stream blocks, so the last block's text output is
+# discarded and a LoRA there would never get a gradient (which DDP refuses).
+LORA_LAYERS = tuple(layer for layer in FLUX_LORA_LAYERS if layer != "attn.to_add_out")
+
+
+@dataclass(kw_only=True)
+class QwenEditConfig(RegionLossConfig, TextEditDataConfig, FlowMatchingConfig, TrainConfig):
+    """Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss."""
+
+    timestep_shift: float | Literal["auto"] = "auto"
+    """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
+    count (exp(mu)); a number fixes it; 1.0 is no shift."""
+
+
+def pipeline_class(name_or_path: str) -> type:
+    """``QwenImageEditPipeline`` or ``QwenImageEditPlusPipeline``, as ``model_index.json`` says."""
+    name = QwenImageEditPipeline.load_config(name_or_path)["_class_name"]
+    if name not in PIPELINES:
+        raise ValueError(f"{name_or_path} holds a {name}; expected one of {sorted(PIPELINES)}")
+    return PIPELINES[name]
+
+
+def condition_images(pipe, context: Image.Image) -> tuple[Image.Image, torch.Tensor]:
+    """The pipeline's own resize rule for a condition image: ``(image the vision-language
+    encoder sees, pixels the VAE encodes [1, 3, 1, H, W] in [-1, 1])``.
+
+    Edit: both from the image resized to about 1024x1024 area in multiples of 32. Plus: the
+    encoder's at about 384x384 area, the VAE's at about 1024x1024, both from the original.
+    """
+    ratio = context.width / context.height
+    processor = pipe.image_processor
+    if isinstance(pipe, QwenImageEditPlusPipeline):
+        width, height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, ratio)
+        vl_image = processor.resize(context, height, width)
+        width, height = edit_plus.calculate_dimensions(edit_plus.VAE_IMAGE_SIZE, ratio)
+        return vl_image, processor.preprocess(context, height, width).unsqueeze(2)
+    width, height, _ = edit.calculate_dimensions(1024 * 1024, ratio)
+    vl_image = processor.resize(context, height, width)
+    return vl_image, processor.preprocess(vl_image, height, width).unsqueeze(2)
+
+
+def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[T_i, D]`` prompt embeddings -> ``([B, T, D]`` zero-padded, ``[B, T]`` mask ``)``, the
+    mask None when no prompt is padded, as the pipeline passes it."""
+    longest = max(e.shape[0] for e in embeds)
+    padded = torch.stack([F.pad(e, (0, 0, 0, longest - e.shape[0])) for e in embeds])
+    if all(e.shape[0] == longest for e in embeds):
+        return padded, None
+    mask = torch.stack(
+        [torch.arange(longest, device=padded.device) < e.shape[0] for e in embeds]
+    ).long()
+    return padded, mask
+
+
+def qwen_transformer_inputs(
+    noisy_target: torch.Tensor,
+    condition_latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_embeds_mask: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    pipe,
+) -> dict:
+    """Transformer kwargs of one edit-pipeline step: ``noisy_target: [B, 16, h, w]`` and
+    ``condition_latents: [B, 16, hc, wc]`` (normalised) packed 2x2 and concatenated along the
+    sequence, target first; ``img_shapes`` one entry per image; ``sigmas: [B]`` the timestep."""
+    batch = noisy_target.shape[0]
+    shapes = [(1, s[-2] // 2, s[-1] // 2) for s in (noisy_target.shape, condition_latents.shape)]
+    return {
+        "hidden_states": torch.cat([pack(pipe, noisy_target), pack(pipe, condition_latents)], 1),
+        "timestep": sigmas.to(noisy_target.dtype),
+        "guidance": None,
+        "encoder_hidden_states_mask": prompt_embeds_mask,
+        "encoder_hidden_states": prompt_embeds,
+        "img_shapes": [shapes] * batch,
+        "return_dict": False,
+    }
+
+
+def normalised_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, 1, H, W]`` -> ``[B, 16, H/8, W/8]``: VAE mode, ``(z - mean) / std``, as the
+    pipeline encodes its condition image."""
+    return pipe._encode_vae_image(pixels.to(pipe.vae.dtype), generator=None)[:, :, 0]
+
+
+class QwenEditEncoder:
+    """A batch of pixels and prompts -> prompt embeddings (``[T_i, D]`` each, the context image
+    seen by the vision-language encoder), normalised condition and target latents, and the mask
+    as one weight per target token with its ``has_mask`` flag."""
+
+    def __init__(self, pipe, config: QwenEditConfig) -> None:
+        self.pipe = pipe
+        self.config = config
+
+    def fingerprint(self) -> str:
+        pipe = self.pipe
+        return fingerprint(
+            model=self.config.pretrained_model_name_or_path,
+            pipeline=type(pipe).__name__,
+            weights=encoder_weights(self.config.pretrained_model_name_or_path, QWEN_ENCODERS),
+            vae=dict(pipe.vae.config),
+            text_encoder=pipe.text_encoder.config.to_dict(),
+            dtype=str(pipe.vae.dtype),
+        )
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        pipe = self.pipe
+        embeds, conditions = [], []
+        # One item at a time: the Plus pipeline reads a list of images as one prompt's pictures.
+        for context, prompt in zip(batch["context"], batch["prompt"], strict=True):
+            vl_image, pixels = condition_images(pipe, to_pil(context))
+            image = [vl_image] if isinstance(pipe, QwenImageEditPlusPipeline) else vl_image
+            prompt_embeds, _ = pipe.encode_prompt(
+                prompt=[prompt], image=image, device=pipe.vae.device
+            )
+            embeds.append(prompt_embeds[0])
+            conditions.append(normalised_latents(pipe, pixels.to(pipe.vae.device)))
+        target = normalised_latents(pipe, batch["target"][:, :, None])
+        return {
+            "prompt_embeds": embeds,
+            "condition_latents": torch.cat(conditions),
+            "target_latents": target,
+            "mask_tokens": map_mask_to_latent(batch["mask"][:, 0]),
+            "has_mask": batch["has_mask"],
+        }
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    """Cached items into a batch: prompt embeddings padded (:func:`pad_prompts`)."""
+    batch = collate_items([{k: v for k, v in i.items() if k != "prompt_embeds"} for i in items])
+    batch["prompt_embeds"] = [item["prompt_embeds"] for item in items]
+    return batch
+
+
+class QwenEditLoss:
+    """Flow matching on the target tokens, mixed with seed 000's region weighting for samples
+    with a mask (plain for the others): the loop's ``compute_loss``."""
+
+    def __init__(self, pipe, config: QwenEditConfig, encoder: QwenEditEncoder, encoded: bool):
+        self.pipe = pipe
+        self.config = config
+        self.encoder = encoder
+        self.batches_are_encoded = encoded
+
+    def __call__(self, model, batch: dict, generator: torch.Generator):
+        encoded = batch if self.batches_are_encoded else self.encoder(batch)
+        pipe, config = self.pipe, self.config
+        x0 = encoded["target_latents"]
+        batch_size, _, height, width = x0.shape
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        sigmas = sample_sigmas(
+            config, batch_size, (height // 2) * (width // 2), pipe.scheduler.config, generator
+        )
+        prompt_embeds, prompt_mask = pad_prompts(encoded["prompt_embeds"])
+        inputs = qwen_transformer_inputs(
+            noisy_latents(x0, noise, sigmas),
+            encoded["condition_latents"],
+            prompt_embeds,
+            prompt_mask,
+            sigmas,
+            pipe,
+        )
+        velocity = model(**inputs)[0][:, : (height // 2) * (width // 2)].float()
+        target = pack(pipe, noise - x0).float()
+        weighting = loss_weighting(config, sigmas)
+        with_mask = encoded["has_mask"].bool() & config.mask_loss.enabled
+        loss = masked_flow_matching_loss(velocity, target, weighting=weighting)
+        components = {"fm": loss.detach(), "masked_samples": with_mask.float().mean()}
+        if with_mask.any():
+            # Samples have equal token counts: the mean of per-subset means, by subset size.
+            plain = ~with_mask
+            region = masked_flow_matching_loss(
+                velocity[with_mask],
+                target[with_mask],
+                encoded["mask_tokens"][with_mask],
+                weighting=None if weighting is None else weighting[with_mask],
+                **config.region_loss_weights(),
+            )
+            rest = (
+                masked_flow_matching_loss(
+                    velocity[plain],
+                    target[plain],
+                    weighting=None if weighting is None else weighting[plain],
+                )
+                if plain.any()
+                else region.new_zeros(())
+            )
+            loss = (region * with_mask.sum() + rest * plain.sum()) / batch_size
+            components["mask_loss"] = region.detach()
+        return loss, components
+
+
+class QwenEditValidation:
+    """The checkpoint's edit pipeline with the training transformer on the first examples:
+    context | target | prediction | prediction with the mask tinted."""
+
+    def __init__(self, pipe, dataset: TextEditDataset, config: QwenEditConfig, accelerator):
+        self.pipe = pipe
+        self.dataset = dataset
+        self.config = config
+        self.accelerator = accelerator
+
+    def __call__(self, transformer, step: int):
+        config = self.config
+        rows = []
+        for index in range(min(config.num_validation_images, len(self.dataset))):
+            item = self.dataset[index]
+            height, width = item["target"].shape[-2:]
+            context = to_pil(item["context"])
+            with self.accelerator.autocast():
+                prediction = self.pipe(
+                    image=context,
+                    prompt=config.validation_prompt or item["prompt"],
+                    height=height,
+                    width=width,
+                    num_inference_steps=config.validation_inference_steps,
+                    true_cfg_scale=1.0,  # no negative prompt: the pipeline's cfg is off anyway
+                    generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
+                ).images[0]
+            tint = mask_overlay(prediction, item["mask"])
+            rows.append([context, to_pil(item["target"]), prediction, tint])
+        labels = ["context", "target", "prediction", "text mask"]
+        return save_grid(image_grid(rows, labels), config.output_dir, step)
+
+
+def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
+    """The edits of --train_data_dir or --dataset_name; with --strict_masks every row must have
+    a mask (a DataError lists those without)."""
+    settings = asdict(config.data)  # use_text_mask, mask_dir_name
+    if config.train_data_dir is not None:
+        dataset = TextEditDataset.from_folder(
+            config.train_data_dir, resolution=config.resolution, **settings
+        )
+    else:
+        dataset = TextEditDataset.from_hf(
+            config.dataset_name,
+            resolution=config.resolution,
+            split=config.dataset_split,
+            context_column=config.context_column,
+            target_column=config.target_column,
+            mask_column=config.mask_column,
+            prompt_column=config.prompt_column,
+            **settings,
+        )
+    if config.data.use_text_mask:
+        missing = [i for i in range(len(dataset)) if "mask" not in dataset.rows[i].images]
+        if missing and config.strict_masks:
+            shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
+            raise DataError(
+                f"{dataset.rows.description}: {len(missing)} row(s) without a text mask "
+                f"(--strict_masks), e.g. {shown}"
+            )
+        if missing:
+            logger.warning(
+                "%d of %d rows have no text mask; they train with the plain loss "
+                "(metrics: masked_samples)",
+                len(missing),
+                len(dataset),
+            )
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(QwenEditConfig, argv, description=__doc__)
+    accelerator = build_accelerator(config)
+    pipe = load_pipeline(
+        pipeline_class(config.pretrained_model_name_or_path),
+        config,
+        accelerator,
+        QWEN_ENCODERS,
+        processor=load_image_only_processor(config.pretrained_model_name_or_path),
+    )
+    lora_format = LoraFormat(type(pipe), "transformer")
+    add_lora(pipe.transformer, config, LORA_LAYERS, lora_format)
+    if config.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+
+    dataset = text_edit_dataset(config)
+    encoder = QwenEditEncoder(pipe, config)
+    items = encoded_items(accelerator, config, dataset, encoder, collate_items)
+    parts = TrainingParts(
+        model=pipe.transformer,
+        dataset=items,
+        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        collate_fn=collate_encoded if config.cache_latents else collate_items,
+        compute_loss=QwenEditLoss(pipe, config, encoder, config.cache_latents),
+        save_lora=lora_format.save,
+        load_lora=lora_format.load,
+        validate=offload_after_caching(
+            config,
+            [getattr(pipe, name) for name in QWEN_ENCODERS],
+            accelerator.device,
+            QwenEditValidation(pipe, dataset, config, accelerator),
+        ),
+    )
+    train(accelerator, config, parts)
+
+
+if __name__ == "__main__":
+    main()
