@@ -22,12 +22,10 @@ then ``FluxKontextPipeline.from_pretrained(...).load_lora_weights("out")``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import FluxKontextPipeline
 
-from data.edit_pairs import EditPairDataset
 from data.rows import collate_items
 from losses import (
     EmbeddingLossWeights,
@@ -59,7 +57,7 @@ from training.flux import (
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
 from training.runtime import build_accelerator, load_pipeline
-from training.validation import image_grid, mask_overlay, save_grid, to_pil
+from training.validation import EditValidation
 
 KONTEXT_LORA = LoraFormat(FluxKontextPipeline, "transformer")
 
@@ -344,46 +342,16 @@ class KontextLoss:
         )
 
 
-class KontextValidation:
-    """Runs FluxKontextPipeline with the training transformer on the first examples and saves a
-    grid: context | target | prediction | prediction with the mask tinted."""
+class KontextValidation(EditValidation):
+    """``FluxKontextPipeline`` at exactly the bucket's size: no automatic resize of the context."""
 
-    def __init__(self, pipe: FluxKontextPipeline, dataset: EditPairDataset, config, accelerator):
-        self.pipe = pipe
-        self.dataset = dataset
-        self.config = config
-        self.accelerator = accelerator
-
-    def __call__(self, transformer: torch.nn.Module, step: int) -> Path:
-        config = self.config
-        rows = []
-        for index in range(min(config.num_validation_images, len(self.dataset))):
-            item = self.dataset[index]
-            height, width = item["target"].shape[-2:]
-            context = to_pil(item["context"])
-            with self.accelerator.autocast():
-                prediction = self.pipe(
-                    image=context,
-                    prompt=config.validation_prompt or item["prompt"],
-                    height=height,
-                    width=width,
-                    max_area=height * width,
-                    _auto_resize=False,
-                    num_inference_steps=config.validation_inference_steps,
-                    guidance_scale=config.guidance_scale,
-                    max_sequence_length=config.max_sequence_length,
-                    generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
-                ).images[0]
-            rows.append(
-                [
-                    context,
-                    to_pil(item["target"]),
-                    prediction,
-                    mask_overlay(prediction, item["mask"]),
-                ]
-            )
-        labels = ["context", "target", "prediction", "mask overlay"]
-        return save_grid(image_grid(rows, labels), config.output_dir, step)
+    def call_arguments(self, item: dict) -> dict:
+        arguments = super().call_arguments(item)
+        return {
+            **arguments,
+            "max_area": arguments["height"] * arguments["width"],
+            "_auto_resize": False,
+        }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -416,7 +384,16 @@ def main(argv: list[str] | None = None) -> None:
             # With an image encoder the loss decodes predictions: the VAE stays.
             [pipe.text_encoder, pipe.text_encoder_2] + ([] if embedder else [pipe.vae]),
             accelerator.device,
-            KontextValidation(pipe, dataset, config, accelerator),
+            KontextValidation(
+                pipe,
+                dataset,
+                config,
+                accelerator,
+                {
+                    "guidance_scale": config.guidance_scale,
+                    "max_sequence_length": config.max_sequence_length,
+                },
+            ),
         ),
     )
     train(accelerator, config, parts)

@@ -49,7 +49,7 @@ from training.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
 from training.runtime import build_accelerator, load_pipeline
-from training.validation import image_grid, mask_overlay, save_grid, to_pil
+from training.validation import EditValidation, to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -248,39 +248,6 @@ class QwenEditLoss:
         return loss, components
 
 
-class QwenEditValidation:
-    """The checkpoint's edit pipeline with the training transformer on the first examples:
-    context | target | prediction | prediction with the mask tinted."""
-
-    def __init__(self, pipe, dataset: TextEditDataset, config: QwenEditConfig, accelerator):
-        self.pipe = pipe
-        self.dataset = dataset
-        self.config = config
-        self.accelerator = accelerator
-
-    def __call__(self, transformer, step: int):
-        config = self.config
-        rows = []
-        for index in range(min(config.num_validation_images, len(self.dataset))):
-            item = self.dataset[index]
-            height, width = item["target"].shape[-2:]
-            context = to_pil(item["context"])
-            with self.accelerator.autocast():
-                prediction = self.pipe(
-                    image=context,
-                    prompt=config.validation_prompt or item["prompt"],
-                    height=height,
-                    width=width,
-                    num_inference_steps=config.validation_inference_steps,
-                    true_cfg_scale=1.0,  # no negative prompt: the pipeline's cfg is off anyway
-                    generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
-                ).images[0]
-            tint = mask_overlay(prediction, item["mask"])
-            rows.append([context, to_pil(item["target"]), prediction, tint])
-        labels = ["context", "target", "prediction", "text mask"]
-        return save_grid(image_grid(rows, labels), config.output_dir, step)
-
-
 def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
     """The edits of --train_data_dir or --dataset_name; with --strict_masks every row must have
     a mask (a DataError lists those without)."""
@@ -348,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             config,
             [getattr(pipe, name) for name in QWEN_ENCODERS],
             accelerator.device,
-            QwenEditValidation(pipe, dataset, config, accelerator),
+            # No negative prompt: the pipeline's true cfg is off; say so rather than warn.
+            EditValidation(pipe, dataset, config, accelerator, {"true_cfg_scale": 1.0}),
         ),
     )
     train(accelerator, config, parts)

@@ -22,18 +22,25 @@ TEXT_EDIT_FIELDS = RowFields("edit-pair", ("context", "target"), ("mask",))
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class ParallelMasks(RowSource):
-    """``rows`` with a missing ``mask`` taken from ``folder/<target stem>.<png|jpg>`` (seed 000's
-    parallel layout) where such a file exists; the found mask is validated like any other."""
+class _RowFilter(RowSource):
+    """A row source that rewrites the rows of another (``parse``)."""
 
-    def __init__(self, rows: RowSource, folder: Path) -> None:
+    def __init__(self, rows: RowSource) -> None:
         self.rows = rows
-        self.folder = folder
         self.fields = rows.fields
         self.description = rows.description
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+class ParallelMasks(_RowFilter):
+    """``rows`` with a missing ``mask`` taken from ``folder/<target stem>.<png|jpg>`` (seed 000's
+    parallel layout) where such a file exists; the found mask is validated like any other."""
+
+    def __init__(self, rows: RowSource, folder: Path) -> None:
+        super().__init__(rows)
+        self.folder = folder
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
         row, problems = self.rows.parse(index)
@@ -58,16 +65,8 @@ def text_edit_rows(rows: RowSource, root: Path, use_text_mask: bool, mask_dir_na
     return ParallelMasks(rows, root / mask_dir_name)
 
 
-class WithoutMasks(RowSource):
+class WithoutMasks(_RowFilter):
     """``rows`` with every mask dropped: seed 000's ``use_text_mask: false`` loads none."""
-
-    def __init__(self, rows: RowSource) -> None:
-        self.rows = rows
-        self.fields = rows.fields
-        self.description = rows.description
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
         row, problems = self.rows.parse(index)

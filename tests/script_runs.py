@@ -7,7 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,3 +163,20 @@ def quiet_pipeline(pipeline_cls, assets: Path):
     pipe = pipeline_cls.from_pretrained(assets / "model")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def first_call(module: torch.nn.Module) -> Iterator[dict]:
+    """Inside the block, record ``module``'s first forward call: ``{"args", "kwargs"}`` (a
+    pipeline's first denoising step)."""
+    seen: dict = {}
+
+    def record(_, args, kwargs):
+        if not seen:
+            seen.update(args=args, kwargs=kwargs)
+
+    hook = module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()

@@ -19,6 +19,7 @@ from script_runs import (
     ROOT,
     TrainScript,
     assert_same_tensors,
+    first_call,
     first_inpainting_batch,
     help_text,
     lora_tensors,
@@ -69,24 +70,18 @@ class TestSameInputsAsThePipeline:
         cells = mask.reshape(RESOLUTION // 8, 8, RESOLUTION // 8, 8).mean(dim=(1, 3))
         assert ((cells > 0) & (cells < 1)).any()
         noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-        seen = {}
-
-        def record(module, args, kwargs):
-            seen.setdefault("kwargs", kwargs)  # the first denoising step
-
-        hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
-        pipe(
-            prompt=batch["prompt"][0],
-            image=to_pil(batch["image"][0]),
-            mask_image=Image.fromarray((mask.numpy() * 255).astype(np.uint8)),
-            latents=pipe._pack_latents(noise, 1, 16, 8, 8),
-            height=RESOLUTION,
-            width=RESOLUTION,
-            num_inference_steps=1,
-            generator=torch.Generator().manual_seed(5),
-            output_type="latent",
-        )
-        hook.remove()
+        with first_call(pipe.transformer) as seen:
+            pipe(
+                prompt=batch["prompt"][0],
+                image=to_pil(batch["image"][0]),
+                mask_image=Image.fromarray((mask.numpy() * 255).astype(np.uint8)),
+                latents=pipe._pack_latents(noise, 1, 16, 8, 8),
+                height=RESOLUTION,
+                width=RESOLUTION,
+                num_inference_steps=1,
+                generator=torch.Generator().manual_seed(5),
+                output_type="latent",
+            )
         expected = seen["kwargs"]
 
         fill_config = config(assets)

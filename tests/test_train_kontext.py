@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from script_runs import (
     ROOT,
     TrainScript,
+    first_call,
     lora_tensors,
     reset_accelerate,
     resume_copy,
@@ -388,24 +389,18 @@ class TestSameInputsAsThePipeline:
         noise = torch.randn(
             1, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(3)
         )
-        seen = {}
-
-        def record(module, args, kwargs):
-            seen.setdefault("kwargs", kwargs)  # the first denoising step
-
-        hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
-        pipe(
-            image=to_pil(batch["context"][0]),
-            prompt=batch["prompt"][0],
-            latents=pipe._pack_latents(noise, 1, 16, height // 8, width // 8),
-            height=height,
-            width=width,
-            max_area=height * width,
-            _auto_resize=False,
-            num_inference_steps=1,
-            output_type="latent",
-        )
-        hook.remove()
+        with first_call(pipe.transformer) as seen:
+            pipe(
+                image=to_pil(batch["context"][0]),
+                prompt=batch["prompt"][0],
+                latents=pipe._pack_latents(noise, 1, 16, height // 8, width // 8),
+                height=height,
+                width=width,
+                max_area=height * width,
+                _auto_resize=False,
+                num_inference_steps=1,
+                output_type="latent",
+            )
         config = kontext.KontextConfig(
             pretrained_model_name_or_path=str(assets / "model"),
             train_data_dir=str(assets / "data"),

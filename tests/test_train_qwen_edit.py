@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from PIL import Image
-from script_runs import ROOT, TrainScript, assert_same_tensors, help_text, lora_tensors
+from script_runs import ROOT, TrainScript, assert_same_tensors, first_call, help_text, lora_tensors
 
 import train_qwen_edit_mask as qwen
 from data.edit_masks import change_mask
@@ -80,23 +80,17 @@ class TestSameInputsAsThePipeline:
         assert type(pipe) is cls
         batch = batch_of(assets)
         noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-        seen = {}
-
-        def record(module, args, kwargs):
-            seen.setdefault("kwargs", kwargs)  # the first denoising step
-
-        hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
-        pipe(
-            image=to_pil(batch["context"][0]),
-            prompt=batch["prompt"][0],
-            latents=pipe._pack_latents(noise, 1, 16, 4, 4),
-            height=RESOLUTION,
-            width=RESOLUTION,
-            num_inference_steps=2,
-            true_cfg_scale=1.0,
-            output_type="latent",
-        )
-        hook.remove()
+        with first_call(pipe.transformer) as seen:
+            pipe(
+                image=to_pil(batch["context"][0]),
+                prompt=batch["prompt"][0],
+                latents=pipe._pack_latents(noise, 1, 16, 4, 4),
+                height=RESOLUTION,
+                width=RESOLUTION,
+                num_inference_steps=2,
+                true_cfg_scale=1.0,
+                output_type="latent",
+            )
         expected = seen["kwargs"]
         config = SCRIPT.config(assets)
         encoded = qwen.QwenEditEncoder(pipe, config)(batch)

@@ -15,6 +15,7 @@ from script_runs import (
     ROOT,
     TrainScript,
     assert_same_tensors,
+    first_call,
     first_inpainting_batch,
     help_text,
     lora_tensors,
@@ -59,26 +60,20 @@ class TestSameInputsAsThePipeline:
         batch = first_batch(assets)
         mask = batch["mask"][0, 0]
         noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-        seen = {}
-
-        def record(module, args, kwargs):
-            seen.setdefault("call", (args, kwargs))
-
-        hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
-        pipe(
-            prompt=batch["prompt"][0],
-            image=to_pil(batch["image"][0]),
-            mask_image=Image.fromarray((mask.numpy() * 255).astype(np.uint8)),
-            latents=noise,
-            height=RESOLUTION,
-            width=RESOLUTION,
-            num_inference_steps=2,
-            guidance_scale=1.0,  # no classifier-free guidance: one conditional call
-            generator=torch.Generator().manual_seed(5),
-            output_type="latent",
-        )
-        hook.remove()
-        (sample, timestep), kwargs = seen["call"]
+        with first_call(pipe.unet) as seen:
+            pipe(
+                prompt=batch["prompt"][0],
+                image=to_pil(batch["image"][0]),
+                mask_image=Image.fromarray((mask.numpy() * 255).astype(np.uint8)),
+                latents=noise,
+                height=RESOLUTION,
+                width=RESOLUTION,
+                num_inference_steps=2,
+                guidance_scale=1.0,  # no classifier-free guidance: one conditional call
+                generator=torch.Generator().manual_seed(5),
+                output_type="latent",
+            )
+        (sample, timestep), kwargs = seen["args"], seen["kwargs"]
 
         sd_config = config(assets)
         encoder = sd15.SD15Encoder(pipe, sd_config)

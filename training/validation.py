@@ -50,11 +50,13 @@ def save_grid(grid: Image.Image, output_dir: str | Path, step: int) -> Path:
     return path
 
 
-class InpaintingValidation:
-    """Runs an inpainting pipeline (FLUX.1 Fill, SD1.5 inpainting) with the training model on
-    the first examples and saves a grid: image | mask | prediction | prediction with the mask
-    tinted. ``pipeline_kwargs`` are the family's extra call arguments (guidance, prompt length).
-    """
+class PipelineValidation:
+    """Runs a family's pipeline with the training model (the pipeline holds it) on the first
+    examples and saves a grid under ``validation/``. Subclasses say how an item is passed to the
+    pipeline (:meth:`call_arguments`) and shown (:meth:`row`, one image per ``labels`` entry);
+    ``pipeline_kwargs`` are the family's fixed call arguments (guidance, prompt length)."""
+
+    labels: tuple[str, ...]
 
     def __init__(self, pipe, dataset, config, accelerator, pipeline_kwargs: dict[str, Any]):
         self.pipe = pipe
@@ -63,26 +65,63 @@ class InpaintingValidation:
         self.accelerator = accelerator
         self.pipeline_kwargs = pipeline_kwargs
 
+    def call_arguments(self, item: dict) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def row(self, item: dict, prediction: Image.Image) -> list[Image.Image]:
+        raise NotImplementedError
+
     def __call__(self, model, step: int) -> Path:
         config = self.config
         rows = []
         for index in range(min(config.num_validation_images, len(self.dataset))):
             item = self.dataset[index]
-            height, width = item["image"].shape[-2:]
-            mask = to_pil(item["mask"].expand(3, -1, -1) * 2 - 1)
             with self.accelerator.autocast():
                 prediction = self.pipe(
                     prompt=config.validation_prompt or item["prompt"],
-                    image=to_pil(item["image"]),
-                    mask_image=mask,
-                    height=height,
-                    width=width,
                     num_inference_steps=config.validation_inference_steps,
                     generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
+                    **self.call_arguments(item),
                     **self.pipeline_kwargs,
                 ).images[0]
-            rows.append(
-                [to_pil(item["image"]), mask, prediction, mask_overlay(prediction, item["mask"])]
-            )
-        labels = ["image", "mask", "prediction", "mask overlay"]
-        return save_grid(image_grid(rows, labels), config.output_dir, step)
+            rows.append(self.row(item, prediction))
+        return save_grid(image_grid(rows, self.labels), config.output_dir, step)
+
+
+class EditValidation(PipelineValidation):
+    """An edit pipeline (Kontext, Qwen-Image-Edit) on edit pairs: context | target | prediction
+    | prediction with the mask tinted, at the target's size."""
+
+    labels = ("context", "target", "prediction", "mask overlay")
+
+    def call_arguments(self, item: dict) -> dict[str, Any]:
+        height, width = item["target"].shape[-2:]
+        return {"image": to_pil(item["context"]), "height": height, "width": width}
+
+    def row(self, item: dict, prediction: Image.Image) -> list[Image.Image]:
+        context, target = to_pil(item["context"]), to_pil(item["target"])
+        return [context, target, prediction, mask_overlay(prediction, item["mask"])]
+
+
+class InpaintingValidation(PipelineValidation):
+    """An inpainting pipeline (FLUX.1 Fill, SD1.5 inpainting): image | mask | prediction |
+    prediction with the mask tinted."""
+
+    labels = ("image", "mask", "prediction", "mask overlay")
+
+    def call_arguments(self, item: dict) -> dict[str, Any]:
+        height, width = item["image"].shape[-2:]
+        return {
+            "image": to_pil(item["image"]),
+            "mask_image": self.mask_image(item),
+            "height": height,
+            "width": width,
+        }
+
+    @staticmethod
+    def mask_image(item: dict) -> Image.Image:
+        return to_pil(item["mask"].expand(3, -1, -1) * 2 - 1)
+
+    def row(self, item: dict, prediction: Image.Image) -> list[Image.Image]:
+        overlay = mask_overlay(prediction, item["mask"])
+        return [to_pil(item["image"]), self.mask_image(item), prediction, overlay]
