@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
@@ -73,9 +76,14 @@ def launch_two_ranks(script: str, values: dict) -> subprocess.CompletedProcess:
 
 
 def help_text(script: str) -> str:
-    """What ``python script --help`` prints."""
-    command = [sys.executable, str(ROOT / script), "--help"]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    """What ``python script --help`` prints, from the script's own ``main`` in this process (the
+    two-process tests run each script's command line for real)."""
+    module = importlib.import_module(Path(script).stem)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as stopped:
+        module.main(["--help"])
+    assert stopped.value.code == 0
+    return printed.getvalue()
 
 
 def resume_copy(source: Path, step: int, destination: Path) -> Path:
@@ -165,7 +173,7 @@ def quiet_pipeline(pipeline_cls, assets: Path):
     return pipe
 
 
-@contextmanager
+@contextlib.contextmanager
 def first_call(module: torch.nn.Module) -> Iterator[dict]:
     """Inside the block, record ``module``'s first forward call: ``{"args", "kwargs"}`` (a
     pipeline's first denoising step)."""
