@@ -293,23 +293,31 @@ def trained_steps(
     return [stochastic[int(i)] for i in order[:count]]
 
 
+@dataclass
+class Samples:
+    """A micro-batch's groups as sampled, before scoring: what :class:`Rollout` keeps of the
+    trajectories, and the decoded images ``[N, 3, H, W]`` in [0, 1]."""
+
+    conditioning: dict
+    states: dict[int, torch.Tensor]
+    log_probs: dict[int, torch.Tensor]
+    trained: list[int]
+    images: torch.Tensor
+
+
 @torch.no_grad()
-def sample_rollout(
+def sample_groups(
     policy: GRPOPolicy,
     model: torch.nn.Module,
     batch: dict,
     config: GRPOConfig,
     generator: torch.Generator,
-    rewards: Rewards,
-) -> Rollout:
-    """Sample ``--num_generations`` images per example of ``batch`` with ``model``, keep what
-    training needs, score the images and compute the advantages.
-
-    ``batch`` holds ``image: [B, 3, H, W]`` in [-1, 1], ``mask: [B, 1, H, W]``, ``prompt`` (B
-    strings) and whatever the policy encodes; every random draw comes from ``generator``.
-    """
-    groups = config.num_generations
-    conditioning, latents = policy.start(batch, groups, config.sampling_steps, generator)
+) -> Samples:
+    """Sample ``--num_generations`` images per example of ``batch`` with ``model``, keeping
+    what training needs; every random draw comes from ``generator``."""
+    conditioning, latents = policy.start(
+        batch, config.num_generations, config.sampling_steps, generator
+    )
     stochastic = stochastic_steps(config, generator)
     trained = trained_steps(config, stochastic, generator)
     states, log_probs = {}, {}
@@ -324,25 +332,49 @@ def sample_rollout(
             latents = policy.step_distribution(
                 model, latents, step, conditioning, stochastic=False
             )[0]
-    images = policy.decode(latents, conditioning)
+    return Samples(conditioning, states, log_probs, trained, policy.decode(latents, conditioning))
+
+
+@torch.no_grad()
+def score_groups(samples: Samples, batch: dict, config: GRPOConfig, rewards: Rewards) -> Rollout:
+    """Score ``samples`` against ``batch``'s sources, masks and prompts (``image: [B, 3, H, W]``
+    in [-1, 1], ``mask: [B, 1, H, W]``, ``prompt``: B strings) and compute the advantages."""
+    groups = config.num_generations
     sources = ((batch["image"].float() + 1) / 2).repeat_interleave(groups, dim=0)
     masks = batch["mask"].float().repeat_interleave(groups, dim=0)
     prompts = [prompt for prompt in batch["prompt"] for _ in range(groups)]
-    total, by_name = rewards(images, prompts, masks, sources)
+    total, by_name = rewards(samples.images, prompts, masks, sources)
     preview = GroupPreview(
-        images[:groups].cpu(), total[:groups].cpu(), sources[0].cpu(), masks[0].cpu(), prompts[0]
+        samples.images[:groups].cpu(),
+        total[:groups].cpu(),
+        sources[0].cpu(),
+        masks[0].cpu(),
+        prompts[0],
     )
     return Rollout(
         group_size=groups,
-        conditioning=conditioning,
-        states=states,
-        log_probs=log_probs,
-        trained=trained,
+        conditioning=samples.conditioning,
+        states=samples.states,
+        log_probs=samples.log_probs,
+        trained=samples.trained,
         reward=total,
         rewards=by_name,
         advantages=group_advantages(total, groups, config.adv_clip_max),
         preview=preview,
     )
+
+
+def sample_rollout(
+    policy: GRPOPolicy,
+    model: torch.nn.Module,
+    batch: dict,
+    config: GRPOConfig,
+    generator: torch.Generator,
+    rewards: Rewards,
+) -> Rollout:
+    """:func:`sample_groups` then :func:`score_groups`: one micro-batch's rollout."""
+    samples = sample_groups(policy, model, batch, config, generator)
+    return score_groups(samples, batch, config, rewards)
 
 
 def policy_update(
