@@ -372,6 +372,20 @@ class TestCommandLine:
             ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"],
         )
         assert parsed.guidance_scale == 30.0 and parsed.max_train_steps > 0
+        assert parsed.objective == "sft"
+
+    def test_shipped_grpo_configs_parse(self):
+        def parsed(name):
+            flags = ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"]
+            return parse_config(fill.FillConfig, flags)
+
+        real, tiny = parsed("flux_fill_grpo.yaml"), parsed("flux_fill_grpo_tiny.yaml")
+        assert real.objective == tiny.objective == "grpo"
+        assert real.mixed_precision == "bf16" and tiny.mixed_precision == "no"
+        assert real.guidance_scale == tiny.guidance_scale == 30.0
+        assert real.reward == "background:1,seam:0.5" and real.num_generations == 8
+        assert real.noise_level == 0.7 and real.max_sequence_length == 512
+        assert tiny.resolution == 16 and tiny.max_train_steps == 50
 
 
 # GRPO at 32 px (2x2 tokens) with a short T5 prompt: the tiny runs stay fast.

@@ -237,6 +237,14 @@ class TestCommandLine:
             ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"],
         )
         assert parsed.snr_gamma == 5.0 and parsed.max_train_steps > 0
+        assert parsed.objective == "sft"
+
+    def test_shipped_grpo_config_parses(self):
+        flags = ["--config", str(ROOT / "configs" / "sd15_inpaint_grpo.yaml")]
+        parsed = parse_config(sd15.SD15InpaintConfig, [*flags, "--train_data_dir", "data"])
+        assert parsed.objective == "grpo" and parsed.mixed_precision == "fp16"
+        assert parsed.eta == 1.0 and parsed.guidance_scale == 7.5
+        assert parsed.num_generations == 8 and parsed.reward == "background:1,seam:0.5"
 
 
 GRPO_RESOLUTION = 32
