@@ -24,13 +24,13 @@ then ``FluxFillPipeline.from_pretrained(...).load_lora_weights("out")``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from jsonargparse.typing import PositiveFloat
 
@@ -53,7 +53,13 @@ from training.config import (
     parse_config,
 )
 from training.datasets import bucket_sampler, inpainting_dataset
-from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
+from training.flow_matching import (
+    loss_weighting,
+    noisy_latents,
+    predicted_x0,
+    resolution_shift,
+    sample_sigmas,
+)
 from training.flux import (
     FLUX_ENCODERS,
     FLUX_LORA_LAYERS,
@@ -271,14 +277,7 @@ class FillPolicy:
     ) -> FlowMatchEulerDiscreteScheduler:
         """The pipeline's scheduler set for ``steps`` steps at ``height x width`` latents."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        config = scheduler.config
-        mu = calculate_shift(
-            (height // 2) * (width // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = math.log(resolution_shift((height // 2) * (width // 2), scheduler.config))
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
         return scheduler
 
@@ -288,9 +287,8 @@ class FillPolicy:
         conditioning = sample_fill_conditioning(pipe, encoded, generator).to(self.dtype)
         height, width = encoded["mask_latents"].shape[-2:]
         count = conditioning.shape[0] * generations
-        noise = randn_tensor(
-            (count, 16, height, width), generator=generator, device=device, dtype=torch.float32
-        )
+        shape = (count, pipe.vae.config.latent_channels, height, width)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         scheduler = self.schedule(steps, height, width, device)
         return {
             "conditioning": conditioning.repeat_interleave(generations, dim=0),
