@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/kontext_step.py
 	$(PY) benchmarks/inpaint_step.py
+	$(PY) benchmarks/grpo_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

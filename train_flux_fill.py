@@ -9,6 +9,10 @@ and pooled CLIP prompt embeddings; the guidance embedding at the pipeline's defa
 the timestep. The loss is flow matching on the target tokens, with seed 000's mask-region
 weighting and seed 001's background preservation available (both off by default).
 
+``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo``): groups of
+images sampled with Flow-GRPO's SDE over the pipeline's own schedule and inputs, scored by
+``--reward``, and the clipped GRPO objective.
+
     accelerate launch train_flux_fill.py \\
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-Fill-dev \\
         --train_data_dir my_inpainting --output_dir out --mixed_precision bf16 \\
@@ -20,11 +24,15 @@ then ``FluxFillPipeline.from_pretrained(...).load_lora_weights("out")``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import FluxFillPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from jsonargparse.typing import PositiveFloat
 
 from data.fill_latents import (
     MANIFEST_FILE,
@@ -45,7 +53,13 @@ from training.config import (
     parse_config,
 )
 from training.datasets import bucket_sampler, inpainting_dataset
-from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
+from training.flow_matching import (
+    loss_weighting,
+    noisy_latents,
+    predicted_x0,
+    resolution_shift,
+    sample_sigmas,
+)
 from training.flux import (
     FLUX_ENCODERS,
     FLUX_LORA_LAYERS,
@@ -55,10 +69,13 @@ from training.flux import (
     flux_transformer_inputs,
     pack,
 )
+from training.grpo import GRPOConfig
+from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
-from training.loop import TrainingParts, train
+from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora
-from training.runtime import build_accelerator, load_pipeline
+from training.runtime import build_accelerator, load_pipeline, weight_dtype
+from training.sde import flow_sde_step
 from training.validation import InpaintingValidation
 
 logger = logging.getLogger(__name__)
@@ -66,11 +83,14 @@ logger = logging.getLogger(__name__)
 FILL_LORA = LoraFormat(FluxFillPipeline, "transformer")
 
 
+# RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
+# bases (training.config's names, such as MaskLossSettings).
 @dataclass(kw_only=True)
 class FillConfig(
-    RegionLossConfig, InpaintingDataConfig, FlowMatchingConfig, FluxConfig, TrainConfig
+    RegionLossConfig, GRPOConfig, InpaintingDataConfig, FlowMatchingConfig, FluxConfig, TrainConfig
 ):
-    """Train a FLUX.1 Fill LoRA with optional mask-region weighting and background preservation."""
+    """Train a FLUX.1 Fill LoRA: supervised, with optional mask-region weighting and background
+    preservation, or with GRPO on a reward."""
 
     guidance_scale: float = 30.0
     """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
@@ -79,6 +99,8 @@ class FillConfig(
     On latents it is a sigma**2-weighted velocity error outside the mask."""
     band_r: int = 1
     """Dilation of the mask, in latent pixels, before the background term."""
+    noise_level: PositiveFloat = 0.7
+    """GRPO: a in Flow-GRPO's SDE step noise s_t = a * sqrt(sigma / (1 - sigma))."""
 
 
 def fill_conditioning(
@@ -109,6 +131,22 @@ def fill_transformer_inputs(
         sigmas,
         guidance_scale,
     )
+
+
+def sample_fill_conditioning(
+    pipe: FluxFillPipeline, encoded: dict, generator: torch.Generator
+) -> torch.Tensor:
+    """``[B, L, 320]``: the masked image's latents drawn from their VAE distribution (shifted and
+    scaled, as the pipeline draws them) with the pixel mask of ``encoded``."""
+    vae = pipe.vae.config
+    masked = sample_scaled_latents(
+        encoded["masked_latents_mean"],
+        encoded["masked_latents_std"],
+        generator,
+        vae.scaling_factor,
+        vae.shift_factor,
+    )
+    return fill_conditioning(pipe, masked, encoded["mask_latents"])
 
 
 class FillEncoder:
@@ -156,15 +194,7 @@ class FillLoss:
 
     def sample_conditioning(self, encoded: dict, generator: torch.Generator) -> torch.Tensor:
         """``[B, L, 320]``; draws the masked image's latents first, as the pipeline does."""
-        vae = self.pipe.vae.config
-        masked = sample_scaled_latents(
-            encoded["masked_latents_mean"],
-            encoded["masked_latents_std"],
-            generator,
-            vae.scaling_factor,
-            vae.shift_factor,
-        )
-        return fill_conditioning(self.pipe, masked, encoded["mask_latents"])
+        return sample_fill_conditioning(self.pipe, encoded, generator)
 
     def __call__(
         self, model: torch.nn.Module, batch: dict, generator: torch.Generator
@@ -227,9 +257,85 @@ class FillLoss:
         return total, components
 
 
+class FillPolicy:
+    """FLUX.1 Fill as a GRPO policy (``training.grpo.GRPOPolicy``): ``FluxFillPipeline``'s sigma
+    schedule (``linspace(1, 1/n, n)`` shifted for the image size), its 384-channel input and the
+    guidance embedding at --guidance_scale, with Flow-GRPO's SDE step at --noise_level. The
+    state is the packed latents ``[N, L, 64]`` in fp32."""
+
+    def __init__(
+        self, pipe: FluxFillPipeline, config: FillConfig, encoder: FillEncoder, encoded: bool
+    ) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.encoder = encoder
+        self.batches_are_encoded = encoded
+        self.dtype = weight_dtype(config)
+
+    def schedule(
+        self, steps: int, height: int, width: int, device
+    ) -> FlowMatchEulerDiscreteScheduler:
+        """The pipeline's scheduler set for ``steps`` steps at ``height x width`` latents."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        mu = math.log(resolution_shift((height // 2) * (width // 2), scheduler.config))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+        return scheduler
+
+    def start(self, batch: dict, generations: int, steps: int, generator: torch.Generator):
+        encoded = batch if self.batches_are_encoded else self.encoder(batch)
+        pipe, device = self.pipe, generator.device
+        conditioning = sample_fill_conditioning(pipe, encoded, generator).to(self.dtype)
+        height, width = encoded["mask_latents"].shape[-2:]
+        count = conditioning.shape[0] * generations
+        shape = (count, pipe.vae.config.latent_channels, height, width)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        scheduler = self.schedule(steps, height, width, device)
+        return {
+            "conditioning": conditioning.repeat_interleave(generations, dim=0),
+            "prompt_embeds": encoded["prompt_embeds"].repeat_interleave(generations, dim=0),
+            "pooled": encoded["pooled_prompt_embeds"].repeat_interleave(generations, dim=0),
+            "img_ids": flux_image_ids(pipe, height, width, noise.to(self.dtype)),
+            "sigmas": scheduler.sigmas.tolist(),
+            "timesteps": scheduler.timesteps.to(device),
+            "latent_size": (height, width),
+        }, pack(pipe, noise)
+
+    def step_distribution(self, model, latents, step, conditioning, stochastic):
+        sigmas = conditioning["sigmas"]
+        timestep = conditioning["timesteps"][step].expand(latents.shape[0]).float() / 1000
+        inputs = flux_transformer_inputs(
+            self.pipe,
+            torch.cat([latents.to(self.dtype), conditioning["conditioning"]], dim=-1),
+            conditioning["img_ids"],
+            conditioning["prompt_embeds"],
+            conditioning["pooled"],
+            timestep,
+            self.config.guidance_scale,
+        )
+        velocity = model(**inputs)[0].float()
+        noise_level = self.config.noise_level if stochastic else 0.0
+        return flow_sde_step(
+            latents, velocity, sigmas[step], sigmas[step + 1], sigmas[1], noise_level
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        pipe, vae = self.pipe, self.pipe.vae
+        height, width = (side * pipe.vae_scale_factor for side in conditioning["latent_size"])
+        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(unpacked.to(vae.dtype), return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
 def fill_dataset(config: FillConfig, pipe: FluxFillPipeline):
     """The raw examples (folder or HF dataset), or a precomputed folder (``manifest.json``)."""
     if config.train_data_dir and (Path(config.train_data_dir) / MANIFEST_FILE).is_file():
+        if config.objective == "grpo":
+            raise ValueError(
+                f"{config.train_data_dir} is a precomputed folder: --objective grpo scores "
+                "sampled images against the source pixels, which it lacks; give the raw folder"
+            )
         vae = pipe.vae.config
         scaling = VaeScaling(vae.scaling_factor, vae.shift_factor or 0.0)
         return FillLatentDataset(config.train_data_dir, scaling, require_latents=True)
@@ -267,20 +373,23 @@ def main(argv: list[str] | None = None) -> None:
                 "max_sequence_length": config.max_sequence_length,
             },
         )
+    # GRPO decodes its samples for the rewards: the VAE stays.
+    offloaded = ("text_encoder", "text_encoder_2") + (("vae",) if config.objective == "sft" else ())
     validate = offload_after_caching(
-        config, [getattr(pipe, name) for name in FLUX_ENCODERS], accelerator.device, validate
+        config, [getattr(pipe, name) for name in offloaded], accelerator.device, validate
     )
+    encoded = precomputed or config.cache_latents
     parts = TrainingParts(
         model=transformer,
         dataset=items,
         sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
         collate_fn=collate_items,
-        compute_loss=FillLoss(pipe, config, encoder, precomputed or config.cache_latents),
+        compute_loss=FillLoss(pipe, config, encoder, encoded),
         save_lora=FILL_LORA.save,
         load_lora=FILL_LORA.load,
         validate=validate,
     )
-    train(accelerator, config, parts)
+    train_objective(accelerator, config, parts, dataset, FillPolicy(pipe, config, encoder, encoded))
 
 
 if __name__ == "__main__":

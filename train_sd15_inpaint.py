@@ -8,6 +8,10 @@ scaled; CLIP text embeddings at the tokenizer's 77 tokens; integer timesteps. Th
 and the prediction type (epsilon or v_prediction) come from the model's scheduler config; min-SNR
 weighting (--snr_gamma) and seed 000's mask-region weighting are available.
 
+``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo``): groups of
+images sampled with DDIM at --eta > 0 (as DDPO samples), the same 9-channel input and
+classifier-free guidance at sampling and training, scored by ``--reward``.
+
     accelerate launch train_sd15_inpaint.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-inpainting \\
         --train_data_dir my_inpainting --output_dir out --mixed_precision fp16 \\
@@ -24,8 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline
 from diffusers.training_utils import compute_snr
+from diffusers.utils.torch_utils import randn_tensor
+from jsonargparse.typing import PositiveFloat
 
 from data.cache import fingerprint
 from data.rows import collate_items
@@ -33,10 +39,13 @@ from losses import downsample_mask_area, masked_flow_matching_loss
 from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import InpaintingDataConfig, RegionLossConfig, TrainConfig, parse_config
 from training.datasets import bucket_sampler, inpainting_dataset
+from training.grpo import GRPOConfig
+from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
-from training.loop import TrainingParts, train
+from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora, save_lora_components
-from training.runtime import build_accelerator, load_pipeline
+from training.runtime import build_accelerator, load_pipeline, weight_dtype
+from training.sde import ddim_step
 from training.validation import InpaintingValidation
 
 UNET_LORA = LoraFormat(StableDiffusionInpaintPipeline, "unet")
@@ -46,16 +55,22 @@ UNET_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+# RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
+# bases (training.config's names, such as MaskLossSettings).
 @dataclass(kw_only=True)
-class SD15InpaintConfig(RegionLossConfig, InpaintingDataConfig, TrainConfig):
-    """Train a Stable Diffusion 1.5 inpainting LoRA with optional min-SNR and region weighting."""
+class SD15InpaintConfig(RegionLossConfig, GRPOConfig, InpaintingDataConfig, TrainConfig):
+    """Train a Stable Diffusion 1.5 inpainting LoRA: supervised, with optional min-SNR and region
+    weighting, or with GRPO on a reward."""
 
     snr_gamma: float | None = None
     """Min-SNR weighting gamma (5.0 is the paper's choice); None: unweighted MSE."""
     train_text_encoder: bool = False
     """Also train a LoRA on the CLIP text encoder's attention (its own default layers)."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance of the validation pipeline (the pipeline's default)."""
+    """Classifier-free guidance of the validation pipeline (the pipeline's default), and of GRPO
+    sampling and training alike."""
+    eta: PositiveFloat = 1.0
+    """GRPO: DDIM's noise weight eta (> 0; 1 is DDPM's posterior variance, DDPO's choice)."""
 
 
 class InpaintDenoiser(torch.nn.Module):
@@ -219,6 +234,88 @@ class SD15Loss:
         return weights / snr
 
 
+class SD15Policy:
+    """SD1.5 inpainting as a GRPO policy (``training.grpo.GRPOPolicy``): DDIM at --eta on the
+    model's noise schedule, the pipeline's 9-channel input, classifier-free guidance at
+    --guidance_scale (unconditional = the empty prompt, first, as the pipeline batches it). The
+    state is the latents ``[N, 4, h, w]`` in fp32."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionInpaintPipeline,
+        config: SD15InpaintConfig,
+        encoder: SD15Encoder,
+        encoded: bool,
+    ) -> None:
+        self.pipe = pipe
+        self.config = config
+        self.encoder = encoder
+        self.batches_are_encoded = encoded
+        self.dtype = weight_dtype(config)
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.guided = config.guidance_scale > 1
+        device = pipe.text_encoder.device
+        if config.train_text_encoder:
+            self.unconditional = {"input_ids": tokenize(pipe, [""])}
+        else:
+            with torch.no_grad():
+                embeds = pipe.encode_prompt([""], device, 1, True)[1]
+            self.unconditional = {"encoder_hidden_states": embeds}
+
+    def start(self, batch: dict, generations: int, steps: int, generator: torch.Generator):
+        encoded = batch if self.batches_are_encoded else self.encoder(batch)
+        masked = sample_scaled_latents(
+            encoded["masked_latents_mean"],
+            encoded["masked_latents_std"],
+            generator,
+            self.pipe.vae.config.scaling_factor,
+        )
+        count = masked.shape[0] * generations
+        noise = randn_tensor(
+            (count, *masked.shape[1:]),
+            generator=generator,
+            device=generator.device,
+            dtype=torch.float32,
+        )
+        self.scheduler.set_timesteps(steps, device=generator.device)
+        text = (
+            {"input_ids": encoded["input_ids"]}
+            if self.config.train_text_encoder
+            else {"encoder_hidden_states": encoded["prompt_embeds"]}
+        )
+        text = {name: value.repeat_interleave(generations, dim=0) for name, value in text.items()}
+        mask = encoded["mask"].repeat_interleave(generations, dim=0)
+        masked = masked.to(self.dtype).repeat_interleave(generations, dim=0)
+        if self.guided:
+            text = {
+                name: torch.cat([self.unconditional[name].expand_as(value), value])
+                for name, value in text.items()
+            }
+            mask, masked = torch.cat([mask, mask]), torch.cat([masked, masked])
+        conditioning = {"text": text, "mask": mask, "masked": masked}
+        return conditioning, noise * self.scheduler.init_noise_sigma
+
+    def step_distribution(self, model, latents, step, conditioning, stochastic):
+        timestep = self.scheduler.timesteps[step]
+        sample = latents.to(self.dtype)
+        if self.guided:
+            sample = torch.cat([sample, sample])
+        sample = unet_inputs(sample, conditioning["mask"], conditioning["masked"])
+        prediction = model(sample, timestep.expand(sample.shape[0]), **conditioning["text"]).float()
+        if self.guided:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + self.config.guidance_scale * (conditional - unconditional)
+        eta = self.config.eta if stochastic else 0.0
+        return ddim_step(self.scheduler, prediction, timestep, latents, eta)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        vae = self.pipe.vae
+        scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+        images = vae.decode(scaled, return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
 def as_tokens(latents: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w] -> [B, h * w, C]``, row-major, so latent pixels weigh as tokens do."""
     return latents.flatten(2).transpose(1, 2)
@@ -278,15 +375,17 @@ def main(argv: list[str] | None = None) -> None:
         load_lora=load_sd15_lora,
         validate=offload_after_caching(
             config,
-            # A trained text encoder is part of the model, not an encoder to offload.
-            [pipe.vae] + ([] if config.train_text_encoder else [pipe.text_encoder]),
+            # A trained text encoder is part of the model; GRPO decodes its samples with the VAE.
+            ([pipe.vae] if config.objective == "sft" else [])
+            + ([] if config.train_text_encoder else [pipe.text_encoder]),
             accelerator.device,
             InpaintingValidation(
                 pipe, dataset, config, accelerator, {"guidance_scale": config.guidance_scale}
             ),
         ),
     )
-    train(accelerator, config, parts)
+    policy = SD15Policy(pipe, config, encoder, config.cache_latents)
+    train_objective(accelerator, config, parts, dataset, policy)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,22 @@ def test_benchmark_runs(script, variants):
     assert result.returncode == 0, result.stderr[-2000:]
     for name in variants:
         assert name in result.stdout and "ms/step" in result.stdout
+
+
+def test_grpo_benchmark_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "grpo_step.py"),
+            *("--blocks", "1", "--steps", "1", "--resolution", "32"),
+            *("--generations", "2", "--sampling-steps", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for family in ("Fill:", "SD1.5:"):
+        for phase in ("sampling", "reward", "update", "iteration"):
+            assert f"{family:<7}{phase}" in result.stdout
+    assert "s/iteration" in result.stdout

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from script_runs import (
     resume_copy,
     write_assets,
 )
+from torch.distributions import Normal
 
 import train_flux_fill as fill
 from data.fill_latents import MANIFEST_FILE, FillLatentDataset, VaeScaling
@@ -36,7 +39,11 @@ from data.rows import collate_items
 from data.synthetic import write_inpainting_dataset
 from models.tiny import tiny_flux_fill_pipeline
 from training.config import parse_config
+from training.flux import FLUX_LORA_LAYERS
+from training.grpo import sample_rollout, transition
+from training.lora import add_lora
 from training.metrics import read_metrics
+from training.rewards import RewardError, RewardOptions, Rewards
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -360,3 +367,230 @@ class TestCommandLine:
             ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"],
         )
         assert parsed.guidance_scale == 30.0 and parsed.max_train_steps > 0
+        assert parsed.objective == "sft"
+
+    def test_shipped_grpo_configs_parse(self):
+        def parsed(name):
+            flags = ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"]
+            return parse_config(fill.FillConfig, flags)
+
+        real, tiny = parsed("flux_fill_grpo.yaml"), parsed("flux_fill_grpo_tiny.yaml")
+        assert real.objective == tiny.objective == "grpo"
+        assert real.mixed_precision == "bf16" and tiny.mixed_precision == "no"
+        assert real.guidance_scale == tiny.guidance_scale == 30.0
+        assert real.reward == "background:1,seam:0.5" and real.num_generations == 8
+        assert real.noise_level == 0.7 and real.max_sequence_length == 512
+        assert tiny.resolution == 16 and tiny.max_train_steps == 50
+
+
+# GRPO at 32 px (2x2 tokens) with a short T5 prompt: the tiny runs stay fast.
+GRPO_RESOLUTION = 32
+GRPO = {
+    "objective": "grpo",
+    "resolution": GRPO_RESOLUTION,
+    "num_generations": 2,
+    "sampling_steps": 3,
+    "max_sequence_length": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def grpo(assets):
+    """A pipeline of its own whose transformer has a random (non-zero) LoRA, its GRPO config
+    and policy."""
+    pipe = quiet_pipeline(FluxFillPipeline, assets)
+    grpo_config = fill.FillConfig(
+        pretrained_model_name_or_path=str(assets / "model"),
+        train_data_dir=str(assets / "data"),
+        rank=4,
+        **GRPO,
+    )
+    add_lora(pipe.transformer, grpo_config, FLUX_LORA_LAYERS, fill.FILL_LORA)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+    encoder = fill.FillEncoder(pipe, grpo_config)
+    return pipe, grpo_config, fill.FillPolicy(pipe, grpo_config, encoder, encoded=False)
+
+
+def grpo_batch(assets, count: int = 2) -> dict:
+    dataset = InpaintingDataset.from_folder(assets / "data", resolution=GRPO_RESOLUTION)
+    return collate_items([dataset[index] for index in range(count)])
+
+
+class TestGRPOPolicy:
+    def test_noise_free_sampling_is_the_pipelines(self, assets, grpo):
+        """Four deterministic steps (noise level 0: Euler) and the decode give what
+        FluxFillPipeline gives for the same noise, mask draw, schedule and guidance."""
+        pipe, _, policy = grpo
+        batch = first_inpainting_batch(assets, GRPO_RESOLUTION)
+        noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+        conditioning, _ = policy.start(batch, 1, 4, torch.Generator().manual_seed(5))
+        latents = pipe._pack_latents(noise, 1, 16, 4, 4)
+        with torch.no_grad():
+            for step in range(4):
+                latents = policy.step_distribution(
+                    pipe.transformer, latents, step, conditioning, stochastic=False
+                )[0]
+            expected = pipe(
+                prompt=batch["prompt"][0],
+                image=to_pil(batch["image"][0]),
+                mask_image=to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
+                latents=pipe._pack_latents(noise, 1, 16, 4, 4),
+                height=GRPO_RESOLUTION,
+                width=GRPO_RESOLUTION,
+                num_inference_steps=4,
+                max_sequence_length=16,
+                generator=torch.Generator().manual_seed(5),
+                output_type="pt",
+            ).images
+            images = policy.decode(latents, conditioning)
+        assert expected.shape == images.shape == (1, 3, GRPO_RESOLUTION, GRPO_RESOLUTION)
+        torch.testing.assert_close(images, expected, rtol=0, atol=1e-4)
+
+    def test_step_log_density_is_the_gaussian_of_the_sde_step(self, assets, grpo):
+        """The transformer called as the supervised loss calls it, Flow-GRPO's mean and std
+        written out here, and torch's Normal."""
+        pipe, grpo_config, policy = grpo
+        conditioning, latents = policy.start(
+            grpo_batch(assets), 2, 3, torch.Generator().manual_seed(2)
+        )
+        with torch.no_grad():
+            result = transition(
+                policy,
+                pipe.transformer,
+                latents,
+                1,
+                conditioning,
+                generator=torch.Generator().manual_seed(3),
+            )
+            sigma, following = conditioning["sigmas"][1:3]
+            inputs = fill.fill_transformer_inputs(
+                pipe,
+                pipe._unpack_latents(latents, GRPO_RESOLUTION, GRPO_RESOLUTION, 8),
+                conditioning["conditioning"],
+                conditioning["prompt_embeds"],
+                conditioning["pooled"],
+                torch.full((4,), sigma),
+                30.0,
+            )
+            velocity = pipe.transformer(**inputs)[0]
+        level = grpo_config.noise_level * math.sqrt(sigma / (1 - sigma))
+        drift = velocity + level**2 / (2 * sigma) * (latents + (1 - sigma) * velocity)
+        mean = latents + drift * (following - sigma)
+        std = level * math.sqrt(sigma - following)
+        expected = Normal(mean, std).log_prob(result.next_latents).flatten(1).mean(dim=1)
+        torch.testing.assert_close(result.log_prob, expected, rtol=1e-5, atol=1e-5)
+        assert result.std.item() == pytest.approx(std)
+
+    def test_ratio_is_one_before_the_first_update(self, assets, grpo):
+        """Sampled log-probabilities vs the same steps recomputed as training computes them
+        (gradients on, the LoRA trainable), with an SDE window of 2 of 4 steps."""
+        pipe, grpo_config, policy = grpo
+        windowed = dataclasses.replace(grpo_config, sampling_steps=4, sde_window=2)
+        rewards = Rewards("background,seam", RewardOptions(), "cpu")
+        rollout = sample_rollout(
+            policy,
+            pipe.transformer,
+            grpo_batch(assets),
+            windowed,
+            torch.Generator().manual_seed(4),
+            rewards,
+        )
+        assert len(rollout.trained) == 2 and rollout.rewards.keys() == {"background", "seam"}
+        for step in rollout.trained:
+            result = transition(
+                policy,
+                pipe.transformer,
+                rollout.states[step],
+                step,
+                rollout.conditioning,
+                next_latents=rollout.states[step + 1],
+            )
+            assert result.log_prob.requires_grad
+            ratio = torch.exp(result.log_prob - rollout.log_probs[step]).detach()
+            torch.testing.assert_close(ratio, torch.ones(4), rtol=0, atol=1e-5)
+
+
+class TestGRPORun:
+    def test_outputs_and_exact_resume(self, assets, tmp_path):
+        common = {**GRPO, "checkpointing_steps": 2, "reward": "background,seam:0.5"}
+        straight = run(
+            assets,
+            tmp_path / "straight",
+            max_train_steps=4,
+            validation_steps=4,
+            validation_inference_steps=2,
+            **common,
+        )
+        resumed = run(assets, tmp_path / "resumed", max_train_steps=2, **common)
+        run(assets, resumed, max_train_steps=4, resume_from_checkpoint="latest", **common)
+        assert_same_tensors(lora_tensors(straight), lora_tensors(resumed))
+        records = read_metrics(straight)
+        assert read_metrics(resumed) == records
+        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        names = {"loss", "lr", "reward", "reward_background", "reward_seam", "reward_group_std"}
+        names |= {"advantage_abs", "ratio_mean", "ratio_min", "ratio_max", "clip_fraction"}
+        assert all(names | {"approx_kl"} <= r.keys() for r in records)
+        for r in records:
+            assert r["reward"] == pytest.approx(r["reward_background"] + 0.5 * r["reward_seam"])
+            # One update per set of samples: every update is the first, on-policy one.
+            assert r["ratio_min"] == pytest.approx(1, abs=1e-5)
+            assert r["ratio_max"] == pytest.approx(1, abs=1e-5)
+        for name in ("step-000004.png", "rewards-step-000004.png"):
+            assert (straight / "validation" / name).is_file()
+        state = FluxFillPipeline.lora_state_dict(str(straight))
+        assert state and all(name.startswith("transformer.") for name in state)
+
+    def test_two_ranks_sample_whole_groups(self, assets, tmp_path):
+        """2 ranks x 1 micro-batch and 1 rank x 2 micro-batches sample the same groups from the
+        same generators, so each group's advantages, the rewards and the update agree."""
+        two = tmp_path / "two"
+        result = SCRIPT.launch(assets, two, max_train_steps=2, **GRPO)
+        assert "identical on all 2 ranks" in result.stderr
+        one = run(
+            assets, tmp_path / "one", max_train_steps=2, gradient_accumulation_steps=2, **GRPO
+        )
+        first_two, first_one = read_metrics(two)[0], read_metrics(one)[0]
+        for name in ("reward", "reward_group_std", "advantage_abs", "ratio_mean"):
+            assert first_two[name] == pytest.approx(first_one[name], rel=1e-5, abs=1e-7), name
+        # Then only the order of float sums differs (the gradient all-reduce), which Adam's
+        # first steps amplify where a gradient is near zero: weights of about 2e-3 agree to 1e-5.
+        for name, value in lora_tensors(one).items():
+            torch.testing.assert_close(lora_tensors(two)[name], value, rtol=1e-4, atol=1e-5)
+
+    def test_a_short_run_raises_the_mean_reward(self, assets, tmp_path):
+        """Background consistency on the tiny random model: 4 groups of 8 per step at 16 px.
+        The first and last tenth of the run are what the README reports."""
+        out = run(
+            assets,
+            tmp_path / "rise",
+            **{**GRPO, "resolution": 16, "num_generations": 8, "sampling_steps": 4},
+            train_batch_size=4,
+            max_train_steps=50,
+            learning_rate=3e-2,
+            seed=0,
+        )
+        rewards = [r["reward"] for r in read_metrics(out)]
+        first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+        print(f"mean background reward: first tenth {first:.5f}, last tenth {last:.5f}")
+        assert last > first + 0.001, (first, last)
+
+    def test_precomputed_folder_is_refused(self, assets, tmp_path):
+        encoded = tmp_path / "encoded"
+        encoded.mkdir()
+        (encoded / MANIFEST_FILE).write_text("[]")
+        with pytest.raises(ValueError, match="precomputed folder: --objective grpo scores"):
+            run(assets, tmp_path / "out", train_data_dir=encoded, **GRPO)
+
+    def test_a_failing_reward_stops_the_run_naming_it(self, assets, tmp_path, monkeypatch):
+        (tmp_path / "flaky_rewards.py").write_text(
+            "def server(images, prompts, masks, sources):\n"
+            "    raise TimeoutError('no answer from the reward server')\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        out = tmp_path / "out"
+        with pytest.raises(RewardError, match=r"reward 'server' .* TimeoutError: no answer"):
+            run(assets, out, reward="background,flaky_rewards:server", **GRPO)
+        assert not (out / "pytorch_lora_weights.safetensors").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline
 from PIL import Image
 from script_runs import (
     ROOT,
@@ -22,12 +22,18 @@ from script_runs import (
     quiet_pipeline,
     write_assets,
 )
+from torch.distributions import Normal
 
 import train_sd15_inpaint as sd15
+from data.inpainting import InpaintingDataset
+from data.rows import collate_items
 from data.synthetic import write_inpainting_dataset
 from models.tiny import tiny_sd15_inpaint_pipeline
 from training.config import parse_config
+from training.grpo import sample_rollout, transition
+from training.lora import add_lora
 from training.metrics import read_metrics
+from training.rewards import RewardOptions, Rewards
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -226,3 +232,172 @@ class TestCommandLine:
             ["--config", str(ROOT / "configs" / name), "--train_data_dir", "data"],
         )
         assert parsed.snr_gamma == 5.0 and parsed.max_train_steps > 0
+        assert parsed.objective == "sft"
+
+    def test_shipped_grpo_config_parses(self):
+        flags = ["--config", str(ROOT / "configs" / "sd15_inpaint_grpo.yaml")]
+        parsed = parse_config(sd15.SD15InpaintConfig, [*flags, "--train_data_dir", "data"])
+        assert parsed.objective == "grpo" and parsed.mixed_precision == "fp16"
+        assert parsed.eta == 1.0 and parsed.guidance_scale == 7.5
+        assert parsed.num_generations == 8 and parsed.reward == "background:1,seam:0.5"
+
+
+GRPO_RESOLUTION = 32
+GRPO = {
+    "objective": "grpo",
+    "resolution": GRPO_RESOLUTION,
+    "num_generations": 2,
+    "sampling_steps": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def grpo(assets):
+    """A pipeline of its own with random (non-zero) LoRAs on the UNet and the text encoder, its
+    GRPO config, the denoiser GRPO trains and the policy."""
+    pipe = quiet_pipeline(StableDiffusionInpaintPipeline, assets)
+    grpo_config = sd15.SD15InpaintConfig(
+        pretrained_model_name_or_path=str(assets / "model"),
+        train_data_dir=str(assets / "data"),
+        rank=4,
+        train_text_encoder=True,
+        **GRPO,
+    )
+    add_lora(pipe.unet, grpo_config, sd15.UNET_LORA_LAYERS, sd15.UNET_LORA)
+    sd15.add_text_encoder_lora(pipe.text_encoder, grpo_config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05, generator=generator)
+    denoiser = sd15.InpaintDenoiser(pipe.unet, pipe.text_encoder)
+    encoder = sd15.SD15Encoder(pipe, grpo_config)
+    return pipe, grpo_config, denoiser, sd15.SD15Policy(pipe, grpo_config, encoder, False)
+
+
+def grpo_batch(assets, count: int = 2) -> dict:
+    dataset = InpaintingDataset.from_folder(assets / "data", resolution=GRPO_RESOLUTION)
+    return collate_items([dataset[index] for index in range(count)])
+
+
+class TestGRPOPolicy:
+    def test_noise_free_sampling_is_the_pipelines(self, assets, grpo):
+        """Four eta = 0 steps (with guidance 7.5, the text encoder's LoRA in both prompts) and
+        the decode give what the pipeline gives with a DDIM scheduler."""
+        pipe, _, denoiser, policy = grpo
+        batch = first_inpainting_batch(assets, GRPO_RESOLUTION)
+        noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+        conditioning, _ = policy.start(batch, 1, 4, torch.Generator().manual_seed(5))
+        latents = noise.clone()
+        with torch.no_grad():
+            for step in range(4):
+                latents = policy.step_distribution(
+                    denoiser, latents, step, conditioning, stochastic=False
+                )[0]
+            images = policy.decode(latents, conditioning)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            expected = pipe(
+                prompt=batch["prompt"][0],
+                image=to_pil(batch["image"][0]),
+                mask_image=to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
+                latents=noise,
+                height=GRPO_RESOLUTION,
+                width=GRPO_RESOLUTION,
+                num_inference_steps=4,
+                guidance_scale=7.5,
+                eta=0.0,
+                generator=torch.Generator().manual_seed(5),
+                output_type="pt",
+            ).images
+        assert expected.shape == images.shape == (1, 3, GRPO_RESOLUTION, GRPO_RESOLUTION)
+        torch.testing.assert_close(images, expected, rtol=0, atol=1e-4)
+
+    def test_step_log_density_is_the_gaussian_of_the_ddim_step(self, assets, grpo):
+        """The guided prediction on the 9-channel input, diffusers' DDIM step and variance, and
+        torch's Normal."""
+        pipe, grpo_config, denoiser, policy = grpo
+        conditioning, latents = policy.start(
+            grpo_batch(assets), 2, 3, torch.Generator().manual_seed(2)
+        )
+        timestep = policy.scheduler.timesteps[1]
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(3)
+            result = transition(policy, denoiser, latents, 1, conditioning, generator=generator)
+            both = sd15.unet_inputs(
+                torch.cat([latents, latents]), conditioning["mask"], conditioning["masked"]
+            )
+            unconditional, conditional = denoiser(
+                both, timestep.expand(8), **conditioning["text"]
+            ).chunk(2)
+        guided = unconditional + 7.5 * (conditional - unconditional)
+        reference = DDIMScheduler.from_config(pipe.scheduler.config)
+        reference.set_timesteps(3)
+        mean = reference.step(
+            guided, timestep, latents, eta=1.0, variance_noise=torch.zeros_like(latents)
+        ).prev_sample
+        std = reference._get_variance(timestep, timestep - 1000 // 3) ** 0.5
+        expected = Normal(mean, std).log_prob(result.next_latents).flatten(1).mean(dim=1)
+        torch.testing.assert_close(result.log_prob, expected, rtol=1e-5, atol=1e-5)
+        assert grpo_config.eta == 1.0 and result.std.item() == pytest.approx(std.item())
+
+    def test_ratio_is_one_before_the_first_update(self, assets, grpo):
+        _, grpo_config, denoiser, policy = grpo
+        rollout = sample_rollout(
+            policy,
+            denoiser,
+            grpo_batch(assets),
+            grpo_config,
+            torch.Generator().manual_seed(4),
+            Rewards("background", RewardOptions(), "cpu"),
+        )
+        assert sorted(rollout.trained) == [0, 1, 2]
+        for step in rollout.trained:
+            result = transition(
+                policy,
+                denoiser,
+                rollout.states[step],
+                step,
+                rollout.conditioning,
+                next_latents=rollout.states[step + 1],
+            )
+            assert result.log_prob.requires_grad
+            ratio = torch.exp(result.log_prob - rollout.log_probs[step]).detach()
+            torch.testing.assert_close(ratio, torch.ones(4), rtol=0, atol=1e-5)
+
+
+class TestGRPORun:
+    def test_inner_epochs_kl_and_exact_resume(self, assets, tmp_path):
+        """Two updates per set of samples, accumulation 2, the text encoder's LoRA, latents
+        from the cache, and the KL to the base model."""
+        common = {
+            **GRPO,
+            "train_text_encoder": "true",
+            "cache_latents": "true",
+            "kl_beta": 0.1,
+            "num_inner_epochs": 2,
+            "gradient_accumulation_steps": 2,
+            "checkpointing_steps": 2,
+            "clip_range": 1e-5,
+        }
+        straight = run(assets, tmp_path / "straight", max_train_steps=4, **common)
+        resumed = run(assets, tmp_path / "resumed", max_train_steps=2, **common)
+        run(assets, resumed, max_train_steps=4, resume_from_checkpoint="latest", **common)
+        assert_same_tensors(lora_tensors(straight), lora_tensors(resumed))
+        records = read_metrics(straight)
+        assert read_metrics(resumed) == records
+        first, second, third = records[:3]
+        # Update 1: on-policy, and the fresh LoRA (B = 0) is the base model: ratio 1, KL 0.
+        assert first["ratio_min"] == first["ratio_max"] == 1.0 and first["kl"] == 0.0
+        # Update 2 reuses the samples: off-policy, clipped, away from the base model.
+        assert second["reward"] == first["reward"]
+        assert second["clip_fraction"] > 0 and second["kl"] > 0
+        assert second["ratio_min"] < 1 or second["ratio_max"] > 1
+        assert third["reward"] != first["reward"]
+
+    def test_eta_must_be_positive(self):
+        with pytest.raises(SystemExit):
+            parse_config(
+                sd15.SD15InpaintConfig,
+                ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--eta", "0"],
+            )

@@ -1,7 +1,10 @@
 """The shared training loop: optimizer, schedule, accumulation, logging, checkpoints, resume.
 
 A script hands it a prepared model, the dataset with its batch sampler, and ``compute_loss``, the
-family's loss for one batch; everything a run does between batches happens here.
+family's loss for one batch; everything a run does between batches happens here. :class:`Run`
+holds what any driver of optimizer steps shares (optimizer, schedule, checkpoints and exact
+resume, metrics, validation, the final save); :func:`train` drives it with supervised batches,
+``training.grpo`` with sampled groups.
 """
 
 from __future__ import annotations
@@ -69,8 +72,11 @@ def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     return config.num_train_epochs * (batches_per_epoch // config.gradient_accumulation_steps)
 
 
-def _epoch_batches(parts: TrainingParts, config: TrainConfig, epoch: int, skip: int):
-    """This rank's batches of ``epoch``, without the first ``skip`` (already trained on)."""
+def epoch_batches(parts, config: TrainConfig, epoch: int, skip: int):
+    """This rank's batches of ``epoch``, without the first ``skip`` (already trained on).
+
+    ``parts`` has the ``dataset``, ``sampler`` and ``collate_fn`` of :class:`TrainingParts`.
+    """
     parts.sampler.set_epoch(epoch, start_batch=skip)
     return DataLoader(
         parts.dataset,
@@ -82,72 +88,145 @@ def _epoch_batches(parts: TrainingParts, config: TrainConfig, epoch: int, skip: 
     )
 
 
+class Run:
+    """What happens around the batches of a run, whatever drives them (this module's supervised
+    loop, or ``training.grpo``): AdamW over the LoRA, the LR schedule, accelerate's preparation,
+    checkpoints with exact resume, ``metrics.jsonl``, trackers, validation, the final save.
+
+    ``model`` is the prepared model (DDP-wrapped on several ranks); ``progress`` is where the run
+    stands, restored from --resume_from_checkpoint when given.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        config: TrainConfig,
+        parts,
+        max_steps: int,
+    ) -> None:
+        """``parts`` has the ``model``, ``save_lora``, ``load_lora`` and ``validate`` of
+        :class:`TrainingParts`."""
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator
+        self.config = config
+        self.parts = parts
+        self.max_steps = max_steps
+        optimizer = build_optimizer(config, parts.model)
+        # Stepped once per optimizer step (build_accelerator turns accelerate's own stepping
+        # off), so the schedule counts optimizer steps whatever the number of processes.
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=max_steps,
+        )
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            parts.model, optimizer, lr_scheduler
+        )
+        self.checkpointer = Checkpointer(
+            accelerator,
+            config.output_dir,
+            config.checkpoints_total_limit,
+            parts.save_lora,
+            parts.load_lora,
+            BatchLayout(
+                accelerator.num_processes,
+                config.train_batch_size,
+                config.gradient_accumulation_steps,
+            ),
+        )
+        resume_from = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        self.progress = (
+            self.checkpointer.restore(resume_from) if resume_from else TrainingProgress()
+        )
+        self.metrics = MetricsLog(
+            config.output_dir,
+            resume_step=self.progress.global_step,
+            enabled=accelerator.is_main_process,
+        )
+        if accelerator.is_main_process:
+            accelerator.init_trackers(Path(config.output_dir).name, config=_tracker_config(config))
+        self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+        self.bar = tqdm(
+            total=max_steps,
+            initial=self.progress.global_step,
+            desc="steps",
+            disable=not accelerator.is_main_process,
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.progress.global_step >= self.max_steps
+
+    def optimizer_step(self) -> None:
+        """Clip, step and zero the gradients; advance the schedule. Inside ``accelerate``'s
+        ``accumulate`` only the micro-batch that ends an accumulation steps."""
+        accelerator, config = self.accelerator, self.config
+        if accelerator.sync_gradients and config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def validation_due(self, step: int) -> bool:
+        return _validation_due(self.config, step, self.max_steps)
+
+    def end_step(self, progress: TrainingProgress, values: dict[str, float]) -> None:
+        """Book the optimizer step that brought the run to ``progress``: its record (step,
+        epoch, lr, ``values`` by name, and validation metrics when due) goes to metrics.jsonl
+        and the trackers; a checkpoint is written when due."""
+        self.progress = progress
+        step = progress.global_step
+        lr = self.lr_scheduler.get_last_lr()[0]
+        record = {"step": step, "epoch": progress.epoch, "lr": lr, **values}
+        if self.validation_due(step):
+            record.update(_validate(self.accelerator, self.parts, self.model, step))
+        self.metrics.write(record)
+        self.accelerator.log(record, step=step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if step % self.config.checkpointing_steps == 0:
+            self.checkpointer.save(progress)
+
+    def finish(self) -> TrainingProgress:
+        """Check that the ranks agree, save the final LoRA, close the trackers."""
+        accelerator = self.accelerator
+        self.bar.close()
+        _check_replicas_agree(accelerator, self.trainable)
+        if accelerator.is_main_process:
+            self.parts.save_lora(accelerator.unwrap_model(self.model), Path(self.config.output_dir))
+            logger.info("saved the LoRA to %s", self.config.output_dir)
+        # Every rank tears the process group down together, after the last file is written.
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return self.progress
+
+
 def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -> TrainingProgress:
     """Run (or resume) training; returns the final progress. Every rank calls this.
 
     Writes ``metrics.jsonl``, ``checkpoint-<step>/`` every --checkpointing_steps, validation
     images every --validation_steps and at the end, and the final LoRA in ``output_dir``.
     """
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     batches_per_epoch = parts.sampler.batches_per_epoch
-    max_steps = total_steps(config, batches_per_epoch)
     accumulation = config.gradient_accumulation_steps
-    optimizer = build_optimizer(config, parts.model)
-    # Stepped below once per optimizer step (build_accelerator turns accelerate's own stepping
-    # off), so the schedule counts optimizer steps whatever the number of processes.
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=max_steps,
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(parts.model, optimizer, lr_scheduler)
-    checkpointer = Checkpointer(
-        accelerator,
-        config.output_dir,
-        config.checkpoints_total_limit,
-        parts.save_lora,
-        parts.load_lora,
-        BatchLayout(
-            accelerator.num_processes, config.train_batch_size, config.gradient_accumulation_steps
-        ),
-    )
-    resume_from = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    progress = checkpointer.restore(resume_from) if resume_from else TrainingProgress()
-    metrics = MetricsLog(
-        config.output_dir, resume_step=progress.global_step, enabled=accelerator.is_main_process
-    )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(Path(config.output_dir).name, config=_tracker_config(config))
+    run = Run(accelerator, config, parts, total_steps(config, batches_per_epoch))
     logger.info(
         "training %d steps: %d batches of %d per epoch and rank, %d ranks, accumulation %d",
-        max_steps,
+        run.max_steps,
         batches_per_epoch,
         config.train_batch_size,
         accelerator.num_processes,
         accumulation,
     )
-    repeated = getattr(parts.sampler, "repeated_batches", 0)
-    if repeated:
-        logger.info(
-            "each epoch repeats %d batch(es) from its start so that every rank runs whole "
-            "optimizer steps (%d ranks x accumulation %d)",
-            repeated,
-            accelerator.num_processes,
-            accumulation,
-        )
-    trainable = [param for param in model.parameters() if param.requires_grad]
-    bar = tqdm(
-        total=max_steps,
-        initial=progress.global_step,
-        desc="steps",
-        disable=not accelerator.is_main_process,
-    )
+    log_repeated_batches(parts.sampler, accelerator, accumulation)
+    model = run.model
     model.train()
-    epoch, consumed = progress.epoch, progress.batches_in_epoch
+    epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
     sums: dict[str, torch.Tensor] = {}
-    while progress.global_step < max_steps:
-        for batch in _epoch_batches(parts, config, epoch, consumed):
+    while not run.done:
+        for batch in epoch_batches(parts, config, epoch, consumed):
             # Ranks take every num_processes-th batch of the epoch's global order.
             position = consumed * accelerator.num_processes + accelerator.process_index
             generator = step_generator(config.seed, epoch, position, accelerator.device)
@@ -156,49 +235,35 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
                     model, send_to_device(batch, accelerator.device), generator
                 )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer_step()
             consumed += 1
             for name, value in {"loss": loss, **components}.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
             if not accelerator.sync_gradients:
                 continue
-            progress = TrainingProgress(progress.global_step + 1, epoch, consumed)
-            record = {
-                "step": progress.global_step,
-                "epoch": epoch,
-                "lr": lr_scheduler.get_last_lr()[0],
-                **{
-                    name: accelerator.reduce(total / accumulation, reduction="mean").item()
-                    for name, total in sums.items()
-                },
+            means = {
+                name: accelerator.reduce(total / accumulation, reduction="mean").item()
+                for name, total in sums.items()
             }
             sums = {}
-            if _validation_due(config, progress.global_step, max_steps):
-                record.update(_validate(accelerator, parts, model, progress.global_step))
-            metrics.write(record)
-            accelerator.log(record, step=progress.global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if progress.global_step % config.checkpointing_steps == 0:
-                checkpointer.save(progress)
-            if progress.global_step >= max_steps:
+            run.end_step(TrainingProgress(run.progress.global_step + 1, epoch, consumed), means)
+            if run.done:
                 break
         else:
             epoch, consumed = epoch + 1, 0
-    bar.close()
-    _check_replicas_agree(accelerator, trainable)
-    if accelerator.is_main_process:
-        parts.save_lora(accelerator.unwrap_model(model), Path(config.output_dir))
-        logger.info("saved the LoRA to %s", config.output_dir)
-    # Every rank tears the process group down together, after the last file is written.
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return progress
+    return run.finish()
+
+
+def log_repeated_batches(sampler, accelerator: Accelerator, accumulation: int) -> None:
+    repeated = getattr(sampler, "repeated_batches", 0)
+    if repeated:
+        logger.info(
+            "each epoch repeats %d batch(es) from its start so that every rank runs whole "
+            "optimizer steps (%d ranks x accumulation %d)",
+            repeated,
+            accelerator.num_processes,
+            accumulation,
+        )
 
 
 def _check_replicas_agree(accelerator: Accelerator, trainable: list[torch.Tensor]) -> None:

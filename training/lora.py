@@ -9,7 +9,8 @@ resumes at the strength it was trained at.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from diffusers import ModelMixin
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from training.config import TrainConfig
@@ -217,3 +219,21 @@ def add_lora(
     if init is not None:
         lora_format.apply(model, init)
         logger.info("started from %s (rank %d, alpha %s)", init.path, adapter.r, adapter.lora_alpha)
+
+
+@contextmanager
+def lora_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` as its base model: every peft adapter layer in it bypassed with peft's own
+    switch (``enable_adapters``), then switched back on with each parameter's ``requires_grad``
+    as it was. The base model without a second copy in memory (GRPO's reference policy)."""
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)

@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 
 from models.tiny import tiny_flux_kontext_pipeline
 from training.config import TrainConfig
-from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora, lora_config, target_modules
+from training.lora import (
+    LORA_WEIGHTS_NAME,
+    LoraFormat,
+    add_lora,
+    lora_config,
+    lora_disabled,
+    target_modules,
+)
 
 LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")
@@ -336,3 +343,24 @@ def assert_same_lora(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+
+class TestLoraDisabled:
+    def test_base_model_inside_then_the_adapter_as_before(self):
+        plain = tiny_flux_kontext_pipeline(0).transformer
+        adapted = adapted_transformer()
+        with_lora = run(adapted)
+        assert not torch.allclose(with_lora, run(plain))
+        with lora_disabled(adapted):
+            assert torch.equal(run(adapted), run(plain))
+            assert not any(param.requires_grad for param in adapted.parameters())
+        assert torch.equal(run(adapted), with_lora)
+        trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in name for name in trainable)
+
+    def test_restored_after_an_error(self):
+        adapted = adapted_transformer()
+        with_lora = run(adapted)
+        with pytest.raises(RuntimeError, match="inside"), lora_disabled(adapted):
+            raise RuntimeError("inside")
+        assert torch.equal(run(adapted), with_lora)
