@@ -492,7 +492,7 @@ class TestCommandLine:
         assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
         for step in (2, 4):
             names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-            assert {"random_states_0.pkl", "random_states_1.pkl", LORA_WEIGHTS_NAME} <= names
+            assert {"rng-0.safetensors", "rng-1.safetensors", LORA_WEIGHTS_NAME} <= names
         assert not list(out.glob(".checkpoint-*"))
 
 

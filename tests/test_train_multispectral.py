@@ -330,5 +330,5 @@ class TestCommandLine:
         assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
         for step in (2, 4):
             names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-            assert {"random_states_0.pkl", "random_states_1.pkl", script.ADAPTER_FOLDER} <= names
+            assert {"rng-0.safetensors", "rng-1.safetensors", script.ADAPTER_FOLDER} <= names
         AutoencoderKLMultispectralAdapter.from_pretrained(out / script.ADAPTER_FOLDER)

@@ -1,8 +1,9 @@
 """Resumable checkpoints: ``checkpoint-<step>/`` is complete or absent, never half written.
 
-A checkpoint holds the LoRA in diffusers' safetensors format, accelerate's optimizer, scheduler
-and RNG state, and ``training_state.json`` (step, epoch, how many batches of that epoch were
-consumed, and the batch layout that position is counted in). It is written under a hidden
+A checkpoint holds the LoRA in diffusers' safetensors format, the optimizer, schedule and RNG
+state in safetensors + JSON (never pickle), and ``training_state.json`` (step, epoch, how many
+batches of that epoch were consumed, the batch layout that position is counted in, what run it
+belongs to, and a digest of every file). It is written under a hidden
 ``.checkpoint-<step>.partial`` name and renamed once everything is on disk, and the state file is
 written last, so neither a crash nor a stray folder can be taken for a checkpoint.
 
@@ -14,6 +15,7 @@ what they meant.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +27,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+
+from data.images import DataError
+from training.state_io import load_state, rng_state, save_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +174,14 @@ def prepare_output_dir(
 
 
 class Checkpointer:
-    """Saves and restores checkpoints of one run through accelerate's state hooks.
+    """Saves and restores the checkpoints of one run, without pickle.
 
-    ``save_lora(model, folder)`` and ``load_lora(model, folder)`` handle the trainable model, so a
-    checkpoint carries the LoRA only, never the frozen base weights.
+    A checkpoint holds the trainable state only: ``save_lora(model, folder)`` writes the LoRA
+    (or adapter) and ``load_lora(model, folder)`` reads it back; the optimizer, the LR schedule,
+    the fp16 grad scaler and every rank's RNG go through :mod:`training.state_io` (safetensors
+    + JSON). ``training_state.json``, written last, holds the progress, the batch layout, the
+    run's ``identity`` (script, base model, trainable tensors' shapes) and a sha256 of every
+    file, so a changed or damaged file is refused by name instead of resuming inexactly.
     """
 
     def __init__(
@@ -183,38 +192,41 @@ class Checkpointer:
         save_lora: Callable[[torch.nn.Module, Path], None],
         load_lora: Callable[[torch.nn.Module, Path], None],
         layout: BatchLayout,
+        identity: dict,
+        training_objects: tuple,
     ) -> None:
+        """``training_objects`` is the prepared ``(model, optimizer, lr_scheduler)``."""
         if total_limit is not None and total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be >= 1, got {total_limit}")
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.total_limit = total_limit
+        self.save_lora = save_lora
+        self.load_lora = load_lora
         self.layout = layout
-
-        def save_hook(models, weights, folder):
-            for model in models:
-                if accelerator.is_main_process:
-                    save_lora(accelerator.unwrap_model(model), Path(folder))
-                weights.pop()
-
-        def load_hook(models, folder):
-            while models:
-                load_lora(accelerator.unwrap_model(models.pop()), Path(folder))
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
+        self.identity = identity
+        self.model, self.optimizer, self.lr_scheduler = training_objects
 
     def save(self, progress: TrainingProgress) -> Path:
-        """Write ``checkpoint-<global_step>`` (every rank calls this); returns its folder."""
+        """Write ``checkpoint-<global_step>`` (every rank calls this); returns its folder.
+
+        Raises:
+            RuntimeError: on every rank, when any rank could not write its part (a full disk,
+                say); the partial folder is removed and earlier checkpoints are untouched.
+        """
+        accelerator = self.accelerator
         final = self.output_dir / f"checkpoint-{progress.global_step}"
         partial = self.output_dir / f".checkpoint-{progress.global_step}.partial"
-        if self.accelerator.is_main_process and partial.exists():
-            shutil.rmtree(partial)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            _write_json(partial / STATE_FILE, {**asdict(progress), "layout": asdict(self.layout)})
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        failure = self._write_state(partial)
+        self._raise_if_any_rank_failed(failure, final, partial)
+        if accelerator.is_main_process:
+            failure = self._seal(partial, progress)
+        self._raise_if_any_rank_failed(failure, final, partial)
+        if accelerator.is_main_process:
             replaced = self.output_dir / f".checkpoint-{progress.global_step}.replaced"
             if final.exists():  # a rerun reaching the same step again: swap, then delete the old
                 shutil.rmtree(replaced, ignore_errors=True)
@@ -223,19 +235,96 @@ class Checkpointer:
             shutil.rmtree(replaced, ignore_errors=True)
             logger.info("saved %s", final)
             self._rotate(progress.global_step)
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return final
 
+    def _write_state(self, folder: Path) -> OSError | None:
+        """This rank's files: its RNG; on the main process also the LoRA, optimizer, schedule."""
+        accelerator = self.accelerator
+        try:
+            if accelerator.is_main_process:
+                self.save_lora(accelerator.unwrap_model(self.model), folder)
+                save_state(self.optimizer.state_dict(), folder, "optimizer")
+                save_state(self.lr_scheduler.state_dict(), folder, "scheduler")
+                if accelerator.scaler is not None:
+                    save_state(accelerator.scaler.state_dict(), folder, "scaler")
+            save_state(rng_state(), folder, f"rng-{accelerator.process_index}")
+        except OSError as error:
+            return error
+        return None
+
+    def _seal(self, folder: Path, progress: TrainingProgress) -> OSError | None:
+        """Write ``training_state.json`` with the digests of everything in ``folder``."""
+        digests = {
+            str(path.relative_to(folder)): _sha256(path)
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        }
+        state = {
+            **asdict(progress),
+            "layout": asdict(self.layout),
+            "identity": self.identity,
+            "files": digests,
+        }
+        try:
+            _write_json(folder / STATE_FILE, state)
+        except OSError as error:
+            return error
+        return None
+
+    def _raise_if_any_rank_failed(
+        self, failure: OSError | None, final: Path, partial: Path
+    ) -> None:
+        """Every rank learns whether any rank failed, so that none waits on the others."""
+        accelerator = self.accelerator
+        failed = torch.tensor([failure is not None], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            failed = accelerator.gather(failed)
+        if not failed.any():
+            return
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        earlier = [folder.name for _, folder in complete_checkpoints(self.output_dir)]
+        kept = f"; {', '.join(earlier)} untouched" if earlier else ""
+        raise RuntimeError(
+            f"could not write {final.name}: {failure or 'another rank failed'}{kept}. Free space "
+            "(or fix the folder) and run again with --resume_from_checkpoint latest."
+        ) from failure
+
     def restore(self, folder: Path) -> TrainingProgress:
-        """Load a checkpoint's LoRA, optimizer, scheduler and RNG state; returns its progress,
-        counted in this run's batch layout (see :func:`convert_progress`)."""
-        state = json.loads((folder / STATE_FILE).read_text())
-        saved = BatchLayout(**state.pop("layout")) if "layout" in state else self.layout
+        """Load a checkpoint's LoRA, optimizer, schedule, grad scaler and RNG; returns its
+        progress, counted in this run's batch layout (see :func:`convert_progress`).
+
+        Raises:
+            DataError: a file is missing, changed since it was written, or unreadable; or the
+                checkpoint belongs to another run (script, base model, LoRA shape).
+        """
+        accelerator = self.accelerator
+        state = read_checkpoint_state(folder)
+        saved_identity = state.pop("identity")
+        state.pop("files")
+        check_identity(saved_identity, self.identity, folder)
+        saved = BatchLayout(**state.pop("layout"))
         progress = convert_progress(TrainingProgress(**state), saved, self.layout, folder)
-        self.accelerator.load_state(str(folder))
+        self.load_lora(accelerator.unwrap_model(self.model), folder)
+        self.optimizer.load_state_dict(load_state(folder, "optimizer"))
+        self.lr_scheduler.load_state_dict(load_state(folder, "scheduler"))
+        if accelerator.scaler is not None and (folder / "scaler.json").exists():
+            accelerator.scaler.load_state_dict(load_state(folder, "scaler"))
+        rng = f"rng-{accelerator.process_index}"
+        if (folder / f"{rng}.json").exists():
+            set_rng_state(load_state(folder, rng))
+        else:
+            logger.warning(
+                "%s holds no RNG state for rank %d (written by %d processes); its draws start "
+                "from --seed",
+                folder.name,
+                accelerator.process_index,
+                saved.num_processes,
+            )
         # accelerate's micro-batch counter decides when accumulation ends; a checkpoint sits at
         # an optimizer step's boundary, whatever the saved counter says in another layout.
-        self.accelerator.step = progress.global_step * self.layout.gradient_accumulation_steps
+        accelerator.step = progress.global_step * self.layout.gradient_accumulation_steps
         logger.info("resumed from %s at step %d", folder, progress.global_step)
         later = [
             p.name for s, p in complete_checkpoints(self.output_dir) if s > progress.global_step
@@ -266,6 +355,88 @@ class Checkpointer:
             if folder not in keep:
                 shutil.rmtree(folder)
                 logger.info("removed %s (--checkpoints_total_limit %d)", folder, self.total_limit)
+
+
+def run_identity(config, model: torch.nn.Module) -> dict:
+    """What a checkpoint must share with the run resuming it: the script's config class, the
+    base model, and the names and shapes of the trainable tensors (LoRA rank and layers, or an
+    adapter's shape)."""
+    return {
+        "script": type(config).__name__,
+        "base_model": str(config.pretrained_model_name_or_path),
+        "trainable": {
+            name: list(param.shape)
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        },
+    }
+
+
+def check_identity(saved: dict, current: dict, folder: Path) -> None:
+    """Refuse a checkpoint of another run, saying what differs."""
+    problems = [
+        f"{what} {saved[key]!r}, this run {current[key]!r}"
+        for key, what in (("script", "script config"), ("base_model", "base model"))
+        if saved[key] != current[key]
+    ]
+    if saved["trainable"] != current["trainable"]:
+        ours, theirs = current["trainable"], saved["trainable"]
+        missing = sorted(set(theirs) - set(ours))
+        extra = sorted(set(ours) - set(theirs))
+        reshaped = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+        details = [
+            f"{len(missing)} not in this run (e.g. {missing[0]})" if missing else "",
+            f"{len(extra)} new in this run (e.g. {extra[0]})" if extra else "",
+            (
+                f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: "
+                f"{theirs[reshaped[0]]} in the checkpoint, {ours[reshaped[0]]} now)"
+            )
+            if reshaped
+            else "",
+        ]
+        problems.append(
+            "trainable tensors differ: "
+            + "; ".join(d for d in details if d)
+            + " (another --rank, --lora_layers or adapter option)"
+        )
+    if problems:
+        raise DataError(
+            f"{folder} belongs to another run: {'; '.join(problems)}. Resume with the settings "
+            f"it was written with, or start a new run from its weights with --init_lora_weights."
+        )
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    """``training_state.json`` of ``folder``, after checking every file it lists against its
+    sha256 (a file missing or changed since the save is a :class:`DataError` naming it)."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"'{path}': not a readable checkpoint state ({error})") from error
+    if not isinstance(state, dict) or "files" not in state or "identity" not in state:
+        raise DataError(
+            f"'{path}': not a checkpoint of this version (no file digests); resume refused, "
+            "since its state could only be read by unpickling"
+        )
+    for name, digest in state["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise DataError(f"'{file}': listed in {STATE_FILE} but missing")
+        if _sha256(file) != digest:
+            raise DataError(
+                f"'{file}': changed since the checkpoint was written (sha256 differs); "
+                "resume refused. Use another checkpoint."
+            )
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -21,7 +21,13 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from training.checkpoint import BatchLayout, Checkpointer, TrainingProgress, resolve_checkpoint
+from training.checkpoint import (
+    BatchLayout,
+    Checkpointer,
+    TrainingProgress,
+    resolve_checkpoint,
+    run_identity,
+)
 from training.config import TrainConfig
 from training.metrics import MetricsLog
 from training.runtime import step_generator
@@ -134,6 +140,8 @@ class Run:
                 config.train_batch_size,
                 config.gradient_accumulation_steps,
             ),
+            run_identity(config, parts.model),
+            (self.model, self.optimizer, self.lr_scheduler),
         )
         resume_from = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
         self.progress = (

@@ -74,7 +74,12 @@ class LoraFormat:
         path = Path(path)
         if not path.exists():
             raise ValueError(f"LoRA file {path} does not exist")
-        loaded = self.pipeline_cls.lora_state_dict(str(path), return_lora_metadata=True)
+        if path.is_dir() and (path / LORA_WEIGHTS_NAME).is_file():
+            path = path / LORA_WEIGHTS_NAME
+        # safetensors only: a pickled .bin beside it is never read.
+        loaded = self.pipeline_cls.lora_state_dict(
+            str(path), return_lora_metadata=True, use_safetensors=True
+        )
         state_dict, metadata = loaded[0], loaded[-1] or {}
         prefix = f"{self.component}."
         weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -2,7 +2,11 @@
 Accelerator, a tiny FLUX transformer with a LoRA, AdamW and an LR schedule."""
 
 import copy
+import errno
+import hashlib
 import json
+import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,7 @@ from diffusers import FluxKontextPipeline
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict
 
+from data.images import DataError
 from models.tiny import tiny_flux_kontext_pipeline
 from training.checkpoint import (
     STATE_FILE,
@@ -24,6 +29,7 @@ from training.checkpoint import (
     convert_progress,
     prepare_output_dir,
     resolve_checkpoint,
+    run_identity,
 )
 from training.config import TrainConfig
 from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora
@@ -199,12 +205,14 @@ def start_run(
     output_dir: Path, lora_seed: int = 0, total_limit: int | None = None, **config
 ) -> Run:
     config = TrainConfig(
-        pretrained_model_name_or_path="m",
-        train_data_dir="d",
-        output_dir=str(output_dir),
-        rank=4,
-        lora_layers=",".join(LAYERS),
-        **config,
+        **{
+            "pretrained_model_name_or_path": "m",
+            "train_data_dir": "d",
+            "output_dir": str(output_dir),
+            "rank": 4,
+            "lora_layers": ",".join(LAYERS),
+            **config,
+        }
     )
     accelerator = build_accelerator(config)
     transformer = tiny_flux_kontext_pipeline(0).transformer
@@ -218,10 +226,19 @@ def start_run(
 
     def save(model, folder):
         if run.fail_saves:
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         KONTEXT.save(model, folder)
 
-    checkpointer = Checkpointer(accelerator, output_dir, total_limit, save, KONTEXT.load, LAYOUT)
+    checkpointer = Checkpointer(
+        accelerator,
+        output_dir,
+        total_limit,
+        save,
+        KONTEXT.load,
+        LAYOUT,
+        run_identity(config, transformer),
+        (model, optimizer, scheduler),
+    )
     run = Run(accelerator, model, optimizer, scheduler, checkpointer, output_dir)
     return run
 
@@ -251,17 +268,28 @@ class TestCheckpointer:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # nothing partial
         files = sorted(p.name for p in folder.iterdir())
         assert files == [
-            "optimizer.bin",
+            "optimizer.json",
+            "optimizer.safetensors",
             LORA_WEIGHTS_NAME,
-            "random_states_0.pkl",
-            "scheduler.bin",
+            "rng-0.json",
+            "rng-0.safetensors",
+            "scheduler.json",
             STATE_FILE,
         ]
-        assert json.loads((folder / STATE_FILE).read_text()) == {
+        assert not [name for name in files if name.endswith((".bin", ".pkl", ".pt"))]
+        state = json.loads((folder / STATE_FILE).read_text())
+        assert {k: state[k] for k in ("global_step", "epoch", "batches_in_epoch", "layout")} == {
             "global_step": 3,
             "epoch": 1,
             "batches_in_epoch": 5,
             "layout": {"num_processes": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1},
+        }
+        assert sorted(state["files"]) == sorted(set(files) - {STATE_FILE})
+        assert state["identity"]["script"] == "TrainConfig"
+        assert state["identity"]["trainable"] == {
+            name: list(p.shape)
+            for name, p in run.accelerator.unwrap_model(run.model).named_parameters()
+            if p.requires_grad
         }
         # the LoRA file is the adapter, in diffusers' format; no frozen base weights anywhere
         state = FluxKontextPipeline.lora_state_dict(str(folder))
@@ -335,7 +363,7 @@ class TestCheckpointer:
         assert (folder / STATE_FILE).is_file() and (folder / LORA_WEIGHTS_NAME).is_file()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
 
-    def test_failed_save_leaves_earlier_checkpoints_intact(self, tmp_path):
+    def test_full_disk_leaves_earlier_checkpoints_intact(self, tmp_path):
         run = start_run(tmp_path)
         run.train_step(0)
         saved = run.lora()
@@ -343,17 +371,20 @@ class TestCheckpointer:
         run.train_step(1)
         run.fail_saves = True
         for step in (6, 5):  # a new step, and the same step again
-            with pytest.raises(OSError, match="disk full"):
+            with pytest.raises(RuntimeError) as error:
                 run.checkpointer.save(TrainingProgress(step))
+            message = str(error.value)
+            assert f"could not write checkpoint-{step}" in message
+            assert "No space left on device" in message and "checkpoint-5 untouched" in message
+            assert "--resume_from_checkpoint latest" in message
         assert complete_checkpoints(tmp_path) == [(5, first)]
         assert resolve_checkpoint(tmp_path, "latest") == first
         state = FluxKontextPipeline.lora_state_dict(str(first))
         assert_same_tensors(state, {f"transformer.{k}": v for k, v in saved.items()})
-        # what the failed saves left is hidden, never a checkpoint-<step> name
-        leftovers = {p.name for p in tmp_path.iterdir()} - {"checkpoint-5"}
-        assert leftovers and all(name.startswith(".") for name in leftovers)
+        # the failed saves' partial folders are gone, freeing what they took
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
         run.fail_saves = False
-        for step in (6, 5):  # a rerun reaching these steps cleans up after the failed saves
+        for step in (6, 5):  # a rerun reaching these steps
             run.checkpointer.save(TrainingProgress(step))
         assert [step for step, _ in complete_checkpoints(tmp_path)] == [5, 6]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-6"]
@@ -399,3 +430,93 @@ class TestCheckpointer:
         assert_same_optimizer_state(resumed.optimizer.state_dict(), optimizer_state)
         resumed.train_step(3)
         assert_same_tensors(resumed.lora(), after_one_more)  # as if never interrupted
+
+
+class Payload:
+    """A pickle that, once unpickled, creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.usefixtures("clean_accelerate_state")
+class TestSafeResume:
+    @pytest.fixture
+    def written(self, tmp_path):
+        run = start_run(tmp_path / "out")
+        run.train_step(0)
+        folder = run.checkpointer.save(TrainingProgress(2, 0, 2))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return folder
+
+    def resume(self, folder: Path, **config):
+        return start_run(folder.parent, resume_from_checkpoint="latest", **config).checkpointer
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            LORA_WEIGHTS_NAME,
+            "optimizer.safetensors",
+            "optimizer.json",
+            "scheduler.json",
+            "rng-0.safetensors",
+            "rng-0.json",
+        ],
+    )
+    def test_a_planted_pickle_is_refused_by_name_and_never_runs(self, written, tmp_path, name):
+        marker = tmp_path / "code-ran"
+        (written / name).write_bytes(pickle.dumps(Payload(marker)))
+        with pytest.raises(DataError, match=re.escape(f"{written / name}': changed since")):
+            self.resume(written).restore(written)
+        assert not marker.exists()
+
+    def test_a_pickle_beside_the_files_is_never_read(self, written, tmp_path):
+        marker = tmp_path / "code-ran"
+        for name in ("pytorch_lora_weights.bin", "optimizer.bin", "random_states_0.pkl"):
+            (written / name).write_bytes(pickle.dumps(Payload(marker)))
+        assert self.resume(written).restore(written) == TrainingProgress(2, 0, 2)
+        assert not marker.exists()
+
+    def test_state_that_matches_its_digest_is_still_parsed_safely(self, written, tmp_path):
+        """Even re-sealed (digests updated), a pickle in a safetensors file is not unpickled."""
+        marker = tmp_path / "code-ran"
+        target = written / "optimizer.safetensors"
+        target.write_bytes(pickle.dumps(Payload(marker)))
+        state = json.loads((written / STATE_FILE).read_text())
+        state["files"]["optimizer.safetensors"] = hashlib.sha256(target.read_bytes()).hexdigest()
+        (written / STATE_FILE).write_text(json.dumps(state))
+        with pytest.raises(DataError, match=re.escape(f"'{target}': not a readable safetensors")):
+            self.resume(written).restore(written)
+        assert not marker.exists()
+
+    def test_corrupt_or_missing_rng_is_refused(self, written):
+        (written / "rng-0.safetensors").write_bytes(b"\x00" * 16)
+        with pytest.raises(DataError, match=r"rng-0\.safetensors': changed since"):
+            self.resume(written).restore(written)
+        (written / "rng-0.safetensors").unlink()
+        with pytest.raises(DataError, match=r"rng-0\.safetensors': listed in .* but missing"):
+            self.resume(written).restore(written)
+
+    def test_old_pickled_checkpoints_are_refused(self, written):
+        (written / STATE_FILE).write_text(json.dumps({"global_step": 2}))
+        with pytest.raises(DataError, match="not a checkpoint of this version"):
+            self.resume(written).restore(written)
+
+    @pytest.mark.parametrize(
+        "change,expected",
+        [
+            (
+                {"rank": 8},
+                r"of another shape .*\[4, 32\] in the checkpoint, \[8, 32\] now",
+            ),
+            ({"lora_layers": "attn.to_q"}, r"trainable tensors differ: \d+ not in this run"),
+            ({"pretrained_model_name_or_path": "other"}, r"base model 'm', this run 'other'"),
+        ],
+    )
+    def test_another_run_is_refused_saying_what_differs(self, written, change, expected):
+        with pytest.raises(DataError, match=expected):
+            self.resume(written, **change).restore(written)
