@@ -143,6 +143,10 @@ class FillLatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def describe(self, index: int) -> str:
+        """Record ``index`` of the manifest, for messages."""
+        return f"'{self.manifest}' record {index}"
+
     def _path(self, record: dict, key: str, where: str) -> Path:
         name = record.get(key)
         if not isinstance(name, str) or not name:

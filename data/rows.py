@@ -347,6 +347,13 @@ class BucketedRowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def describe(self, index: int) -> str:
+        """Item ``index``'s files, for messages: ``image 'a.png', mask 'm.png'``."""
+        row, problems = self.rows.parse(index)
+        if row is None:
+            return "; ".join(problems)
+        return ", ".join(ref.label for ref in row.images.values())
+
     def bucket_size(self, index: int) -> tuple[int, int]:
         """``(height, width)`` of item ``index``'s bucket."""
         return self.buckets[self.bucket_of_items[index]]

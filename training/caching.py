@@ -127,3 +127,8 @@ class CachedItems(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {**self.cache.load(self.dataset.key(index)), "index": index}
+
+    def describe(self, index: int) -> str:
+        """The files item ``index`` was encoded from."""
+        describe = getattr(self.dataset, "describe", None)
+        return describe(index) if describe else f"item {index}"

@@ -73,6 +73,9 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    max_nonfinite_steps: int = 5
+    """Optimizer steps with a NaN/inf loss or gradient are skipped (and counted in metrics as
+    nonfinite_skipped); after this many in a row the run saves a checkpoint and stops."""
     rank: int | None = None
     """LoRA rank; 16, or the rank stored in --init_lora_weights."""
     lora_alpha: float | None = None
@@ -98,6 +101,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     """'latest' (the newest complete checkpoint in output_dir) or a checkpoint folder. Another
     process count works when processes x accumulation x batch size stays the same."""
+    save_on_signal: bool = True
+    """On SIGTERM or Ctrl+C (a scheduler's preemption), save a checkpoint at the end of the
+    current step and stop cleanly; resume with --resume_from_checkpoint latest."""
     overwrite_output_dir: bool = False
     """Delete the checkpoints and outputs of an earlier run in output_dir and start afresh;
     without it, a fresh run refuses a folder holding checkpoints."""
@@ -129,6 +135,8 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"--max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.checkpointing_steps < 1:
             raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         if self.offload_encoders and not self.cache_latents:

@@ -143,9 +143,10 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
     model.train()
     sampler_model = accelerator.unwrap_model(model)
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
-    while not run.done:
+    while not run.should_stop:
         for batches in _chunks(epoch_batches(parts, config, epoch, consumed), accumulation):
             rollouts = []
+            run.saw(batches[-1])
             for offset, batch in enumerate(batches):
                 position = (consumed + offset) * accelerator.num_processes
                 position += accelerator.process_index
@@ -162,16 +163,19 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
                 )
             consumed += len(batches)
             rewards = reward_metrics(accelerator, rollouts)
-            for _ in range(config.num_inner_epochs):
+            for inner in range(config.num_inner_epochs):
                 terms = policy_update(accelerator, model, parts.policy, rollouts, config)
-                run.optimizer_step()
+                run.optimizer_step(torch.stack([term.loss for term in terms]))
                 progress = TrainingProgress(run.progress.global_step + 1, epoch, consumed)
                 if run.validation_due(progress.global_step) and accelerator.is_main_process:
                     save_group_preview(rollouts[0].preview, config.output_dir, progress.global_step)
-                run.end_step(progress, {**update_metrics(accelerator, terms), **rewards})
-                if run.done:
+                # A checkpoint resumes between sets of samples: stop only after the last.
+                last_inner = inner == config.num_inner_epochs - 1
+                values = {**update_metrics(accelerator, terms), **rewards}
+                run.end_step(progress, values, may_stop=last_inner)
+                if run.should_stop:
                     break
-            if run.done:
+            if run.should_stop:
                 break
         else:
             epoch, consumed = epoch + 1, 0

@@ -31,6 +31,7 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.metrics import MetricsLog
 from training.runtime import step_generator
+from training.stopping import NonFiniteSteps, StopSignals, describe_items
 
 logger = logging.getLogger(__name__)
 
@@ -161,48 +162,127 @@ class Run:
             desc="steps",
             disable=not accelerator.is_main_process,
         )
+        self.signals = StopSignals(config.save_on_signal)
+        self.nonfinite = NonFiniteSteps(config.max_nonfinite_steps)
+        self.stopped = False
+        self.last_indices: list[int] = []
+        self._finite = True
+        self._skipped = False
 
     @property
     def done(self) -> bool:
         return self.progress.global_step >= self.max_steps
 
-    def optimizer_step(self) -> None:
+    @property
+    def should_stop(self) -> bool:
+        """The run is complete, or stopped early (a signal) after a checkpoint."""
+        return self.done or self.stopped
+
+    def saw(self, batch: dict) -> None:
+        """Note the items of the batch being trained on, for messages about it."""
+        self.last_indices = batch["index"].tolist()
+
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> None:
         """Clip, step and zero the gradients; advance the schedule. Inside ``accelerate``'s
-        ``accumulate`` only the micro-batch that ends an accumulation steps."""
+        ``accumulate`` only the micro-batch that ends an accumulation steps.
+
+        A step whose ``loss`` (any micro-batch's) or gradient norm is not finite on any rank is
+        skipped on every rank (its gradients dropped; the schedule still advances, so step and
+        learning rate stay paired). With fp16, the grad scaler does this itself.
+        """
         accelerator, config = self.accelerator, self.config
-        if accelerator.sync_gradients and config.max_grad_norm > 0:
+        if loss is not None:
+            self._finite &= bool(torch.isfinite(loss.detach()).all())
+        if not accelerator.sync_gradients:
+            self.optimizer.step()  # accelerate makes this a no-op until the last micro-batch
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self._skipped = False
+        if accelerator.scaler is None:
+            limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            norm = accelerator.clip_grad_norm_(self.trainable, limit)
+            finite = torch.tensor(
+                [float(self._finite and bool(torch.isfinite(norm)))], device=accelerator.device
+            )
+            self._finite = True
+            if accelerator.num_processes > 1:
+                finite = accelerator.gather(finite)
+            self._skipped = not bool(finite.all())
+        elif config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
-        self.optimizer.step()
-        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+        if not self._skipped:
+            self.optimizer.step()
+        if self._skipped or not accelerator.optimizer_step_was_skipped:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def validation_due(self, step: int) -> bool:
         return _validation_due(self.config, step, self.max_steps)
 
-    def end_step(self, progress: TrainingProgress, values: dict[str, float]) -> None:
+    def end_step(
+        self, progress: TrainingProgress, values: dict[str, float], may_stop: bool = True
+    ) -> None:
         """Book the optimizer step that brought the run to ``progress``: its record (step,
-        epoch, lr, ``values`` by name, and validation metrics when due) goes to metrics.jsonl
-        and the trackers; a checkpoint is written when due."""
+        epoch, lr, ``values`` by name, ``nonfinite_skipped``, and validation metrics when due)
+        goes to metrics.jsonl and the trackers; a checkpoint is written when due.
+
+        Where ``may_stop`` (a point a checkpoint can resume from), a stop signal on any rank
+        writes a checkpoint and stops the run (:attr:`should_stop`).
+
+        Raises:
+            RuntimeError: after --max_nonfinite_steps skipped steps in a row, once a checkpoint
+                is written; the message names the last batch's files.
+        """
         self.progress = progress
         step = progress.global_step
         lr = self.lr_scheduler.get_last_lr()[0]
         record = {"step": step, "epoch": progress.epoch, "lr": lr, **values}
+        record["nonfinite_skipped"] = int(self._skipped)
         if self.validation_due(step):
             record.update(_validate(self.accelerator, self.parts, self.model, step))
         self.metrics.write(record)
         self.accelerator.log(record, step=step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        if step % self.config.checkpointing_steps == 0:
+        saved = step % self.config.checkpointing_steps == 0
+        if saved:
             self.checkpointer.save(progress)
+        if self.nonfinite.record(not self._skipped):
+            if not saved:
+                self.checkpointer.save(progress)
+            raise RuntimeError(
+                f"{self.nonfinite.in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(up to step {step}); stopped after saving checkpoint-{step}. Last batch: "
+                f"{describe_items(self.parts.dataset, self.last_indices)}. Check those files, "
+                "or lower the learning rate, and resume with --resume_from_checkpoint latest."
+            )
+        if may_stop and self._stop_requested():
+            if not saved:
+                self.checkpointer.save(progress)
+            self.stopped = True
+            logger.warning(
+                "stopped at step %d (%s) after saving checkpoint-%d; resume with "
+                "--resume_from_checkpoint latest",
+                step,
+                self.signals.requested or "a signal on another rank",
+                step,
+            )
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (ranks may receive it at different steps)."""
+        requested = torch.tensor([float(self.signals.requested is not None)])
+        if self.accelerator.num_processes > 1:
+            requested = self.accelerator.gather(requested.to(self.accelerator.device))
+        return bool(requested.any())
 
     def finish(self) -> TrainingProgress:
-        """Check that the ranks agree, save the final LoRA, close the trackers."""
+        """Check that the ranks agree, save the final LoRA (not for a run stopped early: its
+        checkpoint holds its state), close the trackers."""
         accelerator = self.accelerator
         self.bar.close()
+        self.signals.close()
         _check_replicas_agree(accelerator, self.trainable)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not self.stopped:
             self.parts.save_lora(accelerator.unwrap_model(self.model), Path(self.config.output_dir))
             logger.info("saved the LoRA to %s", self.config.output_dir)
         # Every rank tears the process group down together, after the last file is written.
@@ -233,17 +313,18 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
     model.train()
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
     sums: dict[str, torch.Tensor] = {}
-    while not run.done:
+    while not run.should_stop:
         for batch in epoch_batches(parts, config, epoch, consumed):
             # Ranks take every num_processes-th batch of the epoch's global order.
             position = consumed * accelerator.num_processes + accelerator.process_index
             generator = step_generator(config.seed, epoch, position, accelerator.device)
+            run.saw(batch)
             with accelerator.accumulate(model):
                 loss, components = parts.compute_loss(
                     model, send_to_device(batch, accelerator.device), generator
                 )
                 accelerator.backward(loss)
-                run.optimizer_step()
+                run.optimizer_step(loss)
             consumed += 1
             for name, value in {"loss": loss, **components}.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
@@ -255,7 +336,7 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
             }
             sums = {}
             run.end_step(TrainingProgress(run.progress.global_step + 1, epoch, consumed), means)
-            if run.done:
+            if run.should_stop:
                 break
         else:
             epoch, consumed = epoch + 1, 0
