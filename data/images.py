@@ -117,7 +117,21 @@ def open_image(source: ImageSource, what: str, mode: str = "RGB") -> Image.Image
         ) from error
     if orientation in _TRANSPOSE_FOR_ORIENTATION:
         image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-    return image.convert(mode)
+    return _to_8_bit(image).convert(mode)
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """``image`` with 16-bit or float grey levels scaled to 0..255 ("L"); PIL's own conversion
+    clips them, turning a 16-bit image white. Other modes (RGB, CMYK, palette, ...) as they are:
+    PIL converts those faithfully."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if pixels.max(initial=0) <= 1 else 1.0
+    else:  # 16-bit grey, or 32-bit integers holding 16-bit values
+        scale = 1 / 257 if pixels.max(initial=0) > 255 or image.mode.startswith("I;16") else 1.0
+    return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), "L")
 
 
 def mask_to_tensor(mask_image: Image.Image) -> torch.Tensor:

@@ -341,11 +341,19 @@ def band_statistics(
     (a subsample fixed by the image's index, so every run and rank agrees); the range is exact.
 
     Raises:
-        DataError: no leaf pixel at all, or a band without spread (high <= low) over them.
+        DataError: an image with a band that is NaN everywhere (naming the file), no leaf pixel
+            at all, or a band without spread (high <= low) over them.
     """
     samples, minimum, maximum = [], None, None
     for index in range(len(dataset)):
         item = dataset[index]
+        empty = [b for b, band in enumerate(item["image"].numpy()) if not np.isfinite(band).any()]
+        if empty:
+            empty = [dataset.bands[b] for b in empty] if dataset.bands else empty  # file's numbers
+            raise DataError(
+                f"'{dataset.images[index].image}': band(s) {empty} hold no finite value (no data "
+                "everywhere); fix the file, or leave those bands out with --bands"
+            )
         pixels = item["image"].numpy()[:, item["mask"][0].numpy() > 0.5]  # [N, P]
         if pixels.shape[1] == 0:
             continue

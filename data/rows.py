@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from torch.utils.data import Dataset
 
 from data.buckets import fit_to_bucket, make_buckets, nearest_bucket
 from data.images import DataError, ImageRef, mask_to_tensor, to_model_range
+
+logger = logging.getLogger(__name__)
 
 MAX_REPORTED_PROBLEMS = 20
 METADATA_FILE = "metadata.jsonl"
@@ -343,6 +346,7 @@ class BucketedRowDataset(Dataset):
         ]
         self._file_digests: dict[Path, str] = {}
         self._keys: dict[int, str] = {}
+        _warn_about_duplicates(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -402,6 +406,33 @@ class BucketedRowDataset(Dataset):
         Filtered on 0..255 grey, then thresholded, so edges land where the image's do.
         """
         return mask_to_tensor(fit_to_bucket(ref.open("L"), size, Image.Resampling.BILINEAR))
+
+
+def _warn_about_duplicates(rows: RowSource) -> None:
+    """Warn when rows list the same files and prompt: each is trained on as often as it is
+    listed, which is rarely meant (a concatenated metadata file, say)."""
+    seen: dict[tuple, int] = {}
+    repeats = []
+    for index in range(len(rows)):
+        row = rows[index]
+        sources = tuple(sorted((f, str(r.source)) for f, r in row.images.items()))
+        if any(isinstance(r.source, bytes) for r in row.images.values()):
+            continue  # stored image bytes: telling copies apart would mean hashing them all
+        key = (sources, row.prompt)
+        if key in seen:
+            repeats.append((seen[key], index))
+        else:
+            seen[key] = index
+    if repeats:
+        shown = ", ".join(f"{a} and {b}" for a, b in repeats[:5])
+        logger.warning(
+            "%s: %d row(s) repeat an earlier row (rows %s%s); each is trained on as many times "
+            "as it is listed",
+            rows.description,
+            len(repeats),
+            shown,
+            ", ..." if len(repeats) > 5 else "",
+        )
 
 
 def collate_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
