@@ -7,11 +7,13 @@ import importlib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from training.lora import LORA_WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 300
 
 
 def reset_accelerate() -> None:
@@ -58,19 +61,28 @@ def free_port() -> int:
 
 def launch_two_ranks(script: str, values: dict) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 script`` on the CPU; asserts success."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONFAULTHANDLER": "1",
+    }
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     launcher += ["--num_processes", "2", "--num_machines", "1"]
     launcher += ["--main_process_port", str(free_port())]
     launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run(
-        [*launcher, str(ROOT / script), *script_args(values)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+    command = [*launcher, str(ROOT / script), *script_args(values)]
+    with subprocess.Popen(
+        command, stdout=PIPE, stderr=PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
+    ) as launch:
+        try:
+            stdout, stderr = launch.communicate(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # SIGABRT makes every rank print where it waits (PYTHONFAULTHANDLER), then exit.
+            os.killpg(launch.pid, signal.SIGABRT)
+            stdout, stderr = launch.communicate()
+            pytest.fail(f"two-rank run hung for {LAUNCH_TIMEOUT_S} s:\n{stderr[-8000:]}")
+    result = subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
