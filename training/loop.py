@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import BatchLayout, Checkpointer, TrainingProgress, resolve_checkpoint
 from training.config import TrainConfig
 from training.metrics import MetricsLog
+from training.model_card import ModelCardInfo, publish_run
 from training.runtime import step_generator
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TrainingParts:
     compute_loss: LossFn
     save_lora: Callable[[torch.nn.Module, Path], None]
     load_lora: Callable[[torch.nn.Module, Path], None]
+    card: ModelCardInfo
     validate: Callable[[torch.nn.Module, int], Mapping[str, float] | None] | None = None
 
 
@@ -104,8 +106,8 @@ class Run:
         parts,
         max_steps: int,
     ) -> None:
-        """``parts`` has the ``model``, ``save_lora``, ``load_lora`` and ``validate`` of
-        :class:`TrainingParts`."""
+        """``parts`` has the ``model``, ``dataset``, ``save_lora``, ``load_lora``, ``card`` and
+        ``validate`` of :class:`TrainingParts`."""
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         self.accelerator = accelerator
         self.config = config
@@ -190,7 +192,8 @@ class Run:
             self.checkpointer.save(progress)
 
     def finish(self) -> TrainingProgress:
-        """Check that the ranks agree, save the final LoRA, close the trackers."""
+        """Check that the ranks agree, save the final LoRA, close the trackers; then the main
+        process writes the model card (and uploads the folder with --push_to_hub)."""
         accelerator = self.accelerator
         self.bar.close()
         _check_replicas_agree(accelerator, self.trainable)
@@ -200,6 +203,14 @@ class Run:
         # Every rank tears the process group down together, after the last file is written.
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if accelerator.is_main_process:
+            publish_run(
+                self.config,
+                self.parts.card,
+                steps=self.progress.global_step,
+                examples=len(self.parts.dataset),
+                processes=accelerator.num_processes,
+            )
         return self.progress
 
 

@@ -299,12 +299,13 @@ def write_kohya(pairs: dict[str, LoraPair], out: Path) -> None:
         tensors[f"{name}.lora_down.weight"] = pair.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = pair.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)
-    rank, alpha = _most_common(pairs)
+    rank, alpha = most_common_rank_alpha(pairs)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank)}
     save_file(tensors, out, metadata={**metadata, "ss_network_alpha": str(alpha)})
 
 
-def _most_common(pairs: dict[str, LoraPair]) -> tuple[int, float]:
+def most_common_rank_alpha(pairs: dict[str, LoraPair]) -> tuple[int, float]:
+    """The rank and the alpha most of ``pairs`` have."""
     rank = Counter(pair.rank for pair in pairs.values()).most_common(1)[0][0]
     alpha = Counter(pair.alpha for pair in pairs.values()).most_common(1)[0][0]
     return rank, alpha
@@ -313,7 +314,7 @@ def _most_common(pairs: dict[str, LoraPair]) -> tuple[int, float]:
 def peft_config(pairs: dict[str, LoraPair]) -> LoraConfig:
     """The peft config of ``pairs`` (``module`` -> pair, one component): the most common rank and
     alpha, the others as patterns naming their modules, every module a target by full name."""
-    rank, alpha = _most_common(pairs)
+    rank, alpha = most_common_rank_alpha(pairs)
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
