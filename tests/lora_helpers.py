@@ -3,6 +3,7 @@ pipeline calls the export, merge and inference tests compare."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,15 @@ from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 
+from training.flux import FLUX_LORA_LAYERS
 from training.lora import save_lora_components
 
 # Scale alpha / r = 1.5: an exported file that lost its alphas would load at 2/3 strength.
 RANK, ALPHA = 4, 6.0
 SIZE = 32  # pixels: a 2x2 token grid for FLUX, a 4x4 latent for SD1.5
 PROMPT = "insert a red cat"
+# FLUX's default LoRA layers in the double blocks only (a peft target regex).
+DOUBLE_BLOCK_LAYERS = rf"transformer_blocks\.\d+\.({'|'.join(map(re.escape, FLUX_LORA_LAYERS))})"
 
 
 def add_random_lora(model: torch.nn.Module, targets, seed: int, **config) -> None:

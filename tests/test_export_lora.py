@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from diffusers import (
 )
 from lora_helpers import (
     ALPHA,
+    DOUBLE_BLOCK_LAYERS,
     PROMPT,
     SIZE,
     add_random_lora,
@@ -51,7 +51,6 @@ from training.lora_layouts import LayoutError, LoraPair, fuse, split
 # diffusers' kohya FLUX reader splits single blocks' linear1 at FLUX.1's widths (3072 x 3 +
 # 12288), so at tiny width only the double blocks go through it; TestFluxAtRealWidth covers
 # the single blocks at FLUX.1's width.
-DOUBLE_BLOCK_LAYERS = rf"transformer_blocks\.\d+\.({'|'.join(map(re.escape, FLUX_LORA_LAYERS))})"
 TOLERANCE = 1e-5
 
 
