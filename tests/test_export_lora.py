@@ -280,7 +280,8 @@ class TestFluxAtRealWidth:
             base = transformer(**inputs)[0]
         difference = max_difference(exported, original)
         print("FLUX single block (3072 wide) kohya vs original:", difference)
-        assert difference < TOLERANCE
+        # fp32 rounding of 3072-wide sums, relative to outputs of about 3
+        assert difference < TOLERANCE * float(original.abs().max())
         assert max_difference(original, base) > 100 * TOLERANCE
 
 

@@ -17,7 +17,7 @@ Kohya's names, by family:
   ``up`` their ups block-diagonally, so ``up @ down`` is the parts' deltas stacked row-wise
   (kohya's split-qkv LoRAs are saved so), and diffusers' kohya reader recognises the
   block-diagonal ``up`` and splits it back exactly. A part the LoRA does not adapt is a zero block.
-- Qwen-Image: the diffusers names with dots as underscores (musubi-tuner's names).
+- Qwen-Image: the diffusers names with dots as underscores (ComfyUI's names for its modules).
 - SD1.5: the UNet's diffusers names and the CLIP text encoder's (``text_model.``-prefixed, as
   ComfyUI and transformers 4 name them) with dots as underscores.
 
