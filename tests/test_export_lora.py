@@ -46,7 +46,7 @@ from models.tiny import (
 from scripts import export_lora
 from training.flux import FLUX_LORA_LAYERS
 from training.lora_export import convert, detect_family, read_lora
-from training.lora_layouts import LayoutError, LoraPair, fuse, split
+from training.lora_layouts import LAYOUTS, LayoutError, LoraPair, fuse, split
 
 # diffusers' kohya FLUX reader splits single blocks' linear1 at FLUX.1's widths (3072 x 3 +
 # 12288), so at tiny width only the double blocks go through it; TestFluxAtRealWidth covers
@@ -338,6 +338,20 @@ class TestRefusals:
         assert stopped.value.code == 1
         assert "kohya's FLUX layout has no name for: pos_embed" in capsys.readouterr().err
         assert not out.exists()
+
+    def test_flattened_names(self):
+        pair = LoraPair(torch.ones(2, 4), torch.ones(4, 2), 2.0)
+        # CLIP's modules with and without transformers 4's text_model. (kohya's names have it)
+        te = "lora_te_text_model_encoder_layers_"
+        expected = {
+            "encoder.layers.0.self_attn.q_proj": f"{te}0_self_attn_q_proj",
+            "text_model.encoder.layers.1.mlp.fc1": f"{te}1_mlp_fc1",
+        }
+        for module, kohya in expected.items():
+            pairs, _ = LAYOUTS["sd15"].to_kohya({f"text_encoder.{module}": pair})
+            assert list(pairs) == [kohya]
+        with pytest.raises(LayoutError, match=r"cannot tell these modules apart.*my_proj"):
+            LAYOUTS["sd15"].to_kohya({"unet.down_blocks.0.my_proj": pair})
 
     def test_tensors_outside_pairs(self, tmp_path):
         lora = {

@@ -104,12 +104,13 @@ class FlatNames:
     root: str = ""
 
     def to_kohya(self, modules: Mapping[str, LoraPair]) -> list[tuple[str, LoraPair, tuple]]:
-        """``(kohya name, pair, (module,))`` for every module; a name that would read back as
-        another is refused."""
+        """``(kohya name, pair, (module,))`` for every module (named with or without the
+        ``root``); a name that would read back as another is refused."""
         out, ambiguous = [], []
         for module, pair in modules.items():
-            flat = (self.root + module).replace(".", "_")
-            if self.module_name(flat) != module:
+            bare = module.removeprefix(self.root)
+            flat = (self.root + bare).replace(".", "_")
+            if self.module_name(flat) != bare:
                 ambiguous.append(module)
             out.append((self.prefix + flat, pair, (module,)))
         if ambiguous:
