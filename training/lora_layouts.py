@@ -257,8 +257,9 @@ class FluxTransformerNames:
     prefix = "lora_unet_"
 
     def __init__(self) -> None:
-        # diffusers module -> (kohya name, entry, part index), and kohya name -> (block prefix
-        # in diffusers, entry), built per block kind; block indices are filled in per name.
+        # (diffusers block kind, name within the block) -> (kohya block kind, entry, part), and
+        # (kohya block kind, name within the block) -> (diffusers block kind, entry); the block
+        # index carries over unchanged. The top level's block kind is "".
         self._by_module: dict[tuple[str, str], tuple[str, FluxEntry, int]] = {}
         self._by_kohya: dict[tuple[str, str], tuple[str, FluxEntry]] = {}
         for kohya_block, block, entries in (*_FLUX_BLOCKS, ("", "", FLUX_TOP_LEVEL)):

@@ -137,10 +137,7 @@ def _data_summary(config: TrainConfig, examples: int) -> str:
     else:
         split = getattr(config, "dataset_split", "train")
         source = f"the dataset `{config.dataset_name}` (split `{split}`)"
-    return (
-        f"{examples} examples from {source}, at `--resolution {config.resolution}` "
-        f"(aspect-ratio buckets of about {config.resolution}² pixels)."
-    )
+    return f"{examples} examples from {source}, at `--resolution {config.resolution}`."
 
 
 def _training_rows(config: TrainConfig, steps: int, processes: int) -> dict[str, object]:
