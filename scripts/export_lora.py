@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.merge:
             dtype = DTYPES[args.dtype] if args.dtype else None
             folders = merge_lora(
-                args.lora, args.model, args.out, args.scale, dtype, args.max_shard_size
+                args.lora, args.model, args.out, args.scale, dtype, args.max_shard_size, args.family
             )
             for component, folder in folders.items():
                 print(f"merged {component} at scale {args.scale}: {folder}")

@@ -41,14 +41,16 @@ def merge_lora(
     scale: float = 1.0,
     dtype: torch.dtype | None = None,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    family: str | None = None,
 ) -> dict[str, Path]:
     """Fuse ``lora`` (either key layout) at ``scale`` into the components of the pipeline folder
     ``model`` it adapts and save them under ``out/<component>``; returns the folders.
 
-    ``dtype`` defaults to the one the first adapted component is stored in.
+    ``dtype`` defaults to the one the first adapted component is stored in; ``family`` to the
+    one ``model`` belongs to.
     """
     lora_file = read_lora(lora)
-    family = detect_family(lora_file, model=model)
+    family = detect_family(lora_file, family, model)
     modules = diffusers_modules(lora_file, family)
     components = sorted({name.split(".", 1)[0] for name in modules})
     index = model_index(model)
