@@ -74,6 +74,13 @@ from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora
+from training.model_card import (
+    ModelCardInfo,
+    grpo_terms,
+    inpainting_call,
+    lora_usage,
+    region_weighted,
+)
 from training.runtime import build_accelerator, load_pipeline, weight_dtype
 from training.sde import flow_sde_step
 from training.validation import InpaintingValidation
@@ -342,6 +349,19 @@ def fill_dataset(config: FillConfig, pipe: FluxFillPipeline):
     return inpainting_dataset(config)
 
 
+def card_info(config: FillConfig) -> ModelCardInfo:
+    """The model card's family part; the loss terms by their metrics.jsonl names."""
+    losses = grpo_terms(config)
+    if config.objective == "sft":
+        losses = {**region_weighted(config, "fm"), "bg": config.background_preservation_weight}
+    return ModelCardInfo(
+        title="FLUX.1 Fill LoRA",
+        tags=("flux", "flux-fill", "inpainting"),
+        losses=losses,
+        usage=lora_usage("FluxFillPipeline", inpainting_call(config.validation_prompt)),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(FillConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
@@ -387,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=FillLoss(pipe, config, encoder, encoded),
         save_lora=FILL_LORA.save,
         load_lora=FILL_LORA.load,
+        card=card_info(config),
         validate=validate,
     )
     train_objective(accelerator, config, parts, dataset, FillPolicy(pipe, config, encoder, encoded))

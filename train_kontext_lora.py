@@ -56,6 +56,7 @@ from training.flux import (
 )
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
+from training.model_card import ModelCardInfo, edit_call, lora_usage
 from training.runtime import build_accelerator, load_pipeline
 from training.validation import EditValidation
 
@@ -342,6 +343,19 @@ class KontextLoss:
         )
 
 
+def card_info(config: KontextConfig) -> ModelCardInfo:
+    """The model card's family part: every loss term by its metrics.jsonl name."""
+    losses = {"fm": config.flow_matching_weight}
+    losses |= {name: getattr(config, flag) for name, flag in TERM_WEIGHT_FLAGS.items()}
+    losses["emb_geometry"] = config.embedding_weights().geometry  # None resolved
+    return ModelCardInfo(
+        title="FLUX.1 Kontext LoRA",
+        tags=("flux", "flux-kontext", "image-editing"),
+        losses=losses,
+        usage=lora_usage("FluxKontextPipeline", edit_call(config.validation_prompt)),
+    )
+
+
 class KontextValidation(EditValidation):
     """``FluxKontextPipeline`` at exactly the bucket's size: no automatic resize of the context."""
 
@@ -379,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=KontextLoss(pipe, config, encoder, embedder, config.cache_latents),
         save_lora=KONTEXT_LORA.save,
         load_lora=KONTEXT_LORA.load,
+        card=card_info(config),
         validate=offload_after_caching(
             config,
             # With an image encoder the loss decodes predictions: the VAE stays.

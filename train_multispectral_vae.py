@@ -51,6 +51,7 @@ from training.config import TrainConfig, parse_config
 from training.datasets import bucket_sampler
 from training.loop import TrainingParts, train
 from training.lora import DEFAULT_RANK, target_modules
+from training.model_card import ModelCardInfo
 from training.runtime import build_accelerator, weight_dtype
 from training.validation import image_grid, save_grid, to_pil
 
@@ -358,6 +359,32 @@ def load_adapter(model: AutoencoderKLMultispectralAdapter, folder: Path) -> None
     model.load_adapter(Path(folder) / ADAPTER_FOLDER)
 
 
+def adapter_usage(base: str, weights: str) -> str:
+    """The model card's snippet: the saved adapter, loaded with its statistics and VAE."""
+    return (
+        "import torch\n\n"
+        "from models import AutoencoderKLMultispectralAdapter  # from the maskloom checkout\n\n"
+        "model = AutoencoderKLMultispectralAdapter.from_pretrained(\n"
+        f'    "{weights}", subfolder="{ADAPTER_FOLDER}"\n'
+        ")  # the frozen VAE comes from the config's base_model_name_or_path (or pass vae=)\n"
+        "bands = 5000 * torch.rand(1, model.config.num_bands, 512, 512)  # [B, N, H, W]\n"
+        "leaf = torch.ones(1, 1, 512, 512)  # [B, 1, H, W], 1 = leaf\n"
+        "with torch.no_grad():\n"
+        "    reconstruction, losses = model(bands, mask=leaf)\n"
+    )
+
+
+def card_info(config: MultispectralConfig) -> ModelCardInfo:
+    """The model card's family part; the loss terms by their metrics.jsonl names."""
+    return ModelCardInfo(
+        title="SD3 VAE multispectral adapter",
+        tags=("multispectral", "vae", "sd3"),
+        losses={"mse": 1.0, "sam": config.sam_weight, "range": config.range_weight},
+        usage=adapter_usage,
+        pipeline_tag=None,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(MultispectralConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
@@ -377,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=MultispectralLoss(labels),
         save_lora=save_adapter,
         load_lora=load_adapter,
+        card=card_info(config),
         validate=validate,
     )
     train(accelerator, config, parts)

@@ -48,6 +48,7 @@ from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
 from training.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
+from training.model_card import ModelCardInfo, edit_call, lora_usage, region_weighted
 from training.runtime import build_accelerator, load_pipeline
 from training.validation import EditValidation, to_pil
 
@@ -285,6 +286,16 @@ def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
     return dataset
 
 
+def card_info(config: QwenEditConfig, pipeline: str) -> ModelCardInfo:
+    """The model card's family part, for the checkpoint's ``pipeline`` (Edit or Edit Plus)."""
+    return ModelCardInfo(
+        title=f"{pipeline.removesuffix('Pipeline')} LoRA",
+        tags=("qwen-image", "qwen-image-edit", "image-editing"),
+        losses=region_weighted(config, "flow matching"),
+        usage=lora_usage(pipeline, edit_call(config.validation_prompt)),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(QwenEditConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
@@ -311,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=QwenEditLoss(pipe, config, encoder, config.cache_latents),
         save_lora=lora_format.save,
         load_lora=lora_format.load,
+        card=card_info(config, type(pipe).__name__),
         validate=offload_after_caching(
             config,
             [getattr(pipe, name) for name in QWEN_ENCODERS],

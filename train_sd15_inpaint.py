@@ -44,6 +44,13 @@ from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora, save_lora_components
+from training.model_card import (
+    ModelCardInfo,
+    grpo_terms,
+    inpainting_call,
+    lora_usage,
+    region_weighted,
+)
 from training.runtime import build_accelerator, load_pipeline, weight_dtype
 from training.sde import ddim_step
 from training.validation import InpaintingValidation
@@ -346,6 +353,21 @@ def load_sd15_lora(model: InpaintDenoiser, folder: Path) -> None:
         TEXT_ENCODER_LORA.load(model.text_encoder, folder)
 
 
+def card_info(config: SD15InpaintConfig) -> ModelCardInfo:
+    """The model card's family part; the loss terms by their metrics.jsonl names."""
+    losses = grpo_terms(config)
+    if config.objective == "sft":
+        losses = {**region_weighted(config, "mse"), "min-SNR gamma": config.snr_gamma or "off"}
+    return ModelCardInfo(
+        title="Stable Diffusion 1.5 inpainting LoRA",
+        tags=("stable-diffusion", "sd15-inpainting", "inpainting"),
+        losses=losses,
+        usage=lora_usage(
+            "StableDiffusionInpaintPipeline", inpainting_call(config.validation_prompt)
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(SD15InpaintConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
@@ -373,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_loss=SD15Loss(pipe, config, encoder, config.cache_latents),
         save_lora=save_sd15_lora,
         load_lora=load_sd15_lora,
+        card=card_info(config),
         validate=offload_after_caching(
             config,
             # A trained text encoder is part of the model; GRPO decodes its samples with the VAE.

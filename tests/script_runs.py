@@ -18,9 +18,11 @@ from subprocess import PIPE
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from training.lora import LORA_WEIGHTS_NAME
+from training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 300
@@ -114,6 +116,16 @@ def assert_same_tensors(expected: dict, got: dict) -> None:
     assert expected.keys() == got.keys()
     for name, value in expected.items():
         assert torch.equal(value, got[name]), name
+
+
+def model_card(out: Path) -> ModelCard:
+    """The run's ``README.md`` as the Hub reads it, checked for what every card has: diffusers'
+    library, the last step's metrics, the snippet loading the run's own folder."""
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert f"At step {read_metrics(out)[-1]['step']} " in card.text
+    assert f'"{out}"' in card.text
+    return card
 
 
 class TrainScript:

@@ -25,6 +25,7 @@ from script_runs import (
     first_inpainting_batch,
     help_text,
     lora_tensors,
+    model_card,
     quiet_pipeline,
     resume_copy,
     write_assets,
@@ -208,6 +209,9 @@ class TestTrainingRun:
         assert [r["step"] for r in records] == [1, 2, 3, 4]
         assert all({"loss", "fm", "bg", "lr"} <= r.keys() for r in records)
         assert (out / "validation" / "step-000004.png").is_file()
+        card = model_card(out)
+        assert "flux-fill" in card.data.tags and "FluxFillPipeline" in card.text
+        assert "| bg | 0.5 |" in card.text
         batch = first_batch(assets)
         call = {
             "prompt": batch["prompt"][0],
@@ -540,6 +544,7 @@ class TestGRPORun:
             assert r["ratio_max"] == pytest.approx(1, abs=1e-5)
         for name in ("step-000004.png", "rewards-step-000004.png"):
             assert (straight / "validation" / name).is_file()
+        assert "| reward (maximised) | background,seam:0.5 |" in model_card(straight).text
         state = FluxFillPipeline.lora_state_dict(str(straight))
         assert state and all(name.startswith("transformer.") for name in state)
 

@@ -21,6 +21,7 @@ from script_runs import (
     TrainScript,
     first_call,
     lora_tensors,
+    model_card,
     reset_accelerate,
     resume_copy,
 )
@@ -179,6 +180,9 @@ class TestTrainingRun:
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
         grid = Image.open(out / "validation" / "step-000004.png")
         assert grid.width == 4 * grid.width // 4 and grid.height > 2 * 32
+        card = model_card(out)
+        assert "flux-kontext" in card.data.tags and "FluxKontextPipeline" in card.text
+        assert "| geo_dice | 0.9 |" in card.text and "(validation/step-000004.png)" in card.text
 
         item = EditPairDataset.from_folder(assets / "data", resolution=RESOLUTION)[0]
         height, width = item["target"].shape[-2:]

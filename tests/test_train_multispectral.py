@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
-from script_runs import ROOT, TrainScript, reset_accelerate, script_args
+from script_runs import ROOT, TrainScript, model_card, reset_accelerate, script_args
 from script_runs import help_text as script_help
 
 import train_multispectral_vae as script
@@ -149,6 +149,12 @@ class TestTrainingRun:
         stats = band_statistics(MultispectralDataset(training_images, resolution=RESOLUTION))
         assert model.config.band_low == stats.low and model.config.band_high == stats.high
         assert model.config.band_min == stats.minimum and model.config.band_max == stats.maximum
+        card = model_card(out)
+        assert "multispectral" in card.data.tags and card.data.pipeline_tag is None
+        assert f'subfolder="{script.ADAPTER_FOLDER}"' in card.text  # the snippet's loading:
+        model = AutoencoderKLMultispectralAdapter.from_pretrained(
+            out, subfolder=script.ADAPTER_FOLDER
+        )
         resumable = AutoencoderKLMultispectralAdapter.from_pretrained(
             out / "checkpoint-4" / script.ADAPTER_FOLDER
         )

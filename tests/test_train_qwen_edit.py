@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from PIL import Image
-from script_runs import ROOT, TrainScript, assert_same_tensors, first_call, help_text, lora_tensors
+from script_runs import (
+    ROOT,
+    TrainScript,
+    assert_same_tensors,
+    first_call,
+    help_text,
+    lora_tensors,
+    model_card,
+)
 
 import train_qwen_edit_mask as qwen
 from data.edit_masks import change_mask
@@ -198,6 +206,9 @@ class TestTrainingRun:
         assert [r["step"] for r in records] == [1, 2, 3]
         assert all(r["masked_samples"] == 1.0 and "mask_loss" in r for r in records)
         assert (out / "validation" / "step-000003.png").is_file()
+        card = model_card(out)
+        assert "qwen-image" in card.data.tags and "QwenImageEditPipeline" in card.text
+        assert "| flow matching | 0.7 |" in card.text  # 1 - mask_loss.weight
         pipe = load(assets)
         batch = batch_of(assets)
         call = {

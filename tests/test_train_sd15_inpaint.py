@@ -19,6 +19,7 @@ from script_runs import (
     first_inpainting_batch,
     help_text,
     lora_tensors,
+    model_card,
     quiet_pipeline,
     write_assets,
 )
@@ -188,6 +189,9 @@ class TestTrainingRun:
         state = StableDiffusionInpaintPipeline.lora_state_dict(str(out))[0]
         assert any(k.startswith("unet.") for k in state)
         assert any(k.startswith("text_encoder.") for k in state)
+        card = model_card(out)
+        assert "stable-diffusion" in card.data.tags and "| min-SNR gamma | 5 |" in card.text
+        assert "StableDiffusionInpaintPipeline.from_pretrained" in card.text
         batch = first_batch(assets)
         call = {
             "prompt": batch["prompt"][0],

@@ -126,6 +126,15 @@ class TrainConfig:
     CPU (on the GPU only while validating), so the GPU holds the denoiser alone."""
     dataloader_num_workers: int = 0
     """DataLoader worker processes."""
+    push_to_hub: bool = False
+    """At the end, upload output_dir (LoRA, model card README.md, metrics.jsonl, validation
+    images; not checkpoints or the cache) to the Hub repository --hub_model_id."""
+    hub_model_id: str | None = None
+    """Hub repository (user/name) that --push_to_hub uploads to; created when missing."""
+    hub_token: str | None = None
+    """Token for --push_to_hub; default: the one `hf auth login` stored, or HF_TOKEN."""
+    hub_private: bool = False
+    """Create the --hub_model_id repository as private."""
 
     def __post_init__(self) -> None:
         if self.resolution % 16:
@@ -141,6 +150,14 @@ class TrainConfig:
             raise ValueError(f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         if self.offload_encoders and not self.cache_latents:
             raise ValueError("--offload_encoders needs --cache_latents: training would encode")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (user/name)")
+        if self.hub_token and self.report_to:
+            # Trackers receive the run's settings, and with them the token.
+            raise ValueError(
+                "--hub_token with --report_to would send the token to the trackers; log in "
+                "with `hf auth login` (or set HF_TOKEN) instead"
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"

@@ -40,6 +40,7 @@ from training.grpo import (
     update_metrics,
 )
 from training.loop import Run, TrainingParts, epoch_batches, log_repeated_batches, train
+from training.model_card import ModelCardInfo
 from training.rewards import RewardOptions, Rewards
 from training.runtime import step_generator
 from training.validation import VALIDATION_DIR, image_grid, mask_overlay, to_pil
@@ -61,6 +62,7 @@ class GRPOParts:
     rewards: Rewards
     save_lora: Callable[[torch.nn.Module, Path], None]
     load_lora: Callable[[torch.nn.Module, Path], None]
+    card: ModelCardInfo
     validate: Callable[[torch.nn.Module, int], Mapping[str, float] | None] | None = None
 
 
@@ -209,6 +211,7 @@ def train_objective(
         rewards=build_rewards(config, accelerator.device),
         save_lora=parts.save_lora,
         load_lora=parts.load_lora,
+        card=parts.card,
         validate=parts.validate,
     )
     return train_grpo(accelerator, config, grpo)

@@ -30,6 +30,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.metrics import MetricsLog
+from training.model_card import ModelCardInfo, publish_run
 from training.runtime import step_generator
 from training.stopping import NonFiniteSteps, StopSignals, describe_items
 
@@ -57,6 +58,7 @@ class TrainingParts:
     compute_loss: LossFn
     save_lora: Callable[[torch.nn.Module, Path], None]
     load_lora: Callable[[torch.nn.Module, Path], None]
+    card: ModelCardInfo
     validate: Callable[[torch.nn.Module, int], Mapping[str, float] | None] | None = None
 
 
@@ -111,8 +113,8 @@ class Run:
         parts,
         max_steps: int,
     ) -> None:
-        """``parts`` has the ``model``, ``save_lora``, ``load_lora`` and ``validate`` of
-        :class:`TrainingParts`."""
+        """``parts`` has the ``model``, ``dataset``, ``save_lora``, ``load_lora``, ``card`` and
+        ``validate`` of :class:`TrainingParts`."""
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         self.accelerator = accelerator
         self.config = config
@@ -276,8 +278,9 @@ class Run:
         return bool(requested.any())
 
     def finish(self) -> TrainingProgress:
-        """Check that the ranks agree, save the final LoRA (not for a run stopped early: its
-        checkpoint holds its state), close the trackers."""
+        """Check that the ranks agree, save the final LoRA, close the trackers; then the main
+        process writes the model card (and uploads the folder with --push_to_hub). A run
+        stopped early by a signal does neither: its checkpoint holds its state."""
         accelerator = self.accelerator
         self.bar.close()
         self.signals.close()
@@ -288,6 +291,14 @@ class Run:
         # Every rank tears the process group down together, after the last file is written.
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if accelerator.is_main_process and not self.stopped:
+            publish_run(
+                self.config,
+                self.parts.card,
+                steps=self.progress.global_step,
+                examples=len(self.parts.dataset),
+                processes=accelerator.num_processes,
+            )
         return self.progress
 
 

@@ -118,12 +118,29 @@ def save_lora_components(
     """Write the adapters of several components of one pipeline (``{"unet": unet,
     "text_encoder": text_encoder}``) into one ``pytorch_lora_weights.safetensors``, each with
     its LoRA config as metadata, as ``pipeline_cls.save_lora_weights`` lays them out."""
+    layers = {
+        component: (get_peft_model_state_dict(model), model.peft_config["default"].to_dict())
+        for component, model in models.items()
+    }
+    return save_lora_state_dicts(pipeline_cls, layers, directory)
+
+
+def save_lora_state_dicts(
+    pipeline_cls,
+    layers: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    directory: str | Path,
+    weight_name: str = LORA_WEIGHTS_NAME,
+) -> Path:
+    """Write ``{component: (peft state dict, LoRA config dict)}`` to ``directory/weight_name``
+    with ``pipeline_cls.save_lora_weights``: diffusers' keys, each config as metadata."""
     arguments = {}
-    for component, model in models.items():
-        arguments[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
-        arguments[f"{component}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    pipeline_cls.save_lora_weights(str(directory), **arguments, safe_serialization=True)
-    return Path(directory) / LORA_WEIGHTS_NAME
+    for component, (state_dict, config) in layers.items():
+        arguments[f"{component}_lora_layers"] = state_dict
+        arguments[f"{component}_lora_adapter_metadata"] = config
+    pipeline_cls.save_lora_weights(
+        str(directory), **arguments, weight_name=weight_name, safe_serialization=True
+    )
+    return Path(directory) / weight_name
 
 
 def target_modules(config: TrainConfig, default: Sequence[str]) -> list[str]:

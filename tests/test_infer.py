@@ -1,0 +1,202 @@
+"""scripts/infer.py end to end on the tiny pipelines (32 px, 2 steps): what it saves, checked
+against the family's pipeline run directly with and without the LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    FluxFillPipeline,
+    FluxKontextPipeline,
+    QwenImageEditPipeline,
+    StableDiffusionInpaintPipeline,
+)
+from lora_helpers import (
+    DOUBLE_BLOCK_LAYERS,
+    PROMPT,
+    add_random_lora,
+    sample_image,
+    sample_mask,
+    save_random_lora,
+)
+from PIL import Image
+
+from data.images import DataError
+from data.synthetic import write_inpainting_dataset, write_kontext_dataset
+from models.tiny import (
+    tiny_flux_fill_pipeline,
+    tiny_flux_kontext_pipeline,
+    tiny_qwen_image_edit_pipeline,
+    tiny_sd15_inpaint_pipeline,
+)
+from scripts import export_lora, infer
+from training.flux import FLUX_LORA_LAYERS
+from training.inference import FAMILIES, load_examples
+
+SIZE = 32
+STEPS = 2
+
+
+def run_infer(*argv) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        infer.main([str(arg) for arg in argv])
+    return printed.getvalue()
+
+
+def saved(out: Path, name: str) -> np.ndarray:
+    return np.asarray(Image.open(out / f"{name}.png"))
+
+
+def direct(pipe_cls, model: Path, lora: Path, family: str, examples, scale: float) -> dict:
+    """Each example through ``pipe_cls`` as a user would call it: ``{name: (base, lora)}``."""
+    pipe = pipe_cls.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+
+    def outputs() -> dict[str, np.ndarray]:
+        return {
+            example.name: np.asarray(
+                pipe(
+                    **FAMILIES[family].call_arguments(example),
+                    num_inference_steps=STEPS,
+                    generator=torch.Generator().manual_seed(0),
+                ).images[0]
+            )
+            for example in examples
+        }
+
+    base = outputs()
+    pipe.load_lora_weights(lora, adapter_name="direct")
+    pipe.set_adapters("direct", scale)
+    adapted = outputs()
+    return {name: (base[name], adapted[name]) for name in base}
+
+
+def assert_saved_as_direct(out: Path, expected: dict, columns: int) -> None:
+    for name, (base, adapted) in expected.items():
+        assert np.array_equal(saved(out, f"{name}_base"), base), name
+        assert np.array_equal(saved(out, f"{name}_lora"), adapted), name
+        assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0, name
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (columns * SIZE, 14 + len(expected) * SIZE)
+
+
+class TestInfer:
+    def test_kontext_on_a_training_folder(self, tmp_path):
+        pipe = tiny_flux_kontext_pipeline()
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.transformer, DOUBLE_BLOCK_LAYERS, seed=0)
+        lora = save_random_lora(FluxKontextPipeline, {"transformer": pipe.transformer}, tmp_path)
+        write_kontext_dataset(tmp_path / "data", n=2, resolution=SIZE, seed=0)
+        out = tmp_path / "inference"
+        args = ["--family", "kontext", "--model", tmp_path / "model", "--lora", tmp_path]
+        args += ["--input", tmp_path / "data", "--output_dir", out, "--resolution", SIZE]
+        printed = run_infer(*args, "--num_inference_steps", STEPS, "--lora_scale", 0.8)
+        assert f"2 example(s) without and with the LoRA in {out}" in printed
+        examples = load_examples(FAMILIES["kontext"], [tmp_path / "data"], resolution=SIZE)
+        assert [e.image.size for e in examples] == [(SIZE, SIZE)] * 2
+        expected = direct(FluxKontextPipeline, tmp_path / "model", lora, "kontext", examples, 0.8)
+        assert_saved_as_direct(out, expected, columns=3)
+
+    def test_flux_fill_on_a_training_folder(self, tmp_path):
+        pipe = tiny_flux_fill_pipeline()
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.transformer, list(FLUX_LORA_LAYERS), seed=1)
+        lora = save_random_lora(FluxFillPipeline, {"transformer": pipe.transformer}, tmp_path)
+        write_inpainting_dataset(tmp_path / "data", n=1, resolution=SIZE, seed=0)
+        out = tmp_path / "inference"
+        args = ["--family", "flux-fill", "--model", tmp_path / "model", "--lora", lora]
+        args += ["--input", tmp_path / "data", "--output_dir", out, "--resolution", SIZE]
+        run_infer(*args, "--num_inference_steps", STEPS, "--prompt", PROMPT)
+        examples = load_examples(
+            FAMILIES["flux-fill"], [tmp_path / "data"], prompts=[PROMPT], resolution=SIZE
+        )
+        assert examples[0].prompt == PROMPT and set(np.unique(examples[0].mask)) == {0, 255}
+        expected = direct(FluxFillPipeline, tmp_path / "model", lora, "flux-fill", examples, 1.0)
+        assert_saved_as_direct(out, expected, columns=4)
+
+    def test_sd15_on_files_with_a_kohya_lora(self, tmp_path):
+        pipe = tiny_sd15_inpaint_pipeline()
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"], seed=2)
+        add_random_lora(pipe.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"], seed=3)
+        models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+        save_random_lora(StableDiffusionInpaintPipeline, models, tmp_path / "lora")
+        kohya = tmp_path / "kohya.safetensors"
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_lora.main([str(tmp_path / "lora"), "--to", "kohya", "--out", str(kohya)])
+        sample_image(size=SIZE + 8).save(tmp_path / "room.png")  # cropped to 32 x 32
+        sample_mask(size=SIZE + 8).save(tmp_path / "room_mask.png")
+        out = tmp_path / "inference"
+        args = ["--family", "sd15-inpaint", "--model", tmp_path / "model", "--lora", kohya]
+        args += ["--input", tmp_path / "room.png", "--mask", tmp_path / "room_mask.png"]
+        run_infer(*args, "--prompt", PROMPT, "--output_dir", out, "--num_inference_steps", STEPS)
+        examples = load_examples(
+            FAMILIES["sd15-inpaint"],
+            [tmp_path / "room.png"],
+            [tmp_path / "room_mask.png"],
+            [PROMPT],
+        )
+        assert examples[0].name == "000_room" and examples[0].image.size == (SIZE, SIZE)
+        expected = direct(
+            StableDiffusionInpaintPipeline, tmp_path / "model", kohya, "sd15-inpaint", examples, 1
+        )
+        assert_saved_as_direct(out, expected, columns=4)
+
+    def test_qwen_image_edit_on_a_file(self, tmp_path):
+        # The tiny edit pipeline encodes its condition at 1024x1024 (seconds a call on a CPU):
+        # one example, checked against itself rather than a second direct run.
+        pipe = tiny_qwen_image_edit_pipeline()
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.transformer, ["attn.to_q", "attn.to_k", "attn.to_v"], seed=4)
+        save_random_lora(QwenImageEditPipeline, {"transformer": pipe.transformer}, tmp_path)
+        sample_image().save(tmp_path / "sign.png")
+        out = tmp_path / "inference"
+        args = ["--family", "qwen-edit", "--model", tmp_path / "model", "--lora", tmp_path]
+        args += ["--input", tmp_path / "sign.png", "--prompt", 'write "OPEN" on the sign']
+        run_infer(*args, "--output_dir", out, "--num_inference_steps", STEPS)
+        base, adapted = saved(out, "000_sign_base"), saved(out, "000_sign_lora")
+        assert base.shape == adapted.shape == (SIZE, SIZE, 3)
+        assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0
+        assert Image.open(out / "grid.png").size == (3 * SIZE, 14 + SIZE)
+
+
+class TestInputs:
+    def test_mismatched_inputs_are_refused_by_name(self, tmp_path):
+        sample_image().save(tmp_path / "a.png")
+        sample_mask(size=SIZE * 2).save(tmp_path / "big_mask.png")
+        fill = FAMILIES["flux-fill"]
+        with pytest.raises(DataError, match="need one --mask each"):
+            load_examples(fill, [tmp_path / "a.png"], prompts=["x"])
+        with pytest.raises(DataError, match=r"big_mask\.png.*size differs"):
+            load_examples(fill, [tmp_path / "a.png"], [tmp_path / "big_mask.png"], ["x"])
+        with pytest.raises(DataError, match="takes no mask"):
+            load_examples(FAMILIES["kontext"], [tmp_path / "a.png"], [tmp_path / "a.png"], ["x"])
+        with pytest.raises(DataError, match="need --prompt"):
+            load_examples(FAMILIES["kontext"], [tmp_path / "a.png"])
+        with pytest.raises(DataError, match=r"metadata\.jsonl"):
+            load_examples(fill, [tmp_path])
+
+    def test_a_model_of_another_family_is_refused(self, tmp_path, capsys):
+        tiny_sd15_inpaint_pipeline().save_pretrained(tmp_path / "model")
+        sample_image().save(tmp_path / "a.png")
+        args = ["--family", "kontext", "--model", tmp_path / "model", "--lora", tmp_path]
+        with pytest.raises(SystemExit) as stopped:
+            run_infer(*args, "--input", tmp_path / "a.png", "--prompt", "x")
+        assert stopped.value.code == 1
+        message = capsys.readouterr().err
+        assert "holds a StableDiffusionInpaintPipeline; --family kontext runs" in message
+
+    def test_help_documents_every_flag(self, capsys):
+        with pytest.raises(SystemExit):
+            infer.main(["--help"])
+        text = capsys.readouterr().out
+        words = " ".join(text.split())
+        for action in infer.build_parser()._actions:
+            assert all(flag in text for flag in action.option_strings)
+            assert action.help and " ".join(action.help.split()) in words, action.dest

@@ -1,0 +1,349 @@
+"""A trained LoRA in other tools' hands: its file read in either key layout, converted between
+diffusers' and kohya's (:mod:`training.lora_layouts`), or merged into its base model.
+
+Files are safetensors only. A LoRA is given as a file or as a folder holding
+``pytorch_lora_weights.safetensors`` (a training run's ``--output_dir``). Its family (``flux``:
+FLUX.1 dev, Kontext and Fill; ``qwen-image``: Qwen-Image and its Edit models; ``sd15``) comes from
+the caller, from the base model's ``model_index.json``, from the module names, or from the
+training run's model card, in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from huggingface_hub import ModelCard
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from training.lora import LORA_WEIGHTS_NAME, save_lora_state_dicts
+from training.lora_layouts import LAYOUTS, LayoutError, LoraPair, Mapped, listed
+
+DIFFUSERS, KOHYA = "diffusers", "kohya"
+FAMILIES = tuple(LAYOUTS)
+# The pipeline whose save_lora_weights writes a family's diffusers-format file.
+SAVING_PIPELINES = {
+    "flux": "FluxPipeline",
+    "qwen-image": "QwenImagePipeline",
+    "sd15": "StableDiffusionPipeline",
+}
+# model_index.json's pipeline class -> family.
+PIPELINE_FAMILIES = {
+    "FluxPipeline": "flux",
+    "FluxKontextPipeline": "flux",
+    "FluxFillPipeline": "flux",
+    "QwenImagePipeline": "qwen-image",
+    "QwenImageEditPipeline": "qwen-image",
+    "QwenImageEditPlusPipeline": "qwen-image",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionInpaintPipeline": "sd15",
+}
+# Model-card tags (training.model_card writes them) -> family.
+TAG_FAMILIES = {"flux": "flux", "qwen-image": "qwen-image", "stable-diffusion": "sd15"}
+# Module names only one family has (diffusers' names, or kohya's with their prefix). Both
+# transformers name their attention projections alike, so a Qwen-Image LoRA on attention alone
+# matches neither pattern and needs another hint.
+_FAMILY_MARKERS = {
+    "flux": re.compile(
+        r"^transformer\.(single_transformer_blocks|x_embedder|context_embedder|.*\.ff\.|"
+        r".*(ff_context|norm1|norm1_context)\.|time_text_embed\.(text|guidance)_embedder)"
+        r"|^lora_unet_(double_blocks|single_blocks|time_in|vector_in|guidance_in|final_layer)_"
+    ),
+    "qwen-image": re.compile(
+        r"^transformer\.(img_in|txt_in|.*(img|txt)_(mod|mlp)\.)|^lora_unet_transformer_blocks_"
+    ),
+    "sd15": re.compile(
+        r"^(unet|text_encoder)\.|^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"
+    ),
+}
+_DIFFUSERS_KEY = re.compile(
+    r"^(?P<module>[^.]+\..+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|alpha)$"
+)
+_KOHYA_KEY = re.compile(
+    r"^(?P<module>lora_[a-z0-9]+_[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file read whole: ``pairs`` by module, named as its ``layout`` names them
+    (diffusers: ``component.module``; kohya: ``lora_unet_...``), and the file's tensor count."""
+
+    path: Path
+    layout: str
+    pairs: dict[str, LoraPair]
+    tensors: int
+
+
+def lora_file_path(path: str | Path) -> Path:
+    """The safetensors file of ``path``: itself, or a folder's ``pytorch_lora_weights.safetensors``.
+
+    Raises ``ValueError`` naming the path when there is no such file or it is not safetensors
+    (pickled weights can run code when loaded, so they are never read).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise ValueError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are read")
+    return path
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Every tensor of a LoRA file, as pairs; the layout is kohya's when its keys say
+    ``lora_down``, diffusers' otherwise. Raises :class:`LayoutError` naming any tensor that is
+    not part of a pair (DoRA magnitudes, biases...), so that nothing is dropped unnoticed."""
+    path = lora_file_path(path)
+    tensors = load_file(path)
+    with safe_open(path, "pt") as file:
+        metadata = file.metadata() or {}
+    if any(".lora_down." in key for key in tensors):
+        return LoraFile(
+            path, KOHYA, _pairs(tensors, _KOHYA_KEY, path, "lora_down", "lora_up"), len(tensors)
+        )
+    configs = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    pairs = _pairs(tensors, _DIFFUSERS_KEY, path, "lora_A", "lora_B")
+    return LoraFile(path, DIFFUSERS, _with_peft_alphas(pairs, configs, path), len(tensors))
+
+
+def _pairs(tensors: dict, key_pattern: re.Pattern, path: Path, down: str, up: str) -> dict:
+    """Pairs by module from ``tensors`` keyed ``<module>.<down>.weight``, ``<module>.<up>.weight``
+    and an optional ``<module>.alpha`` (the rank, scale 1, without one)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    stray = []
+    for key, tensor in tensors.items():
+        match = key_pattern.match(key)
+        if match is None:
+            stray.append(key)
+        else:
+            found.setdefault(match["module"], {})[match["kind"].split(".")[0]] = tensor
+    incomplete = [module for module, parts in found.items() if {down, up} - parts.keys()]
+    if stray or incomplete:
+        problems = [f"tensors outside {down}/{up}/alpha pairs: {listed(stray)}"] if stray else []
+        problems += [f"modules lacking one of the pair: {listed(incomplete)}"] if incomplete else []
+        raise LayoutError(f"{path}: not a plain LoRA; {'; '.join(problems)}")
+    pairs = {}
+    for module, parts in found.items():
+        rank = parts[down].shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        pairs[module] = LoraPair(parts[down], parts[up], alpha)
+    return pairs
+
+
+def _with_peft_alphas(pairs: dict[str, LoraPair], configs: dict, path: Path) -> dict:
+    """``pairs`` of a diffusers file with each module's alpha from the file's peft config
+    (``lora_alpha``, ``alpha_pattern``, rsLoRA's ``alpha / sqrt(r)`` scale as ``scale * r``), as
+    diffusers' loader applies them; modules of a component without a config keep theirs."""
+    out = {}
+    for name, pair in pairs.items():
+        component, module = name.split(".", 1)
+        config = {
+            k.split(".", 1)[1]: v for k, v in configs.items() if k.startswith(component + ".")
+        }
+        if config.get("use_dora"):
+            raise LayoutError(f"{path}: a DoRA adapter; kohya's LoRA layout has no magnitudes")
+        if "lora_alpha" not in config:
+            out[name] = pair
+            continue
+        patterns = config.get("alpha_pattern") or {}
+        alpha = patterns.get(get_pattern_key(patterns.keys(), module), config["lora_alpha"])
+        scale = alpha / pair.rank**0.5 if config.get("use_rslora") else alpha / pair.rank
+        out[name] = LoraPair(pair.down, pair.up, scale * pair.rank)
+    return out
+
+
+def detect_family(
+    lora: LoraFile, family: str | None = None, model: str | Path | None = None
+) -> str:
+    """``family`` when given, else the base ``model``'s (its ``model_index.json``), else the one
+    family whose module names the LoRA has, else its training run's model card's. Raises
+    ``ValueError`` saying what to pass when none decides."""
+    if family is not None:
+        return family
+    if model is not None:
+        pipeline = model_index(model)["_class_name"]
+        if pipeline not in PIPELINE_FAMILIES:
+            raise ValueError(f"{model}: {pipeline} is none of the families {', '.join(FAMILIES)}")
+        return PIPELINE_FAMILIES[pipeline]
+    matching = [
+        name
+        for name, marker in _FAMILY_MARKERS.items()
+        if any(marker.search(module) for module in lora.pairs)
+    ]
+    if len(matching) == 1:
+        return matching[0]
+    card = lora.path.parent / "README.md"
+    if card.is_file():
+        tags = ModelCard.load(card).data.tags or []
+        tagged = [TAG_FAMILIES[tag] for tag in tags if tag in TAG_FAMILIES]
+        if len(tagged) == 1:
+            return tagged[0]
+    why = (
+        f"it has {' and '.join(matching)} names"
+        if matching
+        else "FLUX and Qwen-Image name attention alike"
+    )
+    raise ValueError(
+        f"{lora.path}: cannot tell the model family from its module names ({why}); "
+        f"pass --family ({', '.join(FAMILIES)}) or --model BASE"
+    )
+
+
+def model_index(model: str | Path) -> dict:
+    """A local diffusers pipeline folder's ``model_index.json``."""
+    path = Path(model) / "model_index.json"
+    if not path.is_file():
+        raise ValueError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A LoRA in another layout: ``pairs`` named as ``layout`` names them, ``mapped`` saying
+    which kohya module holds which diffusers modules."""
+
+    source: LoraFile
+    family: str
+    layout: str
+    pairs: dict[str, LoraPair]
+    mapped: list[Mapped]
+
+    def report(self) -> list[str]:
+        """The key-coverage report: each kind of mapping with its count (block indices as
+        ``<i>``), and the totals."""
+        kinds = Counter(
+            (_pattern(entry.kohya), tuple(_pattern(module) for module in entry.modules))
+            for entry in self.mapped
+        )
+        lines = [
+            f"{self.source.path}: {len(self.source.pairs)} {self.family} LoRA modules "
+            f"({self.source.tensors} tensors, {self.source.layout} layout) -> {self.layout}"
+        ]
+        for (kohya, modules), count in sorted(kinds.items()):
+            held = " + ".join(modules) if modules else "nothing (all zero, left out)"
+            fused = " (fused)" if len(modules) > 1 else ""
+            lines.append(f"  {count:4d} x {kohya} <-> {held}{fused}")
+        written = len(self.pairs) * 3 if self.layout == KOHYA else len(self.pairs) * 2
+        lines.append(
+            f"every tensor mapped: {len(self.source.pairs)} modules in, {len(self.pairs)} out "
+            f"({written} tensors); none dropped"
+        )
+        if self.family == "flux" and self.layout == KOHYA:
+            top = [
+                e.kohya for e in self.mapped if not re.search(r"_(double|single)_blocks_", e.kohya)
+            ]
+            if top:
+                lines.append(
+                    "note: ComfyUI and kohya load every module; diffusers' kohya FLUX reader "
+                    f"(0.42) loads block modules only and skips {', '.join(sorted(top))}"
+                )
+        return lines
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"(?<=[._])\d+(?=[._])", "<i>", name)
+
+
+def convert(lora: LoraFile, to: str, family: str) -> Conversion:
+    """``lora`` in layout ``to`` (``kohya`` or ``diffusers``) for ``family``.
+
+    Raises :class:`LayoutError` naming the modules the target layout has no place for, and
+    (a check of the mapping itself) any module that did not end up in exactly one target.
+    """
+    layout = LAYOUTS[family]
+    if lora.layout == to:
+        raise ValueError(f"{lora.path} is in the {to} layout already")
+    if to == KOHYA:
+        pairs, mapped = layout.to_kohya(lora.pairs)
+        covered = Counter(module for entry in mapped for module in entry.modules)
+    else:
+        pairs, mapped = layout.from_kohya(lora.pairs)
+        covered = Counter(entry.kohya for entry in mapped)
+    unmapped = sorted(set(lora.pairs) - covered.keys())
+    repeated = sorted(name for name, count in covered.items() if count > 1)
+    if unmapped or repeated:
+        raise LayoutError(f"{lora.path}: unmapped modules {unmapped}, mapped twice {repeated}")
+    return Conversion(lora, family, to, pairs, mapped)
+
+
+def write_conversion(conversion: Conversion, out: str | Path) -> Path:
+    """Write ``conversion`` to the safetensors file ``out`` (its folder is created)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the file name must end in .safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if conversion.layout == KOHYA:
+        write_kohya(conversion.pairs, out)
+    else:
+        write_diffusers(conversion.pairs, conversion.family, out)
+    return out
+
+
+def write_kohya(pairs: dict[str, LoraPair], out: Path) -> None:
+    """Kohya's file: ``<name>.lora_down.weight``, ``.lora_up.weight`` and a scalar float32
+    ``.alpha`` per module, and sd-scripts' ``ss_network_dim``/``ss_network_alpha`` metadata (the
+    most common rank and alpha)."""
+    tensors = {}
+    for name, pair in pairs.items():
+        tensors[f"{name}.lora_down.weight"] = pair.down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = pair.up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(pair.alpha, dtype=torch.float32)
+    rank, alpha = most_common_rank_alpha(pairs)
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank)}
+    save_file(tensors, out, metadata={**metadata, "ss_network_alpha": str(alpha)})
+
+
+def most_common_rank_alpha(pairs: dict[str, LoraPair]) -> tuple[int, float]:
+    """The rank and the alpha most of ``pairs`` have."""
+    rank = Counter(pair.rank for pair in pairs.values()).most_common(1)[0][0]
+    alpha = Counter(pair.alpha for pair in pairs.values()).most_common(1)[0][0]
+    return rank, alpha
+
+
+def peft_config(pairs: dict[str, LoraPair]) -> LoraConfig:
+    """The peft config of ``pairs`` (``module`` -> pair, one component): the most common rank and
+    alpha, the others as patterns naming their modules, every module a target by full name."""
+    rank, alpha = most_common_rank_alpha(pairs)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(pairs),
+        rank_pattern={name: pair.rank for name, pair in pairs.items() if pair.rank != rank},
+        alpha_pattern={name: pair.alpha for name, pair in pairs.items() if pair.alpha != alpha},
+    )
+
+
+def write_diffusers(modules: dict[str, LoraPair], family: str, out: Path) -> None:
+    """Diffusers' file, as the family's pipeline writes it: ``component.module.lora_A.weight``
+    and ``lora_B`` per module, each component's peft config as metadata."""
+    components: dict[str, dict[str, LoraPair]] = {}
+    for name, pair in modules.items():
+        component, module = name.split(".", 1)
+        components.setdefault(component, {})[module] = pair
+    layers = {}
+    for component, pairs in components.items():
+        weights = {}
+        for module, pair in pairs.items():
+            weights[f"{module}.lora_A.weight"] = pair.down.contiguous()
+            weights[f"{module}.lora_B.weight"] = pair.up.contiguous()
+        layers[component] = (weights, peft_config(pairs).to_dict())
+    pipeline_cls = getattr(diffusers, SAVING_PIPELINES[family])
+    save_lora_state_dicts(pipeline_cls, layers, out.parent, out.name)
+
+
+def diffusers_modules(lora: LoraFile, family: str) -> dict[str, LoraPair]:
+    """``lora``'s pairs by diffusers module (``component.module``), converted when kohya's."""
+    if lora.layout == DIFFUSERS:
+        return lora.pairs
+    return convert(lora, DIFFUSERS, family).pairs
