@@ -61,6 +61,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def processes_running(marker: str) -> list[int]:
+    """The ids of the processes whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
 def launch_two_ranks(script: str, values: dict) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 script`` on the CPU; asserts success."""
     env = {
@@ -80,8 +91,11 @@ def launch_two_ranks(script: str, values: dict) -> subprocess.CompletedProcess:
         try:
             stdout, stderr = launch.communicate(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            # SIGABRT makes every rank print where it waits (PYTHONFAULTHANDLER), then exit.
-            os.killpg(launch.pid, signal.SIGABRT)
+            # SIGABRT makes the launcher and every rank print where it waits (PYTHONFAULTHANDLER)
+            # and exit; the ranks run in sessions of their own and may outlive the launcher.
+            for pid in [launch.pid, *processes_running(str(values["output_dir"]))]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
             stdout, stderr = launch.communicate()
             pytest.fail(f"two-rank run hung for {LAUNCH_TIMEOUT_S} s:\n{stderr[-8000:]}")
     result = subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)

@@ -141,9 +141,8 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
         config.reward,
     )
     log_repeated_batches(parts.sampler, accelerator, accumulation)
-    model = run.model
-    model.train()
-    sampler_model = accelerator.unwrap_model(model)
+    run.model.train()
+    sampler_model = accelerator.unwrap_model(run.model)
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
     while not run.should_stop:
         for batches in _chunks(epoch_batches(parts, config, epoch, consumed), accumulation):
@@ -166,7 +165,7 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
             consumed += len(batches)
             rewards = reward_metrics(accelerator, rollouts)
             for inner in range(config.num_inner_epochs):
-                terms = policy_update(accelerator, model, parts.policy, rollouts, config)
+                terms = policy_update(accelerator, run.model, parts.policy, rollouts, config)
                 run.optimizer_step(torch.stack([term.loss for term in terms]))
                 progress = TrainingProgress(run.progress.global_step + 1, epoch, consumed)
                 if run.validation_due(progress.global_step) and accelerator.is_main_process:

@@ -290,6 +290,7 @@ class Run:
             logger.info("saved the LoRA to %s", self.config.output_dir)
         # Every rank tears the process group down together, after the last file is written.
         accelerator.wait_for_everyone()
+        self._release_replicas()
         accelerator.end_training()
         if accelerator.is_main_process and not self.stopped:
             publish_run(
@@ -300,6 +301,17 @@ class Run:
                 processes=accelerator.num_processes,
             )
         return self.progress
+
+    def _release_replicas(self) -> None:
+        """Free the DDP wrapper, optimizer and schedule before the process group goes.
+
+        The wrapper holds the group: freed after ``destroy_process_group`` (when the caller's
+        frame unwinds, or at exit), gloo's teardown can wait forever on a peer that already left.
+        The loops therefore keep no reference of their own to ``self.model``.
+        """
+        self.model = self.accelerator.unwrap_model(self.model)
+        self.optimizer = self.lr_scheduler = self.checkpointer = None
+        self.accelerator.free_memory()
 
 
 def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -> TrainingProgress:
@@ -320,8 +332,7 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
         accumulation,
     )
     log_repeated_batches(parts.sampler, accelerator, accumulation)
-    model = run.model
-    model.train()
+    run.model.train()
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
     sums: dict[str, torch.Tensor] = {}
     while not run.should_stop:
@@ -330,9 +341,9 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
             position = consumed * accelerator.num_processes + accelerator.process_index
             generator = step_generator(config.seed, epoch, position, accelerator.device)
             run.saw(batch)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(run.model):
                 loss, components = parts.compute_loss(
-                    model, send_to_device(batch, accelerator.device), generator
+                    run.model, send_to_device(batch, accelerator.device), generator
                 )
                 accelerator.backward(loss)
                 run.optimizer_step(loss)
