@@ -28,6 +28,7 @@ from training.checkpoint import (
     resolve_checkpoint,
     run_identity,
 )
+from training.compiling import compile_repeated_blocks
 from training.config import TrainConfig
 from training.metrics import MetricsLog
 from training.model_card import ModelCardInfo, publish_run
@@ -120,6 +121,8 @@ class Run:
         self.config = config
         self.parts = parts
         self.max_steps = max_steps
+        if config.compile:
+            compile_repeated_blocks(parts.model)
         optimizer = build_optimizer(config, parts.model)
         # Stepped once per optimizer step (build_accelerator turns accelerate's own stepping
         # off), so the schedule counts optimizer steps whatever the number of processes.
