@@ -162,12 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per block")
     parser.add_argument("--passes", type=int, default=2, help="passes over the data per loader")
     parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.gpu:
+        # The GPU half has options of its own (benchmarks/gpu.py --help).
         from benchmarks.gpu import main as gpu_main
 
-        gpu_main(compile_blocks=args.compile)
+        gpu_main([*rest, *(["--compile"] if args.compile else [])])
         return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.disable(logging.WARNING)  # cache and fingerprint notices would split the table
     os.environ.setdefault("TQDM_DISABLE", "1")  # the caching progress bars, likewise
     torch.manual_seed(0)
