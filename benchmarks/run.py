@@ -15,15 +15,17 @@ For each script, on its tiny random model and a synthetic folder at --resolution
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+# tqdm reads this when it is imported: the caching progress bars would split the table.
+os.environ.setdefault("TQDM_DISABLE", "1")
 # The suite runs from its checkout (its packages are never installed): import them from there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import logging
-import os
 import platform
 import tempfile
 import time
@@ -172,7 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.disable(logging.WARNING)  # cache and fingerprint notices would split the table
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the caching progress bars, likewise
     torch.manual_seed(0)
     table = cpu_table(args)
     print(
