@@ -316,12 +316,6 @@ CASES = {
     "qwen-edit": (qwen_case, 1024, 20.4e9),
     "sd15-inpaint": (sd15_case, 512, 0.86e9),
 }
-DENOISERS = {
-    "kontext": flux_transformer,
-    "flux-fill": lambda: flux_transformer(fill_model=True),
-    "qwen-edit": qwen_image_transformer,
-    "sd15-inpaint": sd15_inpaint_unet,
-}
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -19,8 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-# tqdm reads this when it is imported: the caching progress bars would split the table.
-os.environ.setdefault("TQDM_DISABLE", "1")
+if __name__ == "__main__":
+    # tqdm reads this when it is imported: the caching progress bars would split the table.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 # The suite runs from its checkout (its packages are never installed): import them from there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.disable(logging.WARNING)  # cache and fingerprint notices would split the table
     torch.manual_seed(0)
-    table = cpu_table(args)
+    try:
+        table = cpu_table(args)
+    finally:
+        logging.disable(logging.NOTSET)
     print(
         f"tiny models, cpu ({machine()}), batch {args.batch}, "
         f"{args.resolution}x{args.resolution}, {time.strftime('%Y-%m-%d')}"
