@@ -61,8 +61,8 @@ def test_the_table_runs(capsys):
     try:
         main(
             [
-                *("--scripts", "train_kontext_lora.py", "--resolution", "32", "--items", "4"),
-                *("--blocks", "1", "--steps", "1", "--passes", "1"),
+                *("--scripts", "train_kontext_lora.py", "--resolution", "32", "--items", "1"),
+                *("--batch", "1", "--blocks", "1", "--steps", "1", "--passes", "1"),
             ]
         )
     finally:

@@ -245,7 +245,9 @@ class Checkpointer:
         return final
 
     def _write_state(self, folder: Path) -> OSError | None:
-        """This rank's files: its RNG; on the main process also the LoRA, optimizer, schedule."""
+        """This rank's files: its RNG (and under FSDP2 its shard of the optimizer state); on the
+        main process also the LoRA (gathered from every rank when sharded), the optimizer and
+        the schedule."""
         accelerator = self.accelerator
         sharded = is_sharded(self.model)
         try:
@@ -322,11 +324,22 @@ class Checkpointer:
         model = accelerator.unwrap_model(self.model)
         with whole_trainable_parameters(model, write_back=True):
             self.load_lora(model, folder)
+        optimizer_file = (
+            f"optimizer-{accelerator.process_index}" if is_sharded(self.model) else "optimizer"
+        )
+        if not (folder / f"{optimizer_file}.json").is_file():
+            # The optimizer state is one file unsharded, one shard per rank under FSDP2.
+            raise DataError(
+                f"{folder} holds no {optimizer_file}.json: it was written "
+                f"{'without' if is_sharded(self.model) else 'with'} FSDP sharding or by another "
+                "number of processes. Resume with the accelerate config and process count it was "
+                "written with, or start a new run from its LoRA with --init_lora_weights "
+                f"{folder / 'pytorch_lora_weights.safetensors'}."
+            )
+        optimizer_state = load_state(folder, optimizer_file)
         if is_sharded(self.model):
-            rank_state = load_state(folder, f"optimizer-{accelerator.process_index}")
-            self.optimizer.load_state_dict(sharded_optimizer_state(rank_state, self.optimizer))
-        else:
-            self.optimizer.load_state_dict(load_state(folder, "optimizer"))
+            optimizer_state = sharded_optimizer_state(optimizer_state, self.optimizer)
+        self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(load_state(folder, "scheduler"))
         if accelerator.scaler is not None and (folder / "scaler.json").exists():
             accelerator.scaler.load_state_dict(load_state(folder, "scaler"))

@@ -4,7 +4,9 @@ Under FSDP2 every parameter is a ``DTensor`` holding 1/N of its rows on each ran
 state-dict helpers would see shards. Saving and loading a LoRA therefore gather the *trainable*
 parameters only (a few MB; the frozen base stays sharded), swap them into the model as whole
 tensors for the duration, and put them back, so the LoRA file is the same file a single-GPU or
-DDP run writes, and a checkpoint of either resumes under the other.
+DDP run writes (and ``--init_lora_weights`` takes either). The optimizer state stays sharded:
+each rank checkpoints its own shard, so a checkpoint resumes under the engine and the number of
+processes it was written with.
 """
 
 from __future__ import annotations
