@@ -48,6 +48,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) benchmarks/run.py
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/kontext_step.py
 	$(PY) benchmarks/inpaint_step.py

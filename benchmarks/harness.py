@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 
 def time_variants(
@@ -59,3 +60,27 @@ def training_step(model, loss_fn, batch, optimizer, device, autocast_dtype=None)
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def loader_items_per_second(dataset, collate_fn, passes: int = 1) -> float:
+    """Items per second one data-loader process delivers from ``dataset`` (the loop's
+    ``--dataloader_num_workers 0``): reading, decoding, resizing and collating each item."""
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_fn, num_workers=0)
+    for _ in loader:  # warm-up: file-system caches, lazy imports
+        break
+    start = time.perf_counter()
+    count = 0
+    for _ in range(passes):
+        for _ in loader:
+            count += 1
+    return count / (time.perf_counter() - start)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """``rows`` under ``header`` as a Markdown table, numbers right-aligned."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

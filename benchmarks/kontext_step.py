@@ -26,24 +26,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, Flux
 
 import train_kontext_lora as kontext
 from benchmarks.harness import print_ratios, time_variants, training_step
-from losses import downsample_mask_area, signed_distance_map_from_mask
+from benchmarks.real_size import FLUX_TRANSFORMER, kontext_encoded_batch
 from models.tiny import FLUX_DEV_SCHEDULER, tiny_flux_kontext_pipeline
 from training.flux import FLUX_LORA_LAYERS
 from training.lora import add_lora
-
-# FLUX.1 [dev] / Kontext [dev] transformer configuration.
-FLUX_TRANSFORMER = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
-}
 
 
 def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):
@@ -61,32 +47,6 @@ def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):
         tokenizer_2=None,
         transformer=transformer,
     )
-
-
-def encoded_batch(pipe, batch: int, resolution: int, device, dtype) -> dict[str, torch.Tensor]:
-    """Random latents and prompt embeddings shaped as the encoder produces them, and a square
-    insertion mask with its signed distance map."""
-    latent = resolution // 8
-    config = pipe.transformer.config
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(shape, generator=generator).to(device, dtype)
-
-    mask = torch.zeros(batch, resolution, resolution)
-    mask[:, resolution // 4 : resolution * 3 // 4, resolution // 3 : resolution * 2 // 3] = 1
-    mask_latent = downsample_mask_area(mask, (latent, latent))
-    return {
-        "target_latents": randn(batch, 16, latent, latent),
-        "context_latents": randn(batch, 16, latent, latent),
-        "overlay_tokens": randn(batch, (latent // 2) ** 2, 64),
-        "prompt_embeds": randn(batch, 512, config.joint_attention_dim),
-        "pooled_prompt_embeds": randn(batch, config.pooled_projection_dim),
-        "mask_latent": mask_latent.to(device),
-        "signed_distance_map": signed_distance_map_from_mask(mask_latent > 0.5, normalize=True).to(
-            device
-        ),
-    }
 
 
 def main() -> None:
@@ -118,7 +78,7 @@ def main() -> None:
         pipe.transformer.enable_gradient_checkpointing()
     params = [p for p in pipe.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = encoded_batch(pipe, args.batch, args.resolution, device, dtype)
+    batch = kontext_encoded_batch(pipe, args.batch, args.resolution, device, dtype)
     autocast = dtype if args.flux_size else None
     variants = {
         name: kontext.KontextLoss(pipe, config, None, None, batches_are_encoded=True)

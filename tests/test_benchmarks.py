@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from script_runs import ROOT
+from script_runs import ROOT, reset_accelerate
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,26 @@ def test_grpo_benchmark_runs():
         for phase in ("sampling", "reward", "update", "iteration"):
             assert f"{family:<7}{phase}" in result.stdout
     assert "s/iteration" in result.stdout
+
+
+def test_the_table_runs(capsys):
+    """One script through ``benchmarks/run.py`` (every script takes minutes on a small CPU):
+    a row with every column filled, the cache's columns included."""
+    from benchmarks.run import HEADER, main
+
+    reset_accelerate()  # the table's cache fill forms an accelerate state
+    try:
+        main(
+            [
+                *("--scripts", "train_kontext_lora.py", "--resolution", "32", "--items", "1"),
+                *("--batch", "1", "--blocks", "1", "--steps", "1", "--passes", "1"),
+            ]
+        )
+    finally:
+        reset_accelerate()
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| script"))
+    assert lines[header] == "| " + " | ".join(HEADER) + " |"
+    row = lines[header + 2].strip("|").split("|")
+    assert row[0].strip() == "train_kontext_lora.py"
+    assert len(row) == len(HEADER) and "n/a" not in lines[header + 2]

@@ -29,6 +29,12 @@ import torch
 from accelerate import Accelerator
 
 from data.images import DataError
+from training.sharding import (
+    is_sharded,
+    local_optimizer_state,
+    sharded_optimizer_state,
+    whole_trainable_parameters,
+)
 from training.state_io import load_state, rng_state, save_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -239,12 +245,21 @@ class Checkpointer:
         return final
 
     def _write_state(self, folder: Path) -> OSError | None:
-        """This rank's files: its RNG; on the main process also the LoRA, optimizer, schedule."""
+        """This rank's files: its RNG (and under FSDP2 its shard of the optimizer state); on the
+        main process also the LoRA (gathered from every rank when sharded), the optimizer and
+        the schedule."""
         accelerator = self.accelerator
+        sharded = is_sharded(self.model)
         try:
+            with whole_trainable_parameters(accelerator.unwrap_model(self.model)) as model:
+                if accelerator.is_main_process:
+                    self.save_lora(model, folder)
+            if sharded:  # each rank holds its shard of the optimizer state
+                optimizer_state = local_optimizer_state(self.optimizer.state_dict())
+                save_state(optimizer_state, folder, f"optimizer-{accelerator.process_index}")
             if accelerator.is_main_process:
-                self.save_lora(accelerator.unwrap_model(self.model), folder)
-                save_state(self.optimizer.state_dict(), folder, "optimizer")
+                if not sharded:
+                    save_state(self.optimizer.state_dict(), folder, "optimizer")
                 save_state(self.lr_scheduler.state_dict(), folder, "scheduler")
                 if accelerator.scaler is not None:
                     save_state(accelerator.scaler.state_dict(), folder, "scaler")
@@ -306,8 +321,25 @@ class Checkpointer:
         check_identity(saved_identity, self.identity, folder)
         saved = BatchLayout(**state.pop("layout"))
         progress = convert_progress(TrainingProgress(**state), saved, self.layout, folder)
-        self.load_lora(accelerator.unwrap_model(self.model), folder)
-        self.optimizer.load_state_dict(load_state(folder, "optimizer"))
+        model = accelerator.unwrap_model(self.model)
+        with whole_trainable_parameters(model, write_back=True):
+            self.load_lora(model, folder)
+        optimizer_file = (
+            f"optimizer-{accelerator.process_index}" if is_sharded(self.model) else "optimizer"
+        )
+        if not (folder / f"{optimizer_file}.json").is_file():
+            # The optimizer state is one file unsharded, one shard per rank under FSDP2.
+            raise DataError(
+                f"{folder} holds no {optimizer_file}.json: it was written "
+                f"{'without' if is_sharded(self.model) else 'with'} FSDP sharding or by another "
+                "number of processes. Resume with the accelerate config and process count it was "
+                "written with, or start a new run from its LoRA with --init_lora_weights "
+                f"{folder / 'pytorch_lora_weights.safetensors'}."
+            )
+        optimizer_state = load_state(folder, optimizer_file)
+        if is_sharded(self.model):
+            optimizer_state = sharded_optimizer_state(optimizer_state, self.optimizer)
+        self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(load_state(folder, "scheduler"))
         if accelerator.scaler is not None and (folder / "scaler.json").exists():
             accelerator.scaler.load_state_dict(load_state(folder, "scaler"))

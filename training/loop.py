@@ -28,10 +28,12 @@ from training.checkpoint import (
     resolve_checkpoint,
     run_identity,
 )
+from training.compiling import compile_repeated_blocks
 from training.config import TrainConfig
 from training.metrics import MetricsLog
 from training.model_card import ModelCardInfo, publish_run
 from training.runtime import step_generator
+from training.sharding import is_sharded_tensor, whole_trainable_parameters
 from training.stopping import NonFiniteSteps, StopSignals, describe_items
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ class Run:
         self.config = config
         self.parts = parts
         self.max_steps = max_steps
+        if config.compile:
+            compile_repeated_blocks(parts.model)
         optimizer = build_optimizer(config, parts.model)
         # Stepped once per optimizer step (build_accelerator turns accelerate's own stepping
         # off), so the schedule counts optimizer steps whatever the number of processes.
@@ -285,9 +289,12 @@ class Run:
         self.bar.close()
         self.signals.close()
         _check_replicas_agree(accelerator, self.trainable)
-        if accelerator.is_main_process and not self.stopped:
-            self.parts.save_lora(accelerator.unwrap_model(self.model), Path(self.config.output_dir))
-            logger.info("saved the LoRA to %s", self.config.output_dir)
+        if not self.stopped:
+            # Sharded (FSDP2): every rank gathers the LoRA, the main process writes it.
+            with whole_trainable_parameters(accelerator.unwrap_model(self.model)) as model:
+                if accelerator.is_main_process:
+                    self.parts.save_lora(model, Path(self.config.output_dir))
+                    logger.info("saved the LoRA to %s", self.config.output_dir)
         # Every rank tears the process group down together, after the last file is written.
         accelerator.wait_for_everyone()
         self._release_replicas()
@@ -379,8 +386,8 @@ def log_repeated_batches(sampler, accelerator: Accelerator, accumulation: int) -
 
 def _check_replicas_agree(accelerator: Accelerator, trainable: list[torch.Tensor]) -> None:
     """Raise unless every rank ends with the same trainable weights, as DDP must keep them."""
-    if accelerator.num_processes == 1:
-        return
+    if accelerator.num_processes == 1 or any(is_sharded_tensor(p) for p in trainable):
+        return  # one copy (sharded parameters are a single copy by construction)
     flat = torch.cat([param.detach().double().flatten() for param in trainable])
     position = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
     digest = torch.stack([flat.sum(), (flat * flat).sum(), (flat * position).sum()])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from training.checkpoint import prepare_output_dir
 from training.config import TrainConfig
@@ -47,6 +47,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             f"the launcher started {launched} processes but accelerate formed a group of "
             f"{accelerator.num_processes}; each would train alone. Check the accelerate config."
         )
+    _check_engine(accelerator)
     _configure_logging(accelerator)
     prepare_output_dir(
         config.output_dir,
@@ -57,6 +58,28 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     accelerator.wait_for_everyone()
     set_seed(config.seed, device_specific=False)
     return accelerator
+
+
+# Sharding engines an accelerate config can ask for: the variable `accelerate launch` sets.
+_ENGINES = {
+    DistributedType.FSDP: "ACCELERATE_USE_FSDP",
+    DistributedType.DEEPSPEED: "ACCELERATE_USE_DEEPSPEED",
+}
+
+
+def _check_engine(accelerator: Accelerator) -> None:
+    """Refuse a run whose accelerate config asks for FSDP or DeepSpeed that accelerate did not
+    apply: accelerate 1.x applies both only to GPU (and other accelerator) groups, and on CPUs
+    would quietly train as plain data parallel, with every rank holding the whole model."""
+    for engine, variable in _ENGINES.items():
+        asked = os.environ.get(variable, "false").lower() in ("true", "1")
+        if asked and accelerator.distributed_type != engine:
+            raise RuntimeError(
+                f"the accelerate config asks for {engine.value} ({variable}=true) but accelerate "
+                f"formed a {accelerator.distributed_type.value} run on {accelerator.device}: it "
+                f"applies {engine.value} to GPU groups only. Use configs/accelerate/ddp.yaml (or "
+                "--multi_gpu) here, or run on GPUs."
+            )
 
 
 def _configure_logging(accelerator: Accelerator) -> None:

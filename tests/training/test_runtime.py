@@ -134,3 +134,11 @@ class TestBuildAccelerator:
         finally:
             dist.destroy_process_group()
             torch.set_num_threads(threads)
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal off GPUs")
+    def test_fsdp_that_accelerate_did_not_apply_is_refused(self, tmp_path, monkeypatch):
+        """What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets; on CPUs
+        accelerate keeps plain data parallel, which must not pass for sharding."""
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(RuntimeError, match=r"asks for FSDP .* GPU groups only"):
+            build_accelerator(make_config(tmp_path))

@@ -1,0 +1,349 @@
+"""Real-size denoisers from their published configurations, random weights, and what a training
+step of each feeds them.
+
+Speed and memory do not depend on the weights, so ``benchmarks/gpu.py`` times these instead of
+downloading checkpoints. Every builder also takes ``tiny=True`` (the suite's tiny models), so the
+same code runs on a CPU in the tests; ``torch.device("meta")`` builds the real sizes without
+memory, which is how their parameter counts and FLOPs are checked on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxFillPipeline,
+    FluxKontextPipeline,
+    FluxTransformer2DModel,
+    PNDMScheduler,
+    QwenImageEditPipeline,
+    QwenImageTransformer2DModel,
+    StableDiffusionInpaintPipeline,
+    UNet2DConditionModel,
+)
+from torch.utils.flop_counter import FlopCounterMode
+
+import train_flux_fill as fill
+import train_kontext_lora as kontext
+import train_qwen_edit_mask as qwen
+import train_sd15_inpaint as sd15
+from benchmarks.inpaint_step import random_encoding
+from data.fill_latents import mask_latents_from_pixels
+from losses import downsample_mask_area, map_mask_to_latent, signed_distance_map_from_mask
+from models.tiny import (
+    FLUX_DEV_SCHEDULER,
+    QWEN_IMAGE_SCHEDULER,
+    tiny_flux_fill_pipeline,
+    tiny_flux_kontext_pipeline,
+    tiny_qwen_image_edit_pipeline,
+    tiny_sd15_inpaint_pipeline,
+)
+from training.config import MaskLossSettings
+from training.flux import FLUX_LORA_LAYERS
+from training.lora import LoraFormat, add_lora
+
+# black-forest-labs/FLUX.1-dev (and -Kontext-dev) transformer/config.json.
+FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+# black-forest-labs/FLUX.1-Fill-dev: 384 input channels (noisy 64 + masked image 64 + mask 256).
+FLUX_FILL_TRANSFORMER = {**FLUX_TRANSFORMER, "in_channels": 384, "out_channels": 64}
+# Qwen/Qwen-Image (and -Edit) transformer/config.json.
+QWEN_IMAGE_TRANSFORMER = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+# stable-diffusion-v1-5/stable-diffusion-inpainting unet/config.json (diffusers' defaults fill
+# in the rest: 2 layers per block, the standard down and up block types).
+SD15_INPAINT_UNET = {
+    "sample_size": 64,
+    "in_channels": 9,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+# stable-diffusion-v1-5 scheduler/scheduler_config.json.
+SD15_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+T5_TOKENS = 512  # the FLUX pipelines' max_sequence_length
+QWEN_PROMPT_TOKENS = 1024  # instruction + the condition image as the vision-language model sees it
+CLIP_TOKENS = 77
+
+
+@contextlib.contextmanager
+def built_on(device, dtype: torch.dtype):
+    """Create parameters directly on ``device`` in ``dtype``: a 20B model built in fp32 on the
+    CPU first would take minutes and twice its memory."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def flux_transformer(fill_model: bool = False) -> FluxTransformer2DModel:
+    """FLUX.1 [dev]/Kontext's transformer (Fill's with ``fill_model``), on the default device."""
+    return FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if fill_model else FLUX_TRANSFORMER))
+
+
+def qwen_image_transformer() -> QwenImageTransformer2DModel:
+    return QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER)
+
+
+def sd15_inpaint_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(**SD15_INPAINT_UNET)
+
+
+@dataclass
+class Case:
+    """One family's training step: ``model`` (LoRA-adapted; what the loop trains and the bare
+    forward/backward calls), ``loss`` (the script's ``compute_loss``, every mask term on) and
+    ``batch``, encoded as ``--cache_latents`` feeds the loop."""
+
+    name: str
+    resolution: int
+    model: torch.nn.Module
+    loss: Callable
+    batch: dict
+    denoiser: torch.nn.Module  # the transformer or UNet inside ``model``
+
+
+def _flags(resolution: int) -> dict:
+    return {
+        "pretrained_model_name_or_path": "-",
+        "train_data_dir": "-",
+        "resolution": resolution,
+        "rank": 16,
+    }
+
+
+def _to(batch: dict, device, dtype) -> dict:
+    """Floating tensors of ``batch`` to ``dtype``, every tensor (and list of them) to ``device``."""
+
+    def move(value):
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        if not isinstance(value, torch.Tensor):
+            return value
+        return value.to(device, dtype if value.is_floating_point() else None)
+
+    return {name: move(value) for name, value in batch.items()}
+
+
+def kontext_encoded_batch(
+    pipe, batch: int, resolution: int, device, dtype
+) -> dict[str, torch.Tensor]:
+    """Random latents and prompt embeddings shaped as the encoder produces them, and a square
+    insertion mask with its signed distance map."""
+    latent = resolution // 8
+    config = pipe.transformer.config
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
+    mask = torch.zeros(batch, resolution, resolution)
+    mask[:, resolution // 4 : resolution * 3 // 4, resolution // 3 : resolution * 2 // 3] = 1
+    mask_latent = downsample_mask_area(mask, (latent, latent))
+    return {
+        "target_latents": randn(batch, 16, latent, latent),
+        "context_latents": randn(batch, 16, latent, latent),
+        "overlay_tokens": randn(batch, (latent // 2) ** 2, 64),
+        "prompt_embeds": randn(batch, 512, config.joint_attention_dim),
+        "pooled_prompt_embeds": randn(batch, config.pooled_projection_dim),
+        "mask_latent": mask_latent.to(device),
+        "signed_distance_map": signed_distance_map_from_mask(mask_latent > 0.5, normalize=True).to(
+            device
+        ),
+    }
+
+
+def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
+    if tiny:
+        pipe = tiny_flux_kontext_pipeline(seed=0)
+    else:
+        with built_on(device, dtype):
+            denoiser = flux_transformer()
+        pipe = FluxKontextPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=denoiser,
+        )
+    pipe.transformer.to(device, dtype)
+    config = kontext.KontextConfig(**_flags(resolution), geometry_match_weight=0.5)
+    add_lora(pipe.transformer, config, FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
+    encoded = kontext_encoded_batch(pipe, batch, resolution, device, dtype)
+    loss = kontext.KontextLoss(pipe, config, None, None, batches_are_encoded=True)
+    return Case("FLUX.1 Kontext", resolution, pipe.transformer, loss, encoded, pipe.transformer)
+
+
+def fill_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
+    if tiny:
+        pipe = tiny_flux_fill_pipeline(seed=0)
+    else:
+        with built_on(device, dtype):
+            denoiser = flux_transformer(fill_model=True)
+        pipe = FluxFillPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=denoiser,
+        )
+    pipe.transformer.to(device, dtype)
+    config = fill.FillConfig(**_flags(resolution))
+    config = dataclasses.replace(
+        config, mask_loss=MaskLossSettings(enabled=True), background_preservation_weight=0.5
+    )
+    add_lora(pipe.transformer, config, FLUX_LORA_LAYERS, fill.FILL_LORA)
+    encoded = random_encoding(batch, resolution, 16)
+    encoded["mask_latents"] = mask_latents_from_pixels(encoded.pop("mask"))
+    width = pipe.transformer.config
+    encoded["prompt_embeds"] = torch.randn(batch, T5_TOKENS, width.joint_attention_dim)
+    encoded["pooled_prompt_embeds"] = torch.randn(batch, width.pooled_projection_dim)
+    loss = fill.FillLoss(pipe, config, None, True)
+    encoded = _to(encoded, device, dtype)
+    return Case("FLUX.1 Fill", resolution, pipe.transformer, loss, encoded, pipe.transformer)
+
+
+def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
+    if tiny:
+        pipe = tiny_qwen_image_edit_pipeline(seed=0)
+    else:
+        with built_on(device, dtype):
+            denoiser = qwen_image_transformer()
+        pipe = QwenImageEditPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            processor=None,
+            transformer=denoiser,
+        )
+    pipe.transformer.to(device, dtype)
+    config = qwen.QwenEditConfig(**_flags(resolution), mask_loss=MaskLossSettings(enabled=True))
+    add_lora(pipe.transformer, config, qwen.LORA_LAYERS, LoraFormat(type(pipe)))
+    latent = resolution // 8
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(batch, resolution, resolution)
+    mask[:, resolution // 3 : resolution // 2, resolution // 4 : resolution * 3 // 4] = 1
+    tokens = CLIP_TOKENS if tiny else QWEN_PROMPT_TOKENS
+    width = pipe.transformer.config.joint_attention_dim
+    encoded = {
+        "prompt_embeds": [torch.randn(tokens, width, generator=generator) for _ in range(batch)],
+        "condition_latents": torch.randn(batch, 16, latent, latent, generator=generator),
+        "target_latents": torch.randn(batch, 16, latent, latent, generator=generator),
+        "mask_tokens": map_mask_to_latent(mask),
+        "has_mask": torch.ones(batch, dtype=torch.bool),
+    }
+    loss = qwen.QwenEditLoss(pipe, config, None, True)
+    encoded = _to(encoded, device, dtype)
+    return Case("Qwen-Image-Edit", resolution, pipe.transformer, loss, encoded, pipe.transformer)
+
+
+def sd15_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
+    if tiny:
+        pipe = tiny_sd15_inpaint_pipeline(seed=0)
+        width = pipe.text_encoder.config.hidden_size
+    else:
+        with built_on(device, dtype):
+            denoiser = sd15_inpaint_unet()
+        pipe = StableDiffusionInpaintPipeline(
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            unet=denoiser,
+            scheduler=PNDMScheduler(**SD15_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        width = SD15_INPAINT_UNET["cross_attention_dim"]
+    pipe.unet.to(device, dtype)
+    config = sd15.SD15InpaintConfig(**_flags(resolution), mask_loss=MaskLossSettings(enabled=True))
+    add_lora(pipe.unet, config, sd15.UNET_LORA_LAYERS, sd15.UNET_LORA)
+    encoded = random_encoding(batch, resolution, 4)
+    encoded["prompt_embeds"] = torch.randn(batch, CLIP_TOKENS, width)
+    model = sd15.InpaintDenoiser(pipe.unet, None)
+    loss = sd15.SD15Loss(pipe, config, None, True)
+    encoded = _to(encoded, device, dtype)
+    return Case("SD1.5 inpainting", resolution, model, loss, encoded, pipe.unet)
+
+
+# Family -> (builder, resolution the issue asks for, published parameter count).
+CASES = {
+    "kontext": (kontext_case, 1024, 11.9e9),
+    "flux-fill": (fill_case, 1024, 11.9e9),
+    "qwen-edit": (qwen_case, 1024, 20.4e9),
+    "sd15-inpaint": (sd15_case, 512, 0.86e9),
+}
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def mmdit_forward_flops(
+    width: int, stream_blocks: int, single_blocks: int, image_tokens: int, text_tokens: int
+) -> float:
+    """Matmul FLOPs of one forward pass of a FLUX-style transformer (batch 1), per block:
+
+    - a two-stream block applies 12·d² of weights per token of its stream (q, k, v and output
+      projections 4·d², a 4x MLP 8·d²) and attends over the joint sequence;
+    - a single-stream block applies 12·d² per token (q, k, v 3·d², MLP in 4·d², output 5·d²);
+    - attention costs 4·L²·d (scores and weighted sum, 2 FLOPs per multiply-add).
+
+    The modulation layers see one token (the timestep embedding) and the patch/prompt embedders
+    and the output projection are a few per mille: left out, so the figure is a slight
+    undercount, as model FLOPs should be. ``L = image_tokens + text_tokens``.
+    """
+    tokens = image_tokens + text_tokens
+    linear = 2 * 12 * width**2 * tokens * (stream_blocks + single_blocks)
+    attention = 4 * tokens**2 * width * (stream_blocks + single_blocks)
+    return float(linear + attention)
+
+
+def counted_flops(step: Callable[[], None]) -> int:
+    """FLOPs of the matmuls and attention ``step`` runs, counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
