@@ -48,7 +48,7 @@ GEOMETRY_FLAGS = {
     "bnd": "boundary_weight",
 }
 EMBEDDING_FLAGS = ("identity_weight", "geometry_match_weight", "overlay_weight")
-METRICS = ("iou", "area_error", "boundary_f", "background_psnr", "no_edit")
+METRICS = ("iou", "object_iou", "area_error", "boundary_f", "background_psnr", "no_edit")
 
 
 def kontext_defaults() -> dict[str, object]:

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 CHANGE_THRESHOLD = 48.0
 # An output whose change covers less than this fraction of the mask did not edit.
 NO_EDIT_FRACTION = 0.1
+# The synthetic objects are saturated (one channel at most 40, the spread at least 79, see
+# data.synthetic); backgrounds (every channel >= 80) and grey placeholders never are.
+OBJECT_MAX_LOW_CHANNEL = 60.0
+OBJECT_MIN_SPREAD = 60.0
 
 
 def change_mask(
@@ -26,6 +30,19 @@ def change_mask(
     ``[H, W, 3]`` in [0, 255]) by more than ``threshold``."""
     difference = np.abs(output.astype(np.float64) - context.astype(np.float64))
     return difference.max(axis=-1) > threshold
+
+
+def object_mask(
+    image: np.ndarray,
+    max_low_channel: float = OBJECT_MAX_LOW_CHANNEL,
+    min_spread: float = OBJECT_MIN_SPREAD,
+) -> np.ndarray:
+    """``[H, W]`` bool: saturated pixels of ``image`` (``[H, W, 3]`` in [0, 255]), whose lowest
+    channel is below ``max_low_channel`` and whose channel spread exceeds ``min_spread``: where
+    a synthetic object is. Unlike the change mask, a washed-out output shows none."""
+    pixels = image.astype(np.float64)
+    low, high = pixels.min(axis=-1), pixels.max(axis=-1)
+    return (low < max_low_channel) & (high - low > min_spread)
 
 
 def iou(predicted: np.ndarray, mask: np.ndarray) -> float:
@@ -113,10 +130,13 @@ def insertion_metrics(
     threshold: float = CHANGE_THRESHOLD,
 ) -> dict[str, float]:
     """Every metric of one insertion: ``output`` and ``context`` ``[H, W, 3]`` in [0, 255],
-    ``mask`` ``[H, W]`` bool. Background PSNR compares output and context outside the mask."""
+    ``mask`` ``[H, W]`` bool. IoU, area error, boundary F-score and no-edit use the change
+    mask; ``object_iou`` the saturated pixels of the output (``object_mask``); background PSNR
+    compares output and context outside the mask."""
     changed = change_mask(output, context, threshold)
     return {
         "iou": iou(changed, mask),
+        "object_iou": iou(object_mask(output), mask),
         "area_error": area_error(changed, mask),
         "boundary_f": boundary_f_score(changed, mask),
         "background_psnr": min(psnr(output, context, ~mask), 99.0),

@@ -15,6 +15,7 @@ from training.edit_metrics import (
     insertion_metrics,
     iou,
     is_no_edit,
+    object_mask,
     psnr,
 )
 
@@ -107,6 +108,7 @@ def test_insertion_metrics_of_a_perfect_and_an_empty_edit():
     perfect = insertion_metrics(target, context, mask)
     assert perfect == {
         "iou": 1.0,
+        "object_iou": 1.0,
         "area_error": 0.0,
         "boundary_f": 1.0,
         "background_psnr": 99.0,
@@ -114,5 +116,28 @@ def test_insertion_metrics_of_a_perfect_and_an_empty_edit():
     }
     nothing = insertion_metrics(context, context, mask)
     assert nothing["iou"] == 0.0
+    assert nothing["object_iou"] == 0.0
     assert nothing["area_error"] == -1.0
     assert nothing["no_edit"] == 1.0
+
+
+def test_object_mask_finds_saturated_pixels_only():
+    image = np.array(
+        [
+            [[220, 40, 40], [40, 170, 60], [150, 40, 200]],  # red, green, purple objects
+            [[215, 215, 215], [180, 80, 80], [130, 130, 130]],  # placeholder, background, grey
+        ],
+        dtype=np.float64,
+    )
+    # A washed-out red (spread 40) is no object either.
+    assert object_mask(image).tolist() == [[True, True, True], [False, False, False]]
+    assert not object_mask(np.array([[[90.0, 50.0, 50.0]]])).any()
+
+
+def test_a_grey_output_changes_the_placeholder_but_inserts_no_object():
+    mask = square(4, 4, 8, size=16)
+    context = np.where(mask[..., None], 215.0, 120.0) * np.ones(3)
+    grey = np.full((16, 16, 3), 125.0)
+    metrics = insertion_metrics(grey, context, mask)
+    assert metrics["iou"] == 1.0  # the change mask is fooled: the placeholder was erased
+    assert metrics["object_iou"] == 0.0
