@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench ablation clean
 
 setup: $(STAMP)
 
@@ -20,21 +20,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 DEMO := outputs/demo
+# The tiny pretrained world (scripts/build_tiny_world.py): built once, reused while its settings hold.
+WORLD := outputs/world
 
-demo: setup $(DEMO)/models/flux-kontext/model_index.json $(DEMO)/data/metadata.jsonl
+demo: setup
+	$(PY) scripts/build_tiny_world.py --out $(WORLD)
 	rm -rf $(DEMO)/kontext
-	$(PY) train_kontext_lora.py --config configs/kontext_tiny.yaml
+	$(PY) train_kontext_lora.py --config configs/kontext_demo.yaml
+	$(PY) scripts/demo_report.py --world $(WORLD) --run $(DEMO)/kontext --config configs/kontext_demo.yaml
 	@echo
-	@echo "LoRA:        $(DEMO)/kontext/pytorch_lora_weights.safetensors"
-	@echo "metrics:     $(DEMO)/kontext/metrics.jsonl"
-	@echo "validation:  $(DEMO)/kontext/validation/"
-	@echo "checkpoints: $(DEMO)/kontext/checkpoint-*/"
-
-$(DEMO)/models/flux-kontext/model_index.json: | setup
-	$(PY) scripts/make_tiny_models.py --out $(DEMO)/models
-
-$(DEMO)/data/metadata.jsonl: | setup
-	$(PY) scripts/make_synthetic_data.py --family kontext --out $(DEMO)/data --n 8 --resolution 128
+	@echo "before/after: $(DEMO)/kontext/before_after.png"
+	@echo "loss curve:   $(DEMO)/kontext/loss_curve.png"
+	@echo "LoRA:         $(DEMO)/kontext/pytorch_lora_weights.safetensors"
+	@echo "metrics:      $(DEMO)/kontext/metrics.jsonl"
+	@echo "validation:   $(DEMO)/kontext/validation/"
 
 lint: setup
 	$(PY) -m ruff check .
@@ -53,6 +52,9 @@ bench: setup
 	$(PY) benchmarks/kontext_step.py
 	$(PY) benchmarks/inpaint_step.py
 	$(PY) benchmarks/grpo_step.py
+
+ablation: setup
+	$(PY) benchmarks/ablation.py --world $(WORLD) --out outputs/ablation
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -37,6 +37,9 @@ OBJECT_COLOURS = {
 }
 OBJECT_OF_SHAPE = {"ellipse": "ball", "rectangle": "box"}
 BACKGROUND_RANGE = (80.0, 180.0)
+# A pale grey stand-in that marks where an object goes: brighter than any background, so the
+# context shows the region, and every object colour still differs from it on every mask pixel.
+PLACEHOLDER_GREY = 215.0
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,21 @@ def textured_object(
     return np.asarray(colour, dtype=np.float64) * (0.7 + 0.3 * stripes[..., None])
 
 
-def make_kontext_example(rng: np.random.Generator, height: int, width: int) -> KontextExample:
-    """One insertion pair of size ``(height, width)`` drawn from ``rng``."""
+def make_kontext_example(
+    rng: np.random.Generator, height: int, width: int, placeholder: bool = False
+) -> KontextExample:
+    """One insertion pair of size ``(height, width)`` drawn from ``rng``.
+
+    With ``placeholder`` the context holds a flat grey silhouette of the mask (a replacement
+    task: the model can see where the object goes); the draws from ``rng`` are the same.
+    """
     background = smooth_background(rng, height, width)
     inside, shape = region_mask(rng, height, width)
     colour = str(rng.choice(list(OBJECT_COLOURS)))
     obj = textured_object(rng, OBJECT_COLOURS[colour], height, width)
     target = np.where(inside[..., None], obj, background)
+    if placeholder:
+        background = np.where(inside[..., None], PLACEHOLDER_GREY, background)
 
     def to_image(pixels: np.ndarray) -> Image.Image:
         return Image.fromarray(np.rint(pixels).astype(np.uint8))
@@ -184,10 +195,15 @@ def _kontext_example(rng: np.random.Generator, height: int, width: int) -> dict:
     return vars(make_kontext_example(rng, height, width))
 
 
+def _placeholder_example(rng: np.random.Generator, height: int, width: int) -> dict:
+    return vars(make_kontext_example(rng, height, width, placeholder=True))
+
+
 def write_kontext_dataset(
-    out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
+    out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0, placeholder: bool = False
 ) -> Path:
     """Write ``n`` insertion pairs as an edit-pair folder; the same seed gives the same files.
+    ``placeholder``: contexts mark the mask with a grey silhouette (see ``make_kontext_example``).
 
     Layout: ``images/NNNN_context.png``, ``images/NNNN_target.png``, ``masks/NNNN.png`` and
     ``metadata.jsonl`` with paths relative to ``out``. Returns the metadata path.
@@ -201,9 +217,8 @@ def write_kontext_dataset(
         "target": ("images/{:04d}_target.png", "target"),
         "mask": ("masks/{:04d}.png", "mask"),
     }
-    return _write_examples(
-        out, n=n, resolution=resolution, seed=seed, make=_kontext_example, files=files
-    )
+    make = _placeholder_example if placeholder else _kontext_example
+    return _write_examples(out, n=n, resolution=resolution, seed=seed, make=make, files=files)
 
 
 def write_inpainting_dataset(

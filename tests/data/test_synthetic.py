@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from data.edit_pairs import EditPairDataset
-from data.synthetic import OBJECT_COLOURS, example_size, write_kontext_dataset
+from data.synthetic import (
+    OBJECT_COLOURS,
+    PLACEHOLDER_GREY,
+    example_size,
+    make_kontext_example,
+    write_kontext_dataset,
+)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_synthetic_data.py"
 
@@ -129,3 +135,17 @@ def test_script_help():
     assert result.returncode == 0, result.stderr
     for flag in ("--family", "--out", "--n", "--resolution", "--seed"):
         assert flag in result.stdout
+
+
+def test_placeholder_marks_the_mask_and_changes_nothing_else():
+    plain = make_kontext_example(np.random.default_rng(3), 32, 40)
+    marked = make_kontext_example(np.random.default_rng(3), 32, 40, placeholder=True)
+    inside = np.asarray(marked.mask) > 0
+    context, plain_context = np.asarray(marked.context), np.asarray(plain.context)
+    assert (context[inside] == PLACEHOLDER_GREY).all()
+    assert (context[~inside] == plain_context[~inside]).all()
+    assert np.array_equal(np.asarray(marked.target), np.asarray(plain.target))
+    assert marked.prompt == plain.prompt
+    # Every object colour still differs from the placeholder on every mask pixel.
+    difference = np.abs(np.asarray(marked.target, float) - context).max(axis=-1)
+    assert difference[inside].min() > 100

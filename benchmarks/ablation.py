@@ -1,0 +1,318 @@
+"""Ablation of the Kontext mask losses on the tiny pretrained world.
+
+    python benchmarks/ablation.py [--world outputs/world] [--out outputs/ablation]
+    python benchmarks/ablation.py --quick        # smoke test: one seed, two configs, few steps
+
+Trains the Kontext LoRA (``train_kontext_lora.py``, in this process) from the same seeds with
+
+- ``fm``: plain flow matching,
+- ``fm+<term>``: flow matching plus one seed 001 geometry term at the seed's weight,
+- ``starter``: seed 001's starter mix (all five geometry terms),
+- ``starter+emb``: the starter mix plus seed 003's embedding terms on latent tokens,
+
+then samples every saved checkpoint on the world's held-out pairs (never trained on) and scores
+each output's change against its context (``training.edit_metrics``): IoU, signed area error and
+boundary F-score of the inserted object, background PSNR outside the mask, no-edit rate.
+Writes ``results.json`` (every number), ``table.md`` (mean and spread over seeds at the last
+step) and one PNG per metric (metric vs training step per configuration) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+# The suite runs from its checkout (its packages are never installed): import them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import FluxKontextPipeline
+from jsonargparse import auto_cli
+from PIL import Image
+
+import train_kontext_lora
+from models.tiny_world import WORLD_MAX_SEQUENCE_LENGTH, WorldSettings, build_tiny_world
+from training.edit_metrics import insertion_metrics
+from training.plots import line_plot
+
+GEOMETRY_FLAGS = {
+    "mse": "geometry_mse_weight",
+    "bg": "background_weight",
+    "dice": "dice_weight",
+    "area": "area_weight",
+    "bnd": "boundary_weight",
+}
+EMBEDDING_FLAGS = ("identity_weight", "geometry_match_weight", "overlay_weight")
+METRICS = ("iou", "object_iou", "area_error", "boundary_f", "background_psnr", "no_edit")
+
+
+def kontext_defaults() -> dict[str, object]:
+    """The Kontext script's flag defaults (the seeds' loss weights), without a config to parse."""
+    return {
+        field.name: field.default
+        for field in dataclasses.fields(train_kontext_lora.KontextConfig)
+        if field.default is not dataclasses.MISSING
+    }
+
+
+def ablation_configs() -> dict[str, dict[str, float]]:
+    """Loss weights of every configuration, by flag; the seeds' weights where a term is on."""
+    defaults = kontext_defaults()
+    off = {flag: 0.0 for flag in (*GEOMETRY_FLAGS.values(), *EMBEDDING_FLAGS)}
+    starter = {**off, **{flag: defaults[flag] for flag in GEOMETRY_FLAGS.values()}}
+    configs = {"fm": off}
+    for name, flag in GEOMETRY_FLAGS.items():
+        configs[f"fm+{name}"] = {**off, flag: defaults[flag]}
+    configs["starter"] = starter
+    # On latent tokens the geometry-match term is a sigma-reweighted flow matching (see the
+    # script's --geometry_match_weight): the script's default 0 stays; identity and overlay on.
+    configs["starter+emb"] = {
+        **starter,
+        "identity_weight": defaults["identity_weight"],
+        "overlay_weight": defaults["overlay_weight"],
+    }
+    return configs
+
+
+def _reset_accelerate() -> None:
+    # accelerate keeps process-wide singletons; each in-process run needs a clean slate.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train_run(
+    world: Path,
+    out: Path,
+    weights: dict[str, float],
+    seed: int,
+    steps: int,
+    every: int,
+    cache_dir: Path,
+) -> float:
+    """Train one LoRA with ``weights`` into ``out`` (a checkpoint every ``every`` steps), the
+    encoded training set cached in ``cache_dir`` (shared by runs); returns wall-clock seconds."""
+    values = {
+        "pretrained_model_name_or_path": world / "model",
+        "train_data_dir": world / "train",
+        "output_dir": out,
+        "resolution": WorldSettings().resolution,
+        "train_batch_size": 4,
+        "max_train_steps": steps,
+        "learning_rate": 1e-3,
+        "rank": 8,
+        "seed": seed,
+        "checkpointing_steps": every,
+        "max_sequence_length": WORLD_MAX_SEQUENCE_LENGTH,
+        "cache_latents": "true",
+        "cache_dir": cache_dir,
+        "overwrite_output_dir": "true",
+        **weights,
+    }
+    args = [token for key, value in values.items() for token in (f"--{key}", str(value))]
+    started = time.perf_counter()
+    _reset_accelerate()
+    try:
+        train_kontext_lora.main(args)
+    finally:
+        _reset_accelerate()
+    return time.perf_counter() - started
+
+
+def heldout_pairs(folder: Path, limit: int | None) -> list[dict]:
+    """The held-out edit pairs: ``context`` PIL image, ``mask`` ``[H, W]`` bool, ``prompt``."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    pairs = []
+    for row in rows[:limit]:
+        pairs.append(
+            {
+                "context": Image.open(folder / row["context"]).convert("RGB"),
+                "mask": np.asarray(Image.open(folder / row["mask"]).convert("L")) > 127,
+                "prompt": row["prompt"],
+            }
+        )
+    return pairs
+
+
+@torch.no_grad()
+def sample(pipe: FluxKontextPipeline, pairs: list[dict], seed: int, steps: int) -> list:
+    """``[H, W, 3]`` uint8 output per pair, each with its own fixed noise seed."""
+    outputs = []
+    for index, pair in enumerate(pairs):
+        width, height = pair["context"].size
+        image = pipe(
+            image=pair["context"],
+            prompt=pair["prompt"],
+            height=height,
+            width=width,
+            max_area=height * width,
+            _auto_resize=False,
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            max_sequence_length=WORLD_MAX_SEQUENCE_LENGTH,
+            generator=torch.Generator().manual_seed(seed * 1000 + index),
+        ).images[0]
+        outputs.append(np.asarray(image))
+    return outputs
+
+
+def score(outputs: list, pairs: list[dict]) -> dict[str, float]:
+    """Mean of every insertion metric over the pairs."""
+    rows = [
+        insertion_metrics(output, np.asarray(pair["context"]), pair["mask"])
+        for output, pair in zip(outputs, pairs, strict=True)
+    ]
+    return {name: float(np.mean([row[name] for row in rows])) for name in METRICS}
+
+
+def evaluate(
+    pipe: FluxKontextPipeline, lora: Path | None, pairs: list[dict], seed: int, steps: int
+) -> tuple[dict[str, float], list]:
+    """Metrics of the base (``lora`` None) or of the base with one LoRA folder loaded."""
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    try:
+        outputs = sample(pipe, pairs, seed, steps)
+    finally:
+        if lora is not None:
+            pipe.unload_lora_weights()
+    return score(outputs, pairs), outputs
+
+
+def summary_table(results: dict, configs: list[str], step: str) -> str:
+    """Markdown table: mean ± standard deviation over seeds of each metric at ``step``."""
+    header = "| config | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    lines = []
+    for config in configs:
+        cells = []
+        for metric in METRICS:
+            values = [run[step][metric] for run in results[config].values()]
+            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}")
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def write_report(out: Path) -> str:
+    """``table.md`` and one PNG per metric from ``out/results.json`` (runs finished so far:
+    a configuration's curve averages the seeds it has); returns the table."""
+    record = json.loads((out / "results.json").read_text())
+    results = {name: runs for name, runs in record["results"].items() if runs}
+    names = list(results)
+    last = str(record["steps"])
+    table = summary_table(results, names, last)
+    (out / "table.md").write_text(table)
+    for metric in METRICS:
+        curves = {}
+        for name in names:
+            steps = sorted({int(step) for run in results[name].values() for step in run})
+            means = [
+                float(np.mean([run[str(step)][metric] for run in results[name].values()]))
+                for step in steps
+            ]
+            curves[name] = (steps, means)
+        line_plot(curves, f"{metric} vs training step (held-out mean over seeds)").save(
+            out / f"{metric}.png"
+        )
+    return table
+
+
+def main(
+    world: Path = Path("outputs/world"),
+    out: Path = Path("outputs/ablation"),
+    seeds: tuple[int, ...] = (0, 1),
+    steps: int = 80,
+    every: int = 40,
+    heldout: int | None = 12,
+    inference_steps: int = 8,
+    configs: list[str] | None = None,
+    quick: bool = False,
+    report_only: bool = False,
+) -> None:
+    """Run the ablation and write results.json, table.md and the plots into ``out``.
+
+    Args:
+        world: folder of the tiny world (built first when missing).
+        out: output folder; each run trains into ``out/<config>/seed<k>``; the encoded
+            training set is cached once in ``out/cache``.
+        seeds: training and sampling seeds; every configuration runs with the first seed
+            before any runs with the next, so a cut-short ablation still covers them all.
+        steps: optimizer steps per run.
+        every: checkpoint (and evaluation) interval in steps.
+        heldout: evaluate on the first this many held-out pairs (None: all).
+        inference_steps: denoising steps of the sampler.
+        configs: configuration names to run (default: all of ``ablation_configs``).
+        quick: a smoke test: one seed, ``fm`` and ``starter``, 4 steps, 2 held-out pairs.
+        report_only: only redraw table.md and the plots from an existing results.json.
+    """
+    if report_only:
+        print(write_report(out))
+        return
+    if quick:
+        seeds, steps, every, heldout, inference_steps = (0,), 4, 2, 2, 2
+        configs = configs or ["fm", "starter"]
+    all_configs = ablation_configs()
+    names = configs or list(all_configs)
+    build_tiny_world(world)
+    pairs = heldout_pairs(world / "heldout", heldout)
+    pipe = FluxKontextPipeline.from_pretrained(world / "model")
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {name: {} for name in names}
+    seconds: dict = {name: {} for name in names}
+    eval_steps = [*range(every, steps, every), steps]
+    started = time.perf_counter()
+    examples = {}
+    for seed in seeds:
+        base, base_outputs = evaluate(pipe, None, pairs, seed, inference_steps)
+        examples.setdefault("base", base_outputs)
+        for name in names:
+            run_dir = out / name / f"seed{seed}"
+            seconds[name][seed] = round(
+                train_run(world, run_dir, all_configs[name], seed, steps, every, out / "cache"), 1
+            )
+            run = {"0": base}
+            for step in eval_steps:
+                folder = run_dir / f"checkpoint-{step}"
+                run[str(step)], outputs = evaluate(pipe, folder, pairs, seed, inference_steps)
+            results[name][seed] = run
+            if seed == seeds[0]:
+                examples[name] = outputs
+            print(name, seed, json.dumps(run[str(steps)]), flush=True)
+            # Written after every run: an ablation cut short keeps what it measured.
+            record = {
+                "configs": {name: all_configs[name] for name in names},
+                "seeds": list(seeds),
+                "steps": steps,
+                "heldout_pairs": len(pairs),
+                "inference_steps": inference_steps,
+                "train_seconds": seconds,
+                "elapsed_seconds": round(time.perf_counter() - started, 1),
+                "results": results,
+            }
+            (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+            _example_grid(pairs, examples).save(out / "examples.png")
+    print(write_report(out))
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def _example_grid(pairs: list[dict], examples: dict[str, list]) -> Image.Image:
+    """Rows = held-out pairs (first four), columns = context, mask, then each configuration."""
+    from training.validation import image_grid
+
+    count = min(4, len(pairs))
+    labels = ["context", "mask", *examples]
+    rows = []
+    for index in range(count):
+        size = pairs[index]["context"].size
+        row = [pairs[index]["context"], Image.fromarray(pairs[index]["mask"]).convert("RGB")]
+        row += [Image.fromarray(outputs[index]).resize(size) for outputs in examples.values()]
+        rows.append([image.resize((64, 64)) for image in row])
+    return image_grid(rows, [label[:10] for label in labels])
+
+
+if __name__ == "__main__":
+    auto_cli(main, as_positional=False)

@@ -1,0 +1,317 @@
+"""A tiny *pretrained* FLUX.1 Kontext world: small enough to build on a CPU in minutes, trained
+enough that what it decodes means something.
+
+Random tiny models (``models.tiny``) exercise code paths, but their VAE cannot reconstruct an
+image, so no metric on their samples measures anything. ``build_tiny_world`` therefore
+
+1. writes the synthetic placeholder-insertion data (``data.synthetic``, contexts mark the object
+   region with a grey silhouette): a training set and a held-out set of other pairs;
+2. trains an ``AutoencoderKL`` (FLUX layout: 16 latent channels, 8x) to reconstruct that domain
+   and sets its ``shift_factor`` / ``scaling_factor`` to the latents' mean and spread, as FLUX's
+   own VAE config does for real images;
+3. pretrains a small ``FluxTransformer2DModel`` by flow matching on the identity edit
+   (target = context, for backgrounds, placeholders and finished objects alike), so the base
+   copies its context and knows the domain but has never inserted anything: the LoRA's task;
+4. saves a complete ``FluxKontextPipeline`` with ``save_pretrained`` (safetensors).
+
+The build is deterministic for its settings and is reused when ``world.json`` in the folder
+records the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
+
+from data.synthetic import (
+    OBJECT_COLOURS,
+    OBJECT_OF_SHAPE,
+    make_kontext_example,
+    write_kontext_dataset,
+)
+from models.tiny import CLIP_DIM, T5_DIM, _seeded, tiny_flux_kontext_pipeline
+
+logger = logging.getLogger(__name__)
+
+WORLD_FILE = "world.json"
+# Holds "insert a <colour>" in the tiny T5's letter-by-letter tokens; the shape is in the
+# placeholder, and every text token costs attention on a CPU.
+WORLD_MAX_SEQUENCE_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class WorldSettings:
+    """What a world depends on; a folder built with other settings is rebuilt."""
+
+    resolution: int = 64
+    """Side of the square examples (others are 1.25x longer on one side); a multiple of 16."""
+    n_train: int = 96
+    """Insertion pairs the LoRA trains on."""
+    n_heldout: int = 24
+    """Insertion pairs never trained on, for evaluation."""
+    vae_steps: int = 400
+    """Optimizer steps of the VAE, on whole images."""
+    base_steps: int = 300
+    """Optimizer steps of the identity pretraining of the transformer."""
+    batch_size: int = 8
+    """Batch size of both pretraining stages."""
+    seed: int = 0
+    """Seed of data, weights and pretraining."""
+    version: int = 3
+    """Bumped when the recipe changes, so old caches are rebuilt."""
+
+
+def world_vae(seed: int) -> AutoencoderKL:
+    """FLUX's VAE layout (16 latent channels, 8x, no quant convs), wider than ``models.tiny``'s
+    so it can reconstruct the synthetic domain: ``[B, 3, H, W] -> [B, 16, H/8, W/8]``."""
+    with _seeded(seed):
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=1.0,
+            shift_factor=0.0,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+
+
+def world_transformer(seed: int) -> FluxTransformer2DModel:
+    """A FLUX transformer with 2 double- and 2 single-stream blocks of width 64 (2 heads of 32):
+    big enough to learn the copy of its context, small enough for a CPU."""
+    with _seeded(seed):
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            out_channels=64,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=T5_DIM,
+            pooled_projection_dim=CLIP_DIM,
+            guidance_embeds=True,
+            axes_dims_rope=(8, 12, 12),
+        )
+
+
+def _pool_images(settings: WorldSettings) -> tuple[torch.Tensor, list[str]]:
+    """``([N, 3, R, R] in [-1, 1], prompts)``: square contexts with placeholders, the same with
+    the finished objects, and plain backgrounds, from a seed the insertion sets never use."""
+    rng = np.random.default_rng([settings.seed, 1])
+    size = settings.resolution
+    images, prompts = [], []
+    for _ in range(256):
+        plain = make_kontext_example(rng, size, size)
+        marked = make_kontext_example(rng, size, size, placeholder=True)
+        for image in (plain.context, marked.context, marked.target):
+            images.append(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+            prompts.append(marked.prompt)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return pixels, prompts
+
+
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, settings: WorldSettings) -> list[float]:
+    """Fit ``vae`` to ``pixels: [N, 3, H, W]``: L1 + MSE of the reconstruction from the posterior
+    mean, plus a small KL that keeps latents bounded. Returns the loss per step."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=3e-3, total_steps=settings.vae_steps, pct_start=0.2
+    )
+    vae.train()
+    losses = []
+    for step in range(settings.vae_steps):
+        # Whole images, never crops: GroupNorm statistics and the mid-block attention span the
+        # whole latent, so a VAE fitted on 16x16 crops reconstructs crops (24.9 dB) but not the
+        # 64x64 images it is used on (18.5 dB; versions 1 and 2 of this recipe).
+        batch = pixels[torch.randint(len(pixels), (settings.batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.mode()).sample
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch) + 1e-3 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            logger.info("vae step %d loss %.4f", step, loss.item())
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def fit_latent_scale(vae: AutoencoderKL, pixels: torch.Tensor) -> None:
+    """Set ``shift_factor`` and ``scaling_factor`` so the pipelines' latents have mean 0 and
+    standard deviation 1 on ``pixels: [N, 3, H, W]``."""
+    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(64)])
+    vae.register_to_config(
+        shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std())
+    )
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of ``vae`` on ``pixels: [N, 3, H, W]`` in [-1, 1]."""
+    scores = []
+    for chunk in pixels.split(32):
+        decoded = vae.decode(vae.encode(chunk).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((decoded - chunk) / 2).pow(2).flatten(1).mean(1)
+        scores.append(10 * torch.log10(1 / mse.clamp_min(1e-10)))
+    return float(torch.cat(scores).mean())
+
+
+def train_base(
+    pipe: FluxKontextPipeline, pixels: torch.Tensor, prompts: list[str], settings: WorldSettings
+) -> list[float]:
+    """Pretrain ``pipe.transformer`` by flow matching on the identity edit (target = context).
+
+    ``pixels: [N, 3, R, R]`` are encoded once; sigmas are drawn uniformly with the pipeline's
+    resolution shift, so every noise level the sampler visits is trained. Returns the loss per
+    step.
+    """
+    # The Kontext script's own input builder: the base sees exactly what the LoRA later sees.
+    from train_kontext_lora import kontext_transformer_inputs
+    from training.flow_matching import noisy_latents, resolution_shift, shift_sigmas
+    from training.flux import encode_flux_prompt, pack
+
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = torch.cat(
+            [
+                (vae.encode(chunk).latent_dist.mode() - vae.config.shift_factor)
+                * vae.config.scaling_factor
+                for chunk in pixels.split(64)
+            ]
+        )
+        distinct = sorted(set(prompts))
+        embeds, pooled = encode_flux_prompt(pipe, distinct, WORLD_MAX_SEQUENCE_LENGTH)
+        prompt_index = torch.tensor([distinct.index(prompt) for prompt in prompts])
+    transformer = pipe.transformer
+    transformer.train().requires_grad_(True)
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-3, total_steps=settings.base_steps, pct_start=0.2
+    )
+    height, width = latents.shape[-2:]
+    shift = resolution_shift((height // 2) * (width // 2), pipe.scheduler.config)
+    tokens = (height // 2) * (width // 2)
+    losses = []
+    for step in range(settings.base_steps):
+        index = torch.randint(len(latents), (settings.batch_size,), generator=generator)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        sigmas = shift_sigmas(torch.rand(len(index), generator=generator), shift)
+        inputs = kontext_transformer_inputs(
+            pipe,
+            noisy_latents(x0, noise, sigmas),
+            x0,
+            embeds[prompt_index[index]],
+            pooled[prompt_index[index]],
+            sigmas,
+            3.5,
+        )
+        velocity = transformer(**inputs)[0][:, :tokens]
+        loss = F.mse_loss(velocity, pack(pipe, noise - x0))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            logger.info("base step %d loss %.4f", step, loss.item())
+    transformer.eval().requires_grad_(False)
+    return losses
+
+
+def _record_matches(out: Path, settings: WorldSettings) -> bool:
+    record = out / WORLD_FILE
+    if not record.exists():
+        return False
+    return json.loads(record.read_text(encoding="utf-8")).get("settings") == asdict(settings)
+
+
+def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings()) -> dict:
+    """Build (or reuse) the world in ``out``: ``model/`` (a ``FluxKontextPipeline`` folder),
+    ``train/`` and ``heldout/`` (edit-pair folders) and ``world.json`` (settings and the
+    measured reconstruction PSNR and losses). Returns the ``world.json`` record."""
+    out = Path(out)
+    if _record_matches(out, settings):
+        return json.loads((out / WORLD_FILE).read_text(encoding="utf-8"))
+    # A partial or differently built world is replaced as a whole: nothing stale is mixed in.
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    write_kontext_dataset(
+        out / "train",
+        n=settings.n_train,
+        resolution=settings.resolution,
+        seed=settings.seed,
+        placeholder=True,
+    )
+    write_kontext_dataset(
+        out / "heldout",
+        n=settings.n_heldout,
+        resolution=settings.resolution,
+        seed=settings.seed + 1000,
+        placeholder=True,
+    )
+    torch.manual_seed(settings.seed)
+    pixels, prompts = _pool_images(settings)
+    split = len(pixels) - 48
+    vae = world_vae(settings.seed)
+    vae_losses = train_vae(vae, pixels[:split], settings)
+    fit_latent_scale(vae, pixels[:split])
+    psnr = reconstruction_psnr(vae, pixels[split:])
+    vae_seconds = time.perf_counter() - started
+
+    components = {
+        name: value
+        for name, value in tiny_flux_kontext_pipeline(settings.seed).components.items()
+        if name not in ("vae", "transformer")
+    }
+    pipe = FluxKontextPipeline(
+        vae=vae.requires_grad_(False), transformer=world_transformer(settings.seed), **components
+    )
+    base_losses = train_base(pipe, pixels[:split], prompts[:split], settings)
+    pipe.save_pretrained(out / "model", safe_serialization=True)
+    record = {
+        "settings": asdict(settings),
+        "vae_reconstruction_psnr_db": round(psnr, 2),
+        "vae_loss_first_last": [round(vae_losses[0], 4), round(vae_losses[-1], 4)],
+        "base_loss_first_last": [
+            round(float(np.mean(base_losses[:20])), 4),
+            round(float(np.mean(base_losses[-20:])), 4),
+        ],
+        "vae_seconds": round(vae_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "prompts": sorted(
+            f"insert {'an' if c[0] in 'aeiou' else 'a'} {c} {o}"
+            for c in OBJECT_COLOURS
+            for o in OBJECT_OF_SHAPE.values()
+        ),
+    }
+    assert math.isfinite(psnr)
+    # Written last: a folder without it is an unfinished build and is rebuilt.
+    (out / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record

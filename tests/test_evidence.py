@@ -1,0 +1,55 @@
+"""The ablation's configurations, the demo's loss curves and the PIL plots (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.ablation import GEOMETRY_FLAGS, ablation_configs
+from scripts.demo_report import weighted_terms
+from training.plots import COLOURS, line_plot
+
+
+def test_ablation_configs_switch_one_term_on_at_a_time():
+    configs = ablation_configs()
+    assert list(configs) == [
+        "fm",
+        "fm+mse",
+        "fm+bg",
+        "fm+dice",
+        "fm+area",
+        "fm+bnd",
+        "starter",
+        "starter+emb",
+    ]
+    assert set(configs["fm"].values()) == {0.0}
+    # Seed 001's weights, each alone.
+    seed_weights = {"mse": 1.0, "bg": 0.6, "dice": 0.9, "area": 0.2, "bnd": 0.4}
+    for name, flag in GEOMETRY_FLAGS.items():
+        on = {key: value for key, value in configs[f"fm+{name}"].items() if value}
+        assert on == {flag: seed_weights[name]}
+    starter = {key: value for key, value in configs["starter"].items() if value}
+    assert starter == {GEOMETRY_FLAGS[name]: value for name, value in seed_weights.items()}
+    with_embeddings = {key: value for key, value in configs["starter+emb"].items() if value}
+    assert with_embeddings == {**starter, "identity_weight": 1.0, "overlay_weight": 0.7}
+
+
+def test_weighted_terms_scale_each_logged_term():
+    records = [
+        {"step": 1, "loss": 3.0, "fm": 1.0, "geo_dice": 2.0, "geo_area": 5.0},
+        {"step": 2, "loss": 2.0, "fm": 0.5, "geo_dice": 1.0, "geo_area": 4.0},
+    ]
+    curves = weighted_terms(records, {"fm": 1.0, "geo_dice": 0.5, "geo_area": 0.0})
+    assert curves == {
+        "total": ([1, 2], [3.0, 2.0]),
+        "1*fm": ([1, 2], [1.0, 0.5]),
+        "0.5*geo_dice": ([1, 2], [1.0, 0.5]),
+    }
+
+
+def test_line_plot_draws_each_series_in_its_colour():
+    image = line_plot({"a": ([0, 1], [0.0, 1.0]), "b": ([0, 1], [1.0, 0.0])}, "title")
+    pixels = np.asarray(image).reshape(-1, 3)
+    for colour in COLOURS[:2]:
+        assert (pixels == colour).all(axis=1).sum() > 100
+    # Non-finite points are left out rather than breaking the axes.
+    assert line_plot({"a": ([0, 1, 2], [1.0, float("nan"), 2.0])}, "t").size == (640, 400)
