@@ -16,6 +16,7 @@ from training.checkpoint import complete_checkpoints
 from training.config import TrainConfig
 from training.loop import TrainingParts, train
 from training.metrics import read_metrics
+from training.model_card import ModelCardInfo, edit_call, lora_usage
 from training.runtime import build_accelerator
 
 
@@ -78,6 +79,12 @@ def run(tmp_path: Path, bad: set[int], **config) -> tuple[Path, torch.nn.Module]
         compute_loss=compute_loss,
         save_lora=save,
         load_lora=load,
+        card=ModelCardInfo(
+            "a linear model",
+            ("test",),
+            {"mse": 1.0},
+            lora_usage("DiffusionPipeline", edit_call(None)),
+        ),
     )
     train(accelerator, config, parts)
     return tmp_path, model
