@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
 import train_kontext_lora as kontext
 from benchmarks.harness import print_ratios, time_variants, training_step
-from benchmarks.real_size import FLUX_TRANSFORMER, kontext_encoded_batch
+from benchmarks.real_size import FLUX_TRANSFORMER, denoiser_only, kontext_encoded_batch
 from models.tiny import FLUX_DEV_SCHEDULER, tiny_flux_kontext_pipeline
 from training.flux import FLUX_LORA_LAYERS
 from training.lora import add_lora
@@ -38,15 +38,7 @@ def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):
         pipe = tiny_flux_kontext_pipeline(seed=0)
         return pipe.to(device)
     transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER).to(device, dtype)
-    return FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
+    return denoiser_only(FluxKontextPipeline, transformer, FLUX_DEV_SCHEDULER)
 
 
 def main() -> None:

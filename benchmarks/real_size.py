@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,6 +115,21 @@ def built_on(device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def denoiser_only(pipeline_cls, transformer: torch.nn.Module, scheduler: dict):
+    """A ``pipeline_cls`` holding ``transformer`` and a flow-matching scheduler built from
+    ``scheduler`` (its config), every other component None: what a loss needs of it."""
+    others = {
+        name: None
+        for name in inspect.signature(pipeline_cls.__init__).parameters
+        if name not in ("self", "transformer", "scheduler")
+    }
+    return pipeline_cls(
+        **others,
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
+        transformer=transformer,
+    )
+
+
 def flux_transformer(fill_model: bool = False) -> FluxTransformer2DModel:
     """FLUX.1 [dev]/Kontext's transformer (Fill's with ``fill_model``), on the default device."""
     return FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if fill_model else FLUX_TRANSFORMER))
@@ -197,15 +213,7 @@ def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case
     else:
         with built_on(device, dtype):
             denoiser = flux_transformer()
-        pipe = FluxKontextPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=denoiser,
-        )
+        pipe = denoiser_only(FluxKontextPipeline, denoiser, FLUX_DEV_SCHEDULER)
     pipe.transformer.to(device, dtype)
     config = kontext.KontextConfig(**_flags(resolution), geometry_match_weight=0.5)
     add_lora(pipe.transformer, config, FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
@@ -220,15 +228,7 @@ def fill_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
     else:
         with built_on(device, dtype):
             denoiser = flux_transformer(fill_model=True)
-        pipe = FluxFillPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=denoiser,
-        )
+        pipe = denoiser_only(FluxFillPipeline, denoiser, FLUX_DEV_SCHEDULER)
     pipe.transformer.to(device, dtype)
     config = fill.FillConfig(**_flags(resolution))
     config = dataclasses.replace(
@@ -251,14 +251,7 @@ def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
     else:
         with built_on(device, dtype):
             denoiser = qwen_image_transformer()
-        pipe = QwenImageEditPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            processor=None,
-            transformer=denoiser,
-        )
+        pipe = denoiser_only(QwenImageEditPipeline, denoiser, QWEN_IMAGE_SCHEDULER)
     pipe.transformer.to(device, dtype)
     config = qwen.QwenEditConfig(**_flags(resolution), mask_loss=MaskLossSettings(enabled=True))
     add_lora(pipe.transformer, config, qwen.LORA_LAYERS, LoraFormat(type(pipe)))
