@@ -29,6 +29,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from training.lora import lora_disabled
+from training.metrics import mean_across_ranks
 from training.rewards import Rewards, parse_reward_spec
 from training.sde import gaussian_kl, gaussian_log_prob
 
@@ -437,7 +438,7 @@ def update_metrics(accelerator, terms: list[ObjectiveTerms]) -> dict[str, float]
     }
     if terms[0].kl is not None:
         local["kl"] = torch.stack([term.kl for term in terms]).mean()
-    values = _rank_means(accelerator, local)
+    values = mean_across_ranks(accelerator, local)
     extremes = accelerator.gather(torch.stack([ratios.min(), -ratios.max()])[None])
     values["ratio_min"] = extremes[:, 0].min().item()
     values["ratio_max"] = -extremes[:, 1].min().item()
@@ -459,9 +460,4 @@ def reward_metrics(accelerator, rollouts: list[Rollout]) -> dict[str, float]:
         ).mean(),
         "advantage_abs": torch.cat([r.advantages.abs() for r in rollouts]).mean(),
     }
-    return _rank_means(accelerator, local)
-
-
-def _rank_means(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    # Every rank holds as many samples and trained steps, so the mean of means is the mean.
-    return {name: accelerator.reduce(v, reduction="mean").item() for name, v in values.items()}
+    return mean_across_ranks(accelerator, local)

@@ -30,7 +30,7 @@ from training.checkpoint import (
 )
 from training.compiling import compile_repeated_blocks
 from training.config import TrainConfig
-from training.metrics import MetricsLog
+from training.metrics import MetricsLog, mean_across_ranks
 from training.model_card import ModelCardInfo, publish_run
 from training.runtime import step_generator
 from training.sharding import is_sharded_tensor, whole_trainable_parameters
@@ -359,10 +359,7 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
                 sums[name] = sums.get(name, 0) + value.detach().float()
             if not accelerator.sync_gradients:
                 continue
-            means = {
-                name: accelerator.reduce(total / accumulation, reduction="mean").item()
-                for name, total in sums.items()
-            }
+            means = mean_across_ranks(accelerator, {k: v / accumulation for k, v in sums.items()})
             sums = {}
             run.end_step(TrainingProgress(run.progress.global_step + 1, epoch, consumed), means)
             if run.should_stop:

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 METRICS_FILE = "metrics.jsonl"
+
+
+def mean_across_ranks(accelerator, values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each scalar of ``values`` averaged over the ranks, in one collective for them all.
+
+    Every rank trains as many samples per step, so the mean of the ranks' means is the mean.
+    """
+    names = list(values)
+    if not names:
+        return {}
+    stacked = torch.stack([values[name].detach().float().reshape(()) for name in names])
+    return dict(zip(names, accelerator.reduce(stacked, reduction="mean").tolist(), strict=True))
 
 
 class MetricsLog:
