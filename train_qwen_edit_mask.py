@@ -43,7 +43,7 @@ from training.config import (
     TrainConfig,
     parse_config,
 )
-from training.datasets import bucket_sampler
+from training.datasets import bucket_sampler, edit_columns
 from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
 from training.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
@@ -262,10 +262,7 @@ def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
             config.dataset_name,
             resolution=config.resolution,
             split=config.dataset_split,
-            context_column=config.context_column,
-            target_column=config.target_column,
-            mask_column=config.mask_column,
-            prompt_column=config.prompt_column,
+            **edit_columns(config),
             **settings,
         )
     if config.data.use_text_mask:

@@ -10,6 +10,13 @@ from data.inpainting import InpaintingDataset
 from training.config import TrainConfig
 
 
+def edit_columns(config) -> dict[str, str | None]:
+    """The HF dataset columns of an edit example (--context_column, --target_column,
+    --mask_column, --prompt_column) as the datasets' ``from_hf`` takes them."""
+    names = ("context_column", "target_column", "mask_column", "prompt_column")
+    return {name: getattr(config, name) for name in names}
+
+
 def edit_pair_dataset(config) -> EditPairDataset:
     """The edit pairs of --train_data_dir (metadata.jsonl) or --dataset_name (HF dataset).
 
@@ -21,11 +28,8 @@ def edit_pair_dataset(config) -> EditPairDataset:
         config.dataset_name,
         resolution=config.resolution,
         split=config.dataset_split,
-        context_column=config.context_column,
-        target_column=config.target_column,
-        mask_column=config.mask_column,
-        prompt_column=config.prompt_column,
         overlay_column=config.overlay_column,
+        **edit_columns(config),
     )
 
 
