@@ -103,6 +103,19 @@ def kontext_call(pipe):
     ).images
 
 
+def sd15_call(pipe):
+    return pipe(
+        prompt=PROMPT,
+        image=sample_image(),
+        mask_image=sample_mask(),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=2,
+        generator=generator(),
+        output_type="np",
+    ).images
+
+
 class TestKohyaExport:
     def test_flux_kontext(self, kontext, tmp_path):
         kohya = tmp_path / "kontext_kohya.safetensors"
@@ -187,21 +200,9 @@ class TestKohyaExport:
         unet = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"
         assert tensors[f"{te}.alpha"].item() == tensors[f"{unet}.alpha"].item() == ALPHA
 
-        def call(pipe):
-            return pipe(
-                prompt=PROMPT,
-                image=sample_image(),
-                mask_image=sample_mask(),
-                height=SIZE,
-                width=SIZE,
-                num_inference_steps=2,
-                generator=generator(),
-                output_type="np",
-            ).images
-
         pipe = StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "model")
         pipe.set_progress_bar_config(disable=True)
-        out = pipeline_outputs(pipe, {"original": tmp_path / "lora", "kohya": kohya}, call)
+        out = pipeline_outputs(pipe, {"original": tmp_path / "lora", "kohya": kohya}, sd15_call)
         print("SD1.5 kohya vs original:", max_difference(out["kohya"], out["original"]))
         assert max_difference(out["kohya"], out["original"]) < TOLERANCE
         assert max_difference(out["original"], out["base"]) > 100 * TOLERANCE
@@ -437,28 +438,16 @@ class TestMerge:
         save_random_lora(StableDiffusionInpaintPipeline, models, tmp_path / "lora")
         export(tmp_path / "lora", "--merge", "--model", tmp_path / "model", "--out", tmp_path / "m")
 
-        def call(pipe):
-            return pipe(
-                prompt=PROMPT,
-                image=sample_image(),
-                mask_image=sample_mask(),
-                height=SIZE,
-                width=SIZE,
-                num_inference_steps=2,
-                generator=generator(),
-                output_type="np",
-            ).images
-
         pipe = StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "model")
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights(tmp_path / "lora")
-        adapter = call(pipe)
+        adapter = sd15_call(pipe)
         merged = StableDiffusionInpaintPipeline.from_pretrained(
             tmp_path / "model",
             unet=UNet2DConditionModel.from_pretrained(tmp_path / "m" / "unet"),
             text_encoder=CLIPTextModel.from_pretrained(tmp_path / "m" / "text_encoder"),
         )
         merged.set_progress_bar_config(disable=True)
-        difference = max_difference(call(merged), adapter)
+        difference = max_difference(sd15_call(merged), adapter)
         print("SD1.5 merged (UNet + text encoder) vs adapter:", difference)
         assert difference < TOLERANCE
