@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxFillPipeline
+from grpo_checks import assert_ratios_are_one_on_policy
 from PIL import Image
 from safetensors.torch import save_file
 from script_runs import (
@@ -503,18 +504,7 @@ class TestGRPOPolicy:
             rewards,
         )
         assert len(rollout.trained) == 2 and rollout.rewards.keys() == {"background", "seam"}
-        for step in rollout.trained:
-            result = transition(
-                policy,
-                pipe.transformer,
-                rollout.states[step],
-                step,
-                rollout.conditioning,
-                next_latents=rollout.states[step + 1],
-            )
-            assert result.log_prob.requires_grad
-            ratio = torch.exp(result.log_prob - rollout.log_probs[step]).detach()
-            torch.testing.assert_close(ratio, torch.ones(4), rtol=0, atol=1e-5)
+        assert_ratios_are_one_on_policy(policy, pipe.transformer, rollout, samples=4)
 
 
 class TestGRPORun:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline
+from grpo_checks import assert_ratios_are_one_on_policy
 from PIL import Image
 from script_runs import (
     ROOT,
@@ -356,18 +357,7 @@ class TestGRPOPolicy:
             Rewards("background", RewardOptions(), "cpu"),
         )
         assert sorted(rollout.trained) == [0, 1, 2]
-        for step in rollout.trained:
-            result = transition(
-                policy,
-                denoiser,
-                rollout.states[step],
-                step,
-                rollout.conditioning,
-                next_latents=rollout.states[step + 1],
-            )
-            assert result.log_prob.requires_grad
-            ratio = torch.exp(result.log_prob - rollout.log_probs[step]).detach()
-            torch.testing.assert_close(ratio, torch.ones(4), rtol=0, atol=1e-5)
+        assert_ratios_are_one_on_policy(policy, denoiser, rollout, samples=4)
 
 
 class TestGRPORun:
