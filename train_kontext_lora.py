@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.embedding_encoder:
         embedder = ImageEmbedder(config.embedding_encoder).to(accelerator.device)
 
-    dataset = edit_pair_dataset(config)
+    dataset = edit_pair_dataset(config, pipe.vae_scale_factor)
     encoder = KontextEncoder(pipe, config, embedder)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
 

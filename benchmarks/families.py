@@ -82,7 +82,7 @@ def kontext_bench(folder: Path, resolution: int) -> FamilyBench:
         script="train_kontext_lora.py",
         aux_terms="geometry (5) + embedding (3)",
         models={True: pipe.transformer, False: pipe.transformer},
-        dataset=kontext.edit_pair_dataset(on),
+        dataset=kontext.edit_pair_dataset(on, pipe.vae_scale_factor),
         collate=collate_items,
         loss=lambda aux, encoded: kontext.KontextLoss(
             pipe, on if aux else off, encoder, None, encoded

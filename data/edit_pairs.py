@@ -68,10 +68,20 @@ class EditPairDataset(BucketedRowDataset):
 
     @classmethod
     def from_folder(
-        cls, root: str | Path, *, resolution: int, max_aspect: float = 2.0
+        cls,
+        root: str | Path,
+        *,
+        resolution: int,
+        max_aspect: float = 2.0,
+        latent_factor: int = 8,
     ) -> EditPairDataset:
         """The edit pairs listed in ``root/metadata.jsonl``."""
-        return cls(FolderRows(root, EDIT_PAIR_FIELDS), resolution=resolution, max_aspect=max_aspect)
+        return cls(
+            FolderRows(root, EDIT_PAIR_FIELDS),
+            resolution=resolution,
+            max_aspect=max_aspect,
+            latent_factor=latent_factor,
+        )
 
     @classmethod
     def from_hf(
@@ -87,6 +97,7 @@ class EditPairDataset(BucketedRowDataset):
         overlay_column: str | None = "overlay",
         cache_dir: str | None = None,
         max_aspect: float = 2.0,
+        latent_factor: int = 8,
     ) -> EditPairDataset:
         """The edit pairs of a Hugging Face dataset (``save_to_disk`` folder or hub name).
 
@@ -102,18 +113,18 @@ class EditPairDataset(BucketedRowDataset):
         rows = HFRows.load(
             name_or_path, split=split, columns=columns, fields=EDIT_PAIR_FIELDS, cache_dir=cache_dir
         )
-        return cls(rows, resolution=resolution, max_aspect=max_aspect)
+        return cls(rows, resolution=resolution, max_aspect=max_aspect, latent_factor=latent_factor)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One item at its bucket size ``(h, w)``.
 
         Returns:
             ``context``, ``target``, ``overlay``: ``[3, h, w]`` in [-1, 1]; ``mask``:
-            ``[1, h, w]`` in {0, 1}; ``mask_latent``: ``[1, h/8, w/8]`` area fractions in [0, 1];
-            ``signed_distance_map``: ``[1, h/8, w/8]`` of ``mask_latent > 0.5``, normalised to
-            [-1, 1]; ``prompt``: str; ``index``: int. (A cache reads :meth:`key`, which hashes
-            the files, on its own; items do not carry it, so training without a cache never
-            hashes anything.)
+            ``[1, h, w]`` in {0, 1}; ``mask_latent``: ``[1, h/f, w/f]`` area fractions in [0, 1]
+            (``f``: ``latent_factor``); ``signed_distance_map``: ``[1, h/f, w/f]`` of
+            ``mask_latent > 0.5``, normalised to [-1, 1]; ``prompt``: str; ``index``: int. (A
+            cache reads :meth:`key`, which hashes the files, on its own; items do not carry it,
+            so training without a cache never hashes anything.)
         """
         row = self.rows[index]
         size = self.bucket_size(index)

@@ -17,16 +17,20 @@ def edit_columns(config) -> dict[str, str | None]:
     return {name: getattr(config, name) for name in names}
 
 
-def edit_pair_dataset(config) -> EditPairDataset:
-    """The edit pairs of --train_data_dir (metadata.jsonl) or --dataset_name (HF dataset).
+def edit_pair_dataset(config, latent_factor: int) -> EditPairDataset:
+    """The edit pairs of --train_data_dir (metadata.jsonl) or --dataset_name (HF dataset), their
+    masks downsampled by ``latent_factor`` (the pipeline's ``vae_scale_factor``).
 
     ``config`` is a script config inheriting ``TrainConfig`` and ``EditPairDataConfig``.
     """
     if config.train_data_dir is not None:
-        return EditPairDataset.from_folder(config.train_data_dir, resolution=config.resolution)
+        return EditPairDataset.from_folder(
+            config.train_data_dir, resolution=config.resolution, latent_factor=latent_factor
+        )
     return EditPairDataset.from_hf(
         config.dataset_name,
         resolution=config.resolution,
+        latent_factor=latent_factor,
         split=config.dataset_split,
         overlay_column=config.overlay_column,
         **edit_columns(config),

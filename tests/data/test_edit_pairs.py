@@ -96,6 +96,15 @@ class TestItems:
             assert item["mask_latent"].sum() * 64 == pytest.approx(item["mask"].sum().item())
             assert item["signed_distance_map"].abs().max() == 1
 
+    def test_mask_geometry_follows_the_vaes_factor(self, synthetic_folder):
+        # A 4x VAE (the tiny pretrained world's) gets masks on its own 4x grid.
+        dataset = EditPairDataset.from_folder(synthetic_folder, resolution=128, latent_factor=4)
+        item = dataset[1]
+        height, width = item["mask"].shape[-2:]
+        assert item["mask_latent"].shape == (1, height // 4, width // 4)
+        assert item["signed_distance_map"].shape == (1, height // 4, width // 4)
+        assert item["mask_latent"].sum() * 16 == pytest.approx(item["mask"].sum().item())
+
     def test_composited_overlay(self, dataset):
         item = dataset[0]
         context, target, mask = item["context"], item["target"], item["mask"]
