@@ -117,16 +117,23 @@ def textured_object(
 
 
 def make_kontext_example(
-    rng: np.random.Generator, height: int, width: int, placeholder: bool = False
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    placeholder: bool = False,
+    colour: str | None = None,
 ) -> KontextExample:
     """One insertion pair of size ``(height, width)`` drawn from ``rng``.
 
     With ``placeholder`` the context holds a flat grey silhouette of the mask (a replacement
-    task: the model can see where the object goes); the draws from ``rng`` are the same.
+    task: the model can see where the object goes); with ``colour`` (a key of
+    ``OBJECT_COLOURS``) the object has that colour instead of a drawn one. Neither changes the
+    draws from ``rng``: two generators in the same state give the same scene either way.
     """
     background = smooth_background(rng, height, width)
     inside, shape = region_mask(rng, height, width)
-    colour = str(rng.choice(list(OBJECT_COLOURS)))
+    drawn = str(rng.choice(list(OBJECT_COLOURS)))
+    colour = colour or drawn
     obj = textured_object(rng, OBJECT_COLOURS[colour], height, width)
     target = np.where(inside[..., None], obj, background)
     if placeholder:

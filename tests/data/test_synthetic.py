@@ -149,3 +149,18 @@ def test_placeholder_marks_the_mask_and_changes_nothing_else():
     # Every object colour still differs from the placeholder on every mask pixel.
     difference = np.abs(np.asarray(marked.target, float) - context).max(axis=-1)
     assert difference[inside].min() > 100
+
+
+def test_colour_override_recolours_only_the_object():
+    drawn = make_kontext_example(np.random.default_rng(5), 32, 32)
+    blue = make_kontext_example(np.random.default_rng(5), 32, 32, colour="blue")
+    inside = np.asarray(blue.mask) > 0
+    assert np.array_equal(np.asarray(blue.context), np.asarray(drawn.context))
+    assert np.array_equal(np.asarray(blue.mask), np.asarray(drawn.mask))
+    target = np.asarray(blue.target, float)
+    assert (target[~inside] == np.asarray(drawn.target, float)[~inside]).all()
+    # Stripes scale the colour by 0.7-1.0, so each object pixel is a multiple of pure blue.
+    ratio = target[inside] / np.asarray(OBJECT_COLOURS["blue"], float)
+    assert ratio.min() >= 0.69 and ratio.max() <= 1.01
+    assert np.allclose(ratio, ratio[:, :1], atol=0.02)
+    assert blue.prompt.startswith("insert a blue ")
