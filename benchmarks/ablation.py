@@ -11,10 +11,12 @@ Trains the Kontext LoRA (``train_kontext_lora.py``, in this process) from the sa
 - ``starter+emb``: the starter mix plus seed 003's embedding terms on latent tokens,
 
 then samples every saved checkpoint on the world's held-out pairs (never trained on) and scores
-each output's change against its context (``training.edit_metrics``): IoU, signed area error and
-boundary F-score of the inserted object, background PSNR outside the mask, no-edit rate.
-Writes ``results.json`` (every number), ``table.md`` (mean and spread over seeds at the last
-step) and one PNG per metric (metric vs training step per configuration) into ``--out``.
+each output against its context (``training.edit_metrics``): IoU, signed area error and boundary
+F-score of the change, IoU and area error of the object drawn, background PSNR outside the mask,
+no-edit rate. The held-out targets passed through the VAE are scored the same way: the ceiling
+of any LoRA on this world. Writes ``results.json`` (every number), ``table.md`` (mean and
+spread over seeds at the last step) and one PNG per metric (metric vs training step per
+configuration) into ``--out``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,15 @@ GEOMETRY_FLAGS = {
     "bnd": "boundary_weight",
 }
 EMBEDDING_FLAGS = ("identity_weight", "geometry_match_weight", "overlay_weight")
-METRICS = ("iou", "object_iou", "area_error", "boundary_f", "background_psnr", "no_edit")
+METRICS = (
+    "iou",
+    "object_iou",
+    "area_error",
+    "object_area_error",
+    "boundary_f",
+    "background_psnr",
+    "no_edit",
+)
 
 
 def kontext_defaults() -> dict[str, object]:
@@ -124,13 +134,15 @@ def train_run(
 
 
 def heldout_pairs(folder: Path, limit: int | None) -> list[dict]:
-    """The held-out edit pairs: ``context`` PIL image, ``mask`` ``[H, W]`` bool, ``prompt``."""
+    """The held-out edit pairs: ``context`` and ``target`` PIL images, ``mask`` ``[H, W]`` bool,
+    ``prompt``."""
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     pairs = []
     for row in rows[:limit]:
         pairs.append(
             {
                 "context": Image.open(folder / row["context"]).convert("RGB"),
+                "target": Image.open(folder / row["target"]).convert("RGB"),
                 "mask": np.asarray(Image.open(folder / row["mask"]).convert("L")) > 127,
                 "prompt": row["prompt"],
             }
@@ -190,16 +202,41 @@ def evaluate(
     return score(outputs, pairs), outputs
 
 
-def summary_table(results: dict, configs: list[str], step: str) -> str:
-    """Markdown table: mean ± standard deviation over seeds of each metric at ``step``."""
+@torch.no_grad()
+def reconstruction_reference(pipe: FluxKontextPipeline, pairs: list[dict]) -> dict[str, float]:
+    """Metrics of each target passed through the VAE (encode, decode): what a LoRA that produced
+    the target's latents exactly would score, the ceiling every configuration is read against."""
+    outputs = []
+    for pair in pairs:
+        pixels = pipe.image_processor.preprocess(pair["target"])
+        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        decoded = pipe.vae.decode(latents).sample
+        outputs.append(np.asarray(pipe.image_processor.postprocess(decoded)[0]))
+    return score(outputs, pairs)
+
+
+def summary_table(
+    results: dict, configs: list[str], step: str, reference: dict[str, float] | None = None
+) -> str:
+    """Markdown table: mean ± standard deviation over seeds of each metric at ``step``, after a
+    row for the base (step 0) and before one for ``reference`` (the VAE's reconstruction of the
+    targets) when given."""
+
+    def cells(runs: list[dict[str, float]]) -> str:
+        return " | ".join(
+            f"{np.mean([run[metric] for run in runs]):.3f} ± "
+            f"{np.std([run[metric] for run in runs]):.3f}"
+            for metric in METRICS
+        )
+
     header = "| config | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-    lines = []
+    base = [run["0"] for run in results[configs[0]].values()]
+    lines = [f"| base (no LoRA) | {cells(base)} |"]
     for config in configs:
-        cells = []
-        for metric in METRICS:
-            values = [run[step][metric] for run in results[config].values()]
-            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}")
-        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        lines.append(f"| {config} | {cells([run[step] for run in results[config].values()])} |")
+    if reference is not None:
+        values = " | ".join(f"{reference[metric]:.3f}" for metric in METRICS)
+        lines.append(f"| VAE(target): the ceiling | {values} |")
     return header + "\n".join(lines) + "\n"
 
 
@@ -210,7 +247,7 @@ def write_report(out: Path) -> str:
     results = {name: runs for name, runs in record["results"].items() if runs}
     names = list(results)
     last = str(record["steps"])
-    table = summary_table(results, names, last)
+    table = summary_table(results, names, last, record.get("reference"))
     (out / "table.md").write_text(table)
     for metric in METRICS:
         curves = {}
@@ -231,8 +268,8 @@ def main(
     world: Path = Path("outputs/world"),
     out: Path = Path("outputs/ablation"),
     seeds: tuple[int, ...] = (0, 1, 2),
-    steps: int = 600,
-    every: int = 200,
+    steps: int = 500,
+    every: int = 250,
     heldout: int | None = 12,
     inference_steps: int = 8,
     configs: list[str] | None = None,
@@ -270,6 +307,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {name: {} for name in names}
     seconds: dict = {name: {} for name in names}
+    reference = reconstruction_reference(pipe, pairs)
     eval_steps = [*range(every, steps, every), steps]
     started = time.perf_counter()
     examples = {}
@@ -296,6 +334,7 @@ def main(
                 "steps": steps,
                 "heldout_pairs": len(pairs),
                 "inference_steps": inference_steps,
+                "reference": reference,
                 "train_seconds": seconds,
                 "elapsed_seconds": round(time.perf_counter() - started, 1),
                 "results": results,

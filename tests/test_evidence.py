@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.ablation import GEOMETRY_FLAGS, ablation_configs
+from benchmarks.ablation import GEOMETRY_FLAGS, METRICS, ablation_configs, summary_table
 from scripts.demo_report import weighted_terms
 from training.plots import COLOURS, line_plot
 
@@ -53,3 +53,30 @@ def test_line_plot_draws_each_series_in_its_colour():
         assert (pixels == colour).all(axis=1).sum() > 100
     # Non-finite points are left out rather than breaking the axes.
     assert line_plot({"a": ([0, 1, 2], [1.0, float("nan"), 2.0])}, "t").size == (640, 400)
+
+
+def test_summary_table_is_mean_and_spread_over_seeds_with_base_and_ceiling_rows():
+    def metrics(value: float) -> dict[str, float]:
+        return dict.fromkeys(METRICS, value)
+
+    results = {
+        "fm": {
+            "0": {"0": metrics(0.0), "2": metrics(0.2)},
+            "1": {"0": metrics(0.0), "2": metrics(0.4)},
+        },
+        "starter": {"0": {"0": metrics(0.0), "2": metrics(1.0)}},
+    }
+    table = summary_table(results, ["fm", "starter"], "2", reference=metrics(0.9))
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [row[0] for row in rows] == [
+        "| base (no LoRA)",
+        "| fm",
+        "| starter",
+        "| VAE(target): the ceiling",
+    ]
+    assert rows[0][1] == "0.000 ± 0.000"
+    # Population standard deviation of 0.2 and 0.4.
+    assert rows[1][1] == "0.300 ± 0.100"
+    assert rows[2][1] == "1.000 ± 0.000"
+    assert rows[3][1] == "0.900"
+    assert all(len(row) == len(METRICS) + 1 for row in rows)

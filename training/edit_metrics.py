@@ -131,13 +131,16 @@ def insertion_metrics(
 ) -> dict[str, float]:
     """Every metric of one insertion: ``output`` and ``context`` ``[H, W, 3]`` in [0, 255],
     ``mask`` ``[H, W]`` bool. IoU, area error, boundary F-score and no-edit use the change
-    mask; ``object_iou`` the saturated pixels of the output (``object_mask``); background PSNR
-    compares output and context outside the mask."""
+    mask; ``object_iou`` and ``object_area_error`` the saturated pixels of the output
+    (``object_mask``): the object drawn, without the halo of change a blurred edge leaves around
+    it; background PSNR compares output and context outside the mask."""
     changed = change_mask(output, context, threshold)
+    drawn = object_mask(output)
     return {
         "iou": iou(changed, mask),
-        "object_iou": iou(object_mask(output), mask),
+        "object_iou": iou(drawn, mask),
         "area_error": area_error(changed, mask),
+        "object_area_error": area_error(drawn, mask),
         "boundary_f": boundary_f_score(changed, mask),
         "background_psnr": min(psnr(output, context, ~mask), 99.0),
         "no_edit": float(is_no_edit(changed, mask)),

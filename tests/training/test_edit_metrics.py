@@ -110,6 +110,7 @@ def test_insertion_metrics_of_a_perfect_and_an_empty_edit():
         "iou": 1.0,
         "object_iou": 1.0,
         "area_error": 0.0,
+        "object_area_error": 0.0,
         "boundary_f": 1.0,
         "background_psnr": 99.0,
         "no_edit": 0.0,
@@ -118,7 +119,21 @@ def test_insertion_metrics_of_a_perfect_and_an_empty_edit():
     assert nothing["iou"] == 0.0
     assert nothing["object_iou"] == 0.0
     assert nothing["area_error"] == -1.0
+    assert nothing["object_area_error"] == -1.0
     assert nothing["no_edit"] == 1.0
+
+
+def test_object_area_error_ignores_the_halo_of_change_around_a_shrunken_object():
+    # A 4x4 red object drawn in an 8x8 mask, inside a ring of changed (pale) pixels: the change
+    # mask covers the whole 10x10 neighbourhood, the object only a quarter of the mask.
+    mask = square(4, 4, 8, size=16)
+    context = np.full((16, 16, 3), 120.0)
+    output = np.where(square(3, 3, 10, size=16)[..., None], 200.0, context)
+    output = np.where(square(6, 6, 4, size=16)[..., None], np.array([220.0, 40.0, 40.0]), output)
+    metrics = insertion_metrics(output, context, mask)
+    assert metrics["area_error"] == pytest.approx((100 - 64) / 64)
+    assert metrics["object_area_error"] == pytest.approx((16 - 64) / 64)
+    assert metrics["object_iou"] == pytest.approx(16 / 64)
 
 
 def test_object_mask_finds_saturated_pixels_only():
