@@ -9,6 +9,8 @@ Trains the Kontext LoRA (``train_kontext_lora.py``, in this process) from the sa
 - ``fm+<term>``: flow matching plus one seed 001 geometry term at the seed's weight,
 - ``starter``: seed 001's starter mix (all five geometry terms),
 - ``starter+emb``: the starter mix plus seed 003's embedding terms on latent tokens,
+- ``balanced``: every term at the demo's weights (``configs/kontext_demo.yaml``), where none
+  dwarfs the rest,
 
 then samples every saved checkpoint on the world's held-out pairs (never trained on) and scores
 each output against its context (``training.edit_metrics``): IoU, signed area error and boundary
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import FluxKontextPipeline
 from jsonargparse import auto_cli
@@ -50,6 +53,7 @@ GEOMETRY_FLAGS = {
     "bnd": "boundary_weight",
 }
 EMBEDDING_FLAGS = ("identity_weight", "geometry_match_weight", "overlay_weight")
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "kontext_demo.yaml"
 METRICS = (
     "iou",
     "object_iou",
@@ -86,6 +90,10 @@ def ablation_configs() -> dict[str, dict[str, float]]:
         "identity_weight": defaults["identity_weight"],
         "overlay_weight": defaults["overlay_weight"],
     }
+    # Every term at the demo's weights, chosen so that each starts between a tenth of flow
+    # matching and flow matching itself: the seed's weights leave some terms at 1-3 % of it.
+    demo = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    configs["balanced"] = {flag: float(demo[flag]) for flag in off}
     return configs
 
 
@@ -215,6 +223,18 @@ def reconstruction_reference(pipe: FluxKontextPipeline, pairs: list[dict]) -> di
     return score(outputs, pairs)
 
 
+def earlier_runs(out: Path, settings: dict) -> tuple[dict, dict]:
+    """``(results, train seconds)`` by configuration and seed (as strings) of the runs recorded in
+    ``out/results.json`` with the same ``settings``; empty when there are none or they differ."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}, {}
+    record = json.loads(path.read_text())
+    if record.get("settings") != settings:
+        return {}, {}
+    return record["results"], record["train_seconds"]
+
+
 def summary_table(
     results: dict, configs: list[str], step: str, reference: dict[str, float] | None = None
 ) -> str:
@@ -281,7 +301,9 @@ def main(
     Args:
         world: folder of the tiny world (built first when missing).
         out: output folder; each run trains into ``out/<config>/seed<k>``; the encoded
-            training set is cached once in ``out/cache``.
+            training set is cached once in ``out/cache``. Runs its results.json already holds
+            with the same settings (world, steps, every, held-out pairs, inference steps) are
+            not repeated.
         seeds: training and sampling seeds; every configuration runs with the first seed
             before any runs with the next, so a cut-short ablation still covers them all.
         steps: optimizer steps per run.
@@ -300,37 +322,52 @@ def main(
         configs = configs or ["fm", "starter"]
     all_configs = ablation_configs()
     names = configs or list(all_configs)
-    build_tiny_world(world)
+    world_record = build_tiny_world(world)
     pairs = heldout_pairs(world / "heldout", heldout)
     pipe = FluxKontextPipeline.from_pretrained(world / "model")
     pipe.set_progress_bar_config(disable=True)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {name: {} for name in names}
-    seconds: dict = {name: {} for name in names}
+    settings = {
+        "world": world_record["settings"],
+        "steps": steps,
+        "every": every,
+        "heldout_pairs": len(pairs),
+        "inference_steps": inference_steps,
+    }
+    # Runs already recorded with these settings are kept, not repeated: an ablation cut short
+    # resumes, and a new configuration joins the table of the others.
+    results, seconds = earlier_runs(out, settings)
+    for name in names:
+        results.setdefault(name, {})
+        seconds.setdefault(name, {})
     reference = reconstruction_reference(pipe, pairs)
     eval_steps = [*range(every, steps, every), steps]
     started = time.perf_counter()
     examples = {}
     for seed in seeds:
-        base, base_outputs = evaluate(pipe, None, pairs, seed, inference_steps)
-        examples.setdefault("base", base_outputs)
+        base = None
         for name in names:
+            if str(seed) in results[name]:
+                continue
+            if base is None:
+                base, base_outputs = evaluate(pipe, None, pairs, seed, inference_steps)
+                examples.setdefault("base", base_outputs)
             run_dir = out / name / f"seed{seed}"
-            seconds[name][seed] = round(
+            seconds[name][str(seed)] = round(
                 train_run(world, run_dir, all_configs[name], seed, steps, every, out / "cache"), 1
             )
             run = {"0": base}
             for step in eval_steps:
                 folder = run_dir / f"checkpoint-{step}"
                 run[str(step)], outputs = evaluate(pipe, folder, pairs, seed, inference_steps)
-            results[name][seed] = run
-            if seed == seeds[0]:
-                examples[name] = outputs
+            results[name][str(seed)] = run
+            examples.setdefault(name, outputs)
             print(name, seed, json.dumps(run[str(steps)]), flush=True)
             # Written after every run: an ablation cut short keeps what it measured.
             record = {
-                "configs": {name: all_configs[name] for name in names},
-                "seeds": list(seeds),
+                "settings": settings,
+                "configs": {name: all_configs[name] for name in results},
+                "seeds": sorted({int(seed) for runs in results.values() for seed in runs}),
                 "steps": steps,
                 "heldout_pairs": len(pairs),
                 "inference_steps": inference_steps,

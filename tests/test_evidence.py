@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
-from benchmarks.ablation import GEOMETRY_FLAGS, METRICS, ablation_configs, summary_table
+from benchmarks.ablation import (
+    GEOMETRY_FLAGS,
+    METRICS,
+    ablation_configs,
+    earlier_runs,
+    summary_table,
+)
 from scripts.demo_report import weighted_terms
 from training.plots import COLOURS, line_plot
 
@@ -20,6 +28,7 @@ def test_ablation_configs_switch_one_term_on_at_a_time():
         "fm+bnd",
         "starter",
         "starter+emb",
+        "balanced",
     ]
     assert set(configs["fm"].values()) == {0.0}
     # Seed 001's weights, each alone.
@@ -31,6 +40,29 @@ def test_ablation_configs_switch_one_term_on_at_a_time():
     assert starter == {GEOMETRY_FLAGS[name]: value for name, value in seed_weights.items()}
     with_embeddings = {key: value for key, value in configs["starter+emb"].items() if value}
     assert with_embeddings == {**starter, "identity_weight": 1.0, "overlay_weight": 0.7}
+    # The demo's balanced weights, every term on.
+    assert configs["balanced"] == {
+        "geometry_mse_weight": 0.3,
+        "background_weight": 4.0,
+        "dice_weight": 0.9,
+        "area_weight": 1.0,
+        "boundary_weight": 0.4,
+        "identity_weight": 1.0,
+        "geometry_match_weight": 0.02,
+        "overlay_weight": 0.7,
+    }
+
+
+def test_earlier_runs_are_reused_only_with_the_same_settings(tmp_path):
+    settings = {"world": {"seed": 0}, "steps": 4, "every": 2, "heldout_pairs": 2}
+    runs = {"fm": {"0": {"0": {}, "4": {}}}}
+    seconds = {"fm": {"0": 1.5}}
+    assert earlier_runs(tmp_path, settings) == ({}, {})
+    record = {"settings": settings, "results": runs, "train_seconds": seconds}
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    assert earlier_runs(tmp_path, settings) == (runs, seconds)
+    assert earlier_runs(tmp_path, {**settings, "steps": 8}) == ({}, {})
+    assert earlier_runs(tmp_path, {**settings, "world": {"seed": 1}}) == ({}, {})
 
 
 def test_weighted_terms_scale_each_logged_term():
