@@ -2,10 +2,11 @@
 
     python scripts/build_tiny_world.py --out outputs/world
 
-writes ``model/`` (a ``FluxKontextPipeline`` folder: a VAE trained on the synthetic domain and a
-transformer pretrained on the identity edit), ``train/`` and ``heldout/`` (placeholder-insertion
-edit pairs) and ``world.json`` (settings, VAE reconstruction PSNR, losses); see
-``models/tiny_world.py``. A folder already built with the same settings is reused as it is.
+writes ``model/`` (a ``FluxKontextPipeline`` folder: a 4x VAE trained on the synthetic domain
+and a transformer pretrained on the identity edit and on prompt-named recolouring),
+``train/`` and ``heldout/`` (placeholder-insertion edit pairs) and ``world.json`` (settings, VAE
+reconstruction PSNR, losses); see ``models/tiny_world.py``. A folder already built with the
+same settings is reused as it is.
 """
 
 from __future__ import annotations
