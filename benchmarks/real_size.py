@@ -130,6 +130,21 @@ def denoiser_only(pipeline_cls, transformer: torch.nn.Module, scheduler: dict):
     )
 
 
+def flow_case_pipeline(family: str, tiny: bool, device, dtype):
+    """``family``'s tiny pipeline, or its pipeline class holding only a real-size denoiser
+    (built on ``device`` in ``dtype``) and its scheduler (``FLOW_FAMILIES``); the transformer
+    moved to ``device`` and ``dtype`` either way."""
+    tiny_pipeline, pipeline_cls, build_denoiser, scheduler = FLOW_FAMILIES[family]
+    if tiny:
+        pipe = tiny_pipeline(seed=0)
+    else:
+        with built_on(device, dtype):
+            denoiser = build_denoiser()
+        pipe = denoiser_only(pipeline_cls, denoiser, scheduler)
+    pipe.transformer.to(device, dtype)
+    return pipe
+
+
 def flux_transformer(fill_model: bool = False) -> FluxTransformer2DModel:
     """FLUX.1 [dev]/Kontext's transformer (Fill's with ``fill_model``), on the default device."""
     return FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if fill_model else FLUX_TRANSFORMER))
@@ -207,14 +222,32 @@ def kontext_encoded_batch(
     }
 
 
+# Per flow-matching family: tiny pipeline factory, pipeline class, real-size denoiser builder,
+# scheduler config.
+FLOW_FAMILIES = {
+    "kontext": (
+        tiny_flux_kontext_pipeline,
+        FluxKontextPipeline,
+        flux_transformer,
+        FLUX_DEV_SCHEDULER,
+    ),
+    "fill": (
+        tiny_flux_fill_pipeline,
+        FluxFillPipeline,
+        lambda: flux_transformer(fill_model=True),
+        FLUX_DEV_SCHEDULER,
+    ),
+    "qwen": (
+        tiny_qwen_image_edit_pipeline,
+        QwenImageEditPipeline,
+        qwen_image_transformer,
+        QWEN_IMAGE_SCHEDULER,
+    ),
+}
+
+
 def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
-    if tiny:
-        pipe = tiny_flux_kontext_pipeline(seed=0)
-    else:
-        with built_on(device, dtype):
-            denoiser = flux_transformer()
-        pipe = denoiser_only(FluxKontextPipeline, denoiser, FLUX_DEV_SCHEDULER)
-    pipe.transformer.to(device, dtype)
+    pipe = flow_case_pipeline("kontext", tiny, device, dtype)
     config = kontext.KontextConfig(**_flags(resolution), geometry_match_weight=0.5)
     add_lora(pipe.transformer, config, FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
     encoded = kontext_encoded_batch(pipe, batch, resolution, device, dtype)
@@ -223,13 +256,7 @@ def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case
 
 
 def fill_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
-    if tiny:
-        pipe = tiny_flux_fill_pipeline(seed=0)
-    else:
-        with built_on(device, dtype):
-            denoiser = flux_transformer(fill_model=True)
-        pipe = denoiser_only(FluxFillPipeline, denoiser, FLUX_DEV_SCHEDULER)
-    pipe.transformer.to(device, dtype)
+    pipe = flow_case_pipeline("fill", tiny, device, dtype)
     config = fill.FillConfig(**_flags(resolution))
     config = dataclasses.replace(
         config, mask_loss=MaskLossSettings(enabled=True), background_preservation_weight=0.5
@@ -246,13 +273,7 @@ def fill_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
 
 
 def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
-    if tiny:
-        pipe = tiny_qwen_image_edit_pipeline(seed=0)
-    else:
-        with built_on(device, dtype):
-            denoiser = qwen_image_transformer()
-        pipe = denoiser_only(QwenImageEditPipeline, denoiser, QWEN_IMAGE_SCHEDULER)
-    pipe.transformer.to(device, dtype)
+    pipe = flow_case_pipeline("qwen", tiny, device, dtype)
     config = qwen.QwenEditConfig(**_flags(resolution), mask_loss=MaskLossSettings(enabled=True))
     add_lora(pipe.transformer, config, qwen.LORA_LAYERS, LoraFormat(type(pipe)))
     latent = resolution // 8
