@@ -266,7 +266,7 @@ def write_report(out: Path) -> str:
     record = json.loads((out / "results.json").read_text())
     results = {name: runs for name, runs in record["results"].items() if runs}
     names = list(results)
-    last = str(record["steps"])
+    last = str(record["settings"]["steps"])
     table = summary_table(results, names, last, record.get("reference"))
     (out / "table.md").write_text(table)
     for metric in METRICS:
@@ -368,9 +368,6 @@ def main(
                 "settings": settings,
                 "configs": {name: all_configs[name] for name in results},
                 "seeds": sorted({int(seed) for runs in results.values() for seed in runs}),
-                "steps": steps,
-                "heldout_pairs": len(pairs),
-                "inference_steps": inference_steps,
                 "reference": reference,
                 "train_seconds": seconds,
                 "elapsed_seconds": round(time.perf_counter() - started, 1),

@@ -213,10 +213,16 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, settings: WorldSettings)
 
 
 @torch.no_grad()
+def posterior_means(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels: [N, 3, H, W]`` -> the posterior means ``[N, 16, H/4, W/4]``, unnormalised."""
+    return torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(64)])
+
+
+@torch.no_grad()
 def fit_latent_scale(vae: AutoencoderKL, pixels: torch.Tensor) -> None:
     """Set ``shift_factor`` and ``scaling_factor`` so the pipelines' latents have mean 0 and
     standard deviation 1 on ``pixels: [N, 3, H, W]``."""
-    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(64)])
+    latents = posterior_means(vae, pixels)
     vae.register_to_config(
         shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std())
     )
@@ -249,15 +255,8 @@ def train_base(
 
     vae = pipe.vae
 
-    @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [
-                (vae.encode(chunk).latent_dist.mode() - vae.config.shift_factor)
-                * vae.config.scaling_factor
-                for chunk in pixels.split(64)
-            ]
-        )
+        return (posterior_means(vae, pixels) - vae.config.shift_factor) * vae.config.scaling_factor
 
     contexts, targets = encode(pairs.contexts), encode(pairs.targets)
     with torch.no_grad():
