@@ -179,7 +179,7 @@ class QwenEditEncoder:
             "prompt_embeds": embeds,
             "condition_latents": torch.cat(conditions),
             "target_latents": target,
-            "mask_tokens": map_mask_to_latent(batch["mask"][:, 0]),
+            "mask_tokens": map_mask_to_latent(batch["mask"][:, 0], pipe.vae_scale_factor),
             "has_mask": batch["has_mask"],
         }
 

@@ -86,6 +86,16 @@ class TestMapMaskToLatent:
         expected = cell_max.repeat_interleave(2, -1).repeat_interleave(2, -2)
         torch.testing.assert_close(unpacked[:, :1], expected)
 
+    def test_other_vae_factor_pools_its_own_cells(self):
+        # A 32x VAE: tokens of 64x64 pixels, the cells averaged over 32x32 pixels.
+        mask = torch.zeros(1, 128, 64)
+        mask[0, 64:80, 0:32] = 1  # half of cell (2, 0): token (1, 0) of a 2x1 grid
+        torch.testing.assert_close(
+            map_mask_to_latent(mask, vae_scale_factor=32), torch.tensor([[0.0, 0.5]])
+        )
+        with pytest.raises(ValueError, match=r"multiples of 64 \(VAE factor 32"):
+            map_mask_to_latent(torch.zeros(1, 96, 64), vae_scale_factor=32)
+
     def test_gradcheck(self):
         mask = torch.rand(1, 32, 32, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(map_mask_to_latent, (mask,))
