@@ -27,6 +27,7 @@ import dataclasses
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 # The suite runs from its checkout (its packages are never installed): import them from there.
@@ -35,15 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import FluxKontextPipeline
 from jsonargparse import auto_cli
 from PIL import Image
 
 import train_kontext_lora
+from benchmarks.ablation_runs import AblationPlan, reset_accelerate, run_ablation, write_report
 from models.tiny_world import WORLD_MAX_SEQUENCE_LENGTH, WorldSettings, build_tiny_world
 from training.edit_metrics import insertion_metrics
-from training.plots import line_plot
 
 GEOMETRY_FLAGS = {
     "mse": "geometry_mse_weight",
@@ -97,20 +97,14 @@ def ablation_configs() -> dict[str, dict[str, float]]:
     return configs
 
 
-def _reset_accelerate() -> None:
-    # accelerate keeps process-wide singletons; each in-process run needs a clean slate.
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def train_run(
     world: Path,
-    out: Path,
-    weights: dict[str, float],
-    seed: int,
     steps: int,
     every: int,
     cache_dir: Path,
+    out: Path,
+    weights: dict[str, float],
+    seed: int,
 ) -> float:
     """Train one LoRA with ``weights`` into ``out`` (a checkpoint every ``every`` steps), the
     encoded training set cached in ``cache_dir`` (shared by runs); returns wall-clock seconds."""
@@ -133,11 +127,11 @@ def train_run(
     }
     args = [token for key, value in values.items() for token in (f"--{key}", str(value))]
     started = time.perf_counter()
-    _reset_accelerate()
+    reset_accelerate()
     try:
         train_kontext_lora.main(args)
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     return time.perf_counter() - started
 
 
@@ -223,67 +217,6 @@ def reconstruction_reference(pipe: FluxKontextPipeline, pairs: list[dict]) -> di
     return score(outputs, pairs)
 
 
-def earlier_runs(out: Path, settings: dict) -> tuple[dict, dict]:
-    """``(results, train seconds)`` by configuration and seed (as strings) of the runs recorded in
-    ``out/results.json`` with the same ``settings``; empty when there are none or they differ."""
-    path = out / "results.json"
-    if not path.exists():
-        return {}, {}
-    record = json.loads(path.read_text())
-    if record.get("settings") != settings:
-        return {}, {}
-    return record["results"], record["train_seconds"]
-
-
-def summary_table(
-    results: dict, configs: list[str], step: str, reference: dict[str, float] | None = None
-) -> str:
-    """Markdown table: mean ± standard deviation over seeds of each metric at ``step``, after a
-    row for the base (step 0) and before one for ``reference`` (the VAE's reconstruction of the
-    targets) when given."""
-
-    def cells(runs: list[dict[str, float]]) -> str:
-        return " | ".join(
-            f"{np.mean([run[metric] for run in runs]):.3f} ± "
-            f"{np.std([run[metric] for run in runs]):.3f}"
-            for metric in METRICS
-        )
-
-    header = "| config | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-    base = [run["0"] for run in results[configs[0]].values()]
-    lines = [f"| base (no LoRA) | {cells(base)} |"]
-    for config in configs:
-        lines.append(f"| {config} | {cells([run[step] for run in results[config].values()])} |")
-    if reference is not None:
-        values = " | ".join(f"{reference[metric]:.3f}" for metric in METRICS)
-        lines.append(f"| VAE(target): the ceiling | {values} |")
-    return header + "\n".join(lines) + "\n"
-
-
-def write_report(out: Path) -> str:
-    """``table.md`` and one PNG per metric from ``out/results.json`` (runs finished so far:
-    a configuration's curve averages the seeds it has); returns the table."""
-    record = json.loads((out / "results.json").read_text())
-    results = {name: runs for name, runs in record["results"].items() if runs}
-    names = list(results)
-    last = str(record["settings"]["steps"])
-    table = summary_table(results, names, last, record.get("reference"))
-    (out / "table.md").write_text(table)
-    for metric in METRICS:
-        curves = {}
-        for name in names:
-            steps = sorted({int(step) for run in results[name].values() for step in run})
-            means = [
-                float(np.mean([run[str(step)][metric] for run in results[name].values()]))
-                for step in steps
-            ]
-            curves[name] = (steps, means)
-        line_plot(curves, f"{metric} vs training step (held-out mean over seeds)").save(
-            out / f"{metric}.png"
-        )
-    return table
-
-
 def main(
     world: Path = Path("outputs/world"),
     out: Path = Path("outputs/ablation"),
@@ -315,18 +248,15 @@ def main(
         report_only: only redraw table.md and the plots from an existing results.json.
     """
     if report_only:
-        print(write_report(out))
+        print(write_report(out, METRICS))
         return
     if quick:
         seeds, steps, every, heldout, inference_steps = (0,), 4, 2, 2, 2
         configs = configs or ["fm", "starter"]
-    all_configs = ablation_configs()
-    names = configs or list(all_configs)
     world_record = build_tiny_world(world)
     pairs = heldout_pairs(world / "heldout", heldout)
     pipe = FluxKontextPipeline.from_pretrained(world / "model")
     pipe.set_progress_bar_config(disable=True)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
         "world": world_record["settings"],
         "steps": steps,
@@ -334,49 +264,15 @@ def main(
         "heldout_pairs": len(pairs),
         "inference_steps": inference_steps,
     }
-    # Runs already recorded with these settings are kept, not repeated: an ablation cut short
-    # resumes, and a new configuration joins the table of the others.
-    results, seconds = earlier_runs(out, settings)
-    for name in names:
-        results.setdefault(name, {})
-        seconds.setdefault(name, {})
-    reference = reconstruction_reference(pipe, pairs)
-    eval_steps = [*range(every, steps, every), steps]
-    started = time.perf_counter()
-    examples = {}
-    for seed in seeds:
-        base = None
-        for name in names:
-            if str(seed) in results[name]:
-                continue
-            if base is None:
-                base, base_outputs = evaluate(pipe, None, pairs, seed, inference_steps)
-                examples.setdefault("base", base_outputs)
-            run_dir = out / name / f"seed{seed}"
-            seconds[name][str(seed)] = round(
-                train_run(world, run_dir, all_configs[name], seed, steps, every, out / "cache"), 1
-            )
-            run = {"0": base}
-            for step in eval_steps:
-                folder = run_dir / f"checkpoint-{step}"
-                run[str(step)], outputs = evaluate(pipe, folder, pairs, seed, inference_steps)
-            results[name][str(seed)] = run
-            examples.setdefault(name, outputs)
-            print(name, seed, json.dumps(run[str(steps)]), flush=True)
-            # Written after every run: an ablation cut short keeps what it measured.
-            record = {
-                "settings": settings,
-                "configs": {name: all_configs[name] for name in results},
-                "seeds": sorted({int(seed) for runs in results.values() for seed in runs}),
-                "reference": reference,
-                "train_seconds": seconds,
-                "elapsed_seconds": round(time.perf_counter() - started, 1),
-                "results": results,
-            }
-            (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-            _example_grid(pairs, examples).save(out / "examples.png")
-    print(write_report(out))
-    print(f"total {time.perf_counter() - started:.0f} s")
+    plan = AblationPlan(
+        configs=ablation_configs(),
+        metrics=METRICS,
+        train=partial(train_run, world, steps, every, out / "cache"),
+        evaluate=lambda lora, seed: evaluate(pipe, lora, pairs, seed, inference_steps),
+        example_grid=partial(_example_grid, pairs),
+    )
+    names = configs or list(plan.configs)
+    run_ablation(plan, out, names, seeds, settings, reconstruction_reference(pipe, pairs))
 
 
 def _example_grid(pairs: list[dict], examples: dict[str, list]) -> Image.Image:

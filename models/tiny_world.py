@@ -23,10 +23,8 @@ records the same settings.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,10 +41,16 @@ from data.synthetic import (
     write_kontext_dataset,
 )
 from models.tiny import CLIP_DIM, T5_DIM, _seeded, tiny_flux_kontext_pipeline
+from models.world_fitting import (
+    fit_autoencoder,
+    posterior_means,
+    pretrain_by_flow_matching,
+    reconstruction_psnr,
+    reusable_record,
+    write_record,
+)
 
 logger = logging.getLogger(__name__)
-
-WORLD_FILE = "world.json"
 # Holds "insert a <colour>" in the tiny T5's letter-by-letter tokens; the shape is in the
 # placeholder, and every text token costs attention on a CPU.
 WORLD_MAX_SEQUENCE_LENGTH = 16
@@ -183,39 +187,17 @@ def pretraining_pairs(settings: WorldSettings) -> PretrainingPairs:
 
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, settings: WorldSettings) -> list[float]:
-    """Fit ``vae`` to ``pixels: [N, 3, H, W]``: L1 + MSE of the reconstruction from the posterior
-    mean, plus a small KL that keeps latents bounded. Returns the loss per step."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=2e-3, total_steps=settings.vae_steps, pct_start=0.1
-    )
-    vae.train()
-    losses = []
-    for step in range(settings.vae_steps):
+    """Fit ``vae`` to ``pixels: [N, 3, H, W]`` (:func:`models.world_fitting.fit_autoencoder`).
+    Returns the loss per step."""
+
+    def whole_images(generator: torch.Generator) -> torch.Tensor:
         # Whole images, never crops: GroupNorm statistics and the mid-block attention span the
         # whole latent, so a VAE fitted on 16x16 crops reconstructs crops (24.9 dB) but not the
         # 64x64 images it is used on (18.5 dB; versions 1 and 2 of this recipe).
-        batch = pixels[torch.randint(len(pixels), (settings.vae_batch_size,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.mode()).sample
-        kl = posterior.kl().mean() / batch[0].numel()
-        loss = F.mse_loss(reconstruction, batch) + F.l1_loss(reconstruction, batch) + 1e-3 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            logger.info("vae step %d loss %.4f", step, loss.item())
-    vae.eval()
-    return losses
+        index = torch.randint(len(pixels), (settings.vae_batch_size,), generator=generator)
+        return pixels[index]
 
-
-@torch.no_grad()
-def posterior_means(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """``pixels: [N, 3, H, W]`` -> the posterior means ``[N, 16, H/4, W/4]``, unnormalised."""
-    return torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(64)])
+    return fit_autoencoder(vae, whole_images, settings.vae_steps, 2e-3, settings.seed)
 
 
 @torch.no_grad()
@@ -226,17 +208,6 @@ def fit_latent_scale(vae: AutoencoderKL, pixels: torch.Tensor) -> None:
     vae.register_to_config(
         shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std())
     )
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
-    """Mean PSNR (dB, images in [0, 1]) of ``vae`` on ``pixels: [N, 3, H, W]`` in [-1, 1]."""
-    scores = []
-    for chunk in pixels.split(32):
-        decoded = vae.decode(vae.encode(chunk).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = ((decoded - chunk) / 2).pow(2).flatten(1).mean(1)
-        scores.append(10 * torch.log10(1 / mse.clamp_min(1e-10)))
-    return float(torch.cat(scores).mean())
 
 
 def train_base(
@@ -263,18 +234,11 @@ def train_base(
         distinct = sorted(set(pairs.prompts))
         embeds, pooled = encode_flux_prompt(pipe, distinct, WORLD_MAX_SEQUENCE_LENGTH)
         prompt_index = torch.tensor([distinct.index(prompt) for prompt in pairs.prompts])
-    transformer = pipe.transformer
-    transformer.train().requires_grad_(True)
-    generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=1e-3, total_steps=settings.base_steps, pct_start=0.2
-    )
     height, width = targets.shape[-2:]
     shift = resolution_shift((height // 2) * (width // 2), pipe.scheduler.config)
     tokens = (height // 2) * (width // 2)
-    losses = []
-    for step in range(settings.base_steps):
+
+    def step_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(len(targets), (settings.base_batch_size,), generator=generator)
         x0 = targets[index]
         noise = torch.randn(x0.shape, generator=generator)
@@ -288,25 +252,12 @@ def train_base(
             sigmas,
             3.5,
         )
-        velocity = transformer(**inputs)[0][:, :tokens]
-        loss = F.mse_loss(velocity, pack(pipe, noise - x0))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            logger.info("base step %d loss %.4f", step, loss.item())
-    transformer.eval().requires_grad_(False)
-    return losses
+        velocity = pipe.transformer(**inputs)[0][:, :tokens]
+        return F.mse_loss(velocity, pack(pipe, noise - x0))
 
-
-def _record_matches(out: Path, settings: WorldSettings) -> bool:
-    record = out / WORLD_FILE
-    if not record.exists():
-        return False
-    return json.loads(record.read_text(encoding="utf-8")).get("settings") == asdict(settings)
+    return pretrain_by_flow_matching(
+        pipe.transformer, step_loss, settings.base_steps, 1e-3, settings.seed
+    )
 
 
 def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings()) -> dict:
@@ -314,12 +265,8 @@ def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings())
     ``train/`` and ``heldout/`` (edit-pair folders) and ``world.json`` (settings and the
     measured reconstruction PSNR and losses). Returns the ``world.json`` record."""
     out = Path(out)
-    if _record_matches(out, settings):
-        return json.loads((out / WORLD_FILE).read_text(encoding="utf-8"))
-    # A partial or differently built world is replaced as a whole: nothing stale is mixed in.
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if (built := reusable_record(out, settings)) is not None:
+        return built
     started = time.perf_counter()
     write_kontext_dataset(
         out / "train",
@@ -373,6 +320,5 @@ def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings())
         ),
     }
     assert math.isfinite(psnr)
-    # Written last: a folder without it is an unfinished build and is rebuilt.
-    (out / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_record(out, record)
     return record

@@ -6,13 +6,8 @@ import json
 
 import numpy as np
 
-from benchmarks.ablation import (
-    GEOMETRY_FLAGS,
-    METRICS,
-    ablation_configs,
-    earlier_runs,
-    summary_table,
-)
+from benchmarks.ablation import GEOMETRY_FLAGS, METRICS, ablation_configs
+from benchmarks.ablation_runs import earlier_runs, summary_table
 from scripts.demo_report import weighted_terms
 from training.plots import COLOURS, line_plot
 
@@ -98,7 +93,7 @@ def test_summary_table_is_mean_and_spread_over_seeds_with_base_and_ceiling_rows(
         },
         "starter": {"0": {"0": metrics(0.0), "2": metrics(1.0)}},
     }
-    table = summary_table(results, ["fm", "starter"], "2", reference=metrics(0.9))
+    table = summary_table(results, ["fm", "starter"], "2", METRICS, reference=metrics(0.9))
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
     assert [row[0] for row in rows] == [
         "| base (no LoRA)",
