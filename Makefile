@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint format bench ablation clean
+.PHONY: setup demo test lint format bench ablation text-ablation clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: setup
 
 ablation: setup
 	$(PY) benchmarks/ablation.py --world $(WORLD) --out outputs/ablation
+
+# The Qwen-Image-Edit world (1024x1024 text signs) is built on first use and cached like WORLD.
+text-ablation: setup
+	$(PY) benchmarks/text_ablation.py --world outputs/qwen_world --out outputs/text_ablation
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -169,9 +169,11 @@ def _write_examples(
     files: dict[str, tuple[str, str]],
     side_files: dict[str, str] | None = None,
     prompt: Callable[[str], str] = str,
+    square: bool = False,
 ) -> Path:
     """Write ``n`` examples drawn by ``make(rng, height, width)`` (images and a ``prompt``) as a
-    folder with ``metadata.jsonl``.
+    folder with ``metadata.jsonl``, of the sizes of :func:`example_size` (all square with
+    ``square``).
 
     ``files`` maps each row field to (path pattern with the index, key of the image written
     there); ``side_files`` maps path patterns to images written but not listed in the rows; the
@@ -187,7 +189,7 @@ def _write_examples(
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(n):
-        example = make(rng, *example_size(index, resolution))
+        example = make(rng, *example_size(0 if square else index, resolution))
         row = {field: pattern.format(index) for field, (pattern, _) in files.items()}
         written = {pattern.format(index): key for pattern, key in (side_files or {}).items()}
         written |= {row[field]: key for field, (_, key) in files.items()}
@@ -257,9 +259,16 @@ TEXT_WORDS = ("CAFE", "OPEN", "SALE", "BAR", "HOTEL", "EXIT", "BOOKS", "TAXI")
 TEXT_COLOURS = {"red": (200, 30, 30), "blue": (30, 50, 200), "black": (20, 20, 20)}
 
 
-def make_text_edit(rng: np.random.Generator, height: int, width: int) -> dict:
+def make_text_edit(
+    rng: np.random.Generator, height: int, width: int, colour: str | None = None
+) -> dict:
     """One text edit: a background with a pale sign (``context``), the same with a word written
-    on the sign (``target``), the word's box (``mask``, 0/255) and the instruction."""
+    on the sign (``target``), the word's box (``mask``, 0/255) and the instruction.
+
+    With ``colour`` (a key of ``TEXT_COLOURS``) the word has that colour instead of a drawn one,
+    without changing the draws from ``rng``: two generators in the same state give the same
+    sign and word either way.
+    """
     background = smooth_background(rng, height, width)
     sign_height = round(rng.uniform(0.3, 0.45) * height)
     sign_width = round(rng.uniform(0.6, 0.85) * width)
@@ -269,7 +278,8 @@ def make_text_edit(rng: np.random.Generator, height: int, width: int) -> dict:
     draw = ImageDraw.Draw(context)
     draw.rectangle((left, top, left + sign_width - 1, top + sign_height - 1), fill=(235, 230, 215))
     word = str(rng.choice(TEXT_WORDS))
-    colour = str(rng.choice(list(TEXT_COLOURS)))
+    drawn = str(rng.choice(list(TEXT_COLOURS)))
+    colour = colour or drawn
     font = ImageFont.load_default(size=max(8, sign_height // 2))
     target = context.copy()
     box = ImageDraw.Draw(target).textbbox((0, 0), word, font=font)
@@ -285,9 +295,10 @@ def make_text_edit(rng: np.random.Generator, height: int, width: int) -> dict:
 
 
 def write_text_edit_dataset(
-    out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0
+    out: str | Path, *, n: int = 8, resolution: int = 128, seed: int = 0, square: bool = False
 ) -> Path:
-    """Write ``n`` text edits as a Qwen-Image-Edit folder, masks in seed 000's parallel layout.
+    """Write ``n`` text edits as a Qwen-Image-Edit folder, masks in seed 000's parallel layout;
+    square, landscape and portrait in turn, or all square with ``square``.
 
     Layout: ``images/NNNN_context.png``, ``images/NNNN_target.png``, ``metadata.jsonl`` rows
     ``{"context", "target", "prompt"}`` and ``text_masks/NNNN_target.png``, the text's box named
@@ -305,6 +316,7 @@ def write_text_edit_dataset(
         make=make_text_edit,
         files=files,
         side_files={"text_masks/{:04d}_target.png": "mask"},
+        square=square,
     )
 
 

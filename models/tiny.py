@@ -454,11 +454,14 @@ def tiny_qwen_image_edit_plus_pipeline(seed: int = 0) -> QwenImageEditPlusPipeli
     return QwenImageEditPlusPipeline(**_tiny_qwen_edit_components(seed))
 
 
-def _as_checkpoint_processor(folder: Path) -> None:
-    """Make a saved tiny Qwen pipeline's processor look as a real checkpoint's: the standard
-    ``Qwen2VLProcessor`` class in ``model_index.json`` and ``processor_config.json``, with a video
-    processor of the image processor's geometry, so that transformers loads it as usual where
-    torchvision is installed (and ``load_image_only_processor`` reads it anywhere)."""
+def save_qwen_edit_pipeline(pipe, folder: str | Path) -> Path:
+    """Save a Qwen-Image-Edit (or Edit Plus) pipeline built here to ``folder`` (safetensors), its
+    processor as a real checkpoint's: the standard ``Qwen2VLProcessor`` class in
+    ``model_index.json`` and ``processor_config.json``, with a video processor of the image
+    processor's geometry, so that transformers loads it as usual where torchvision is installed
+    (and ``load_image_only_processor`` reads it anywhere)."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
     index = json.loads((folder / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
@@ -476,6 +479,7 @@ def _as_checkpoint_processor(folder: Path) -> None:
         "image_std": image["image_std"],
     }
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return folder
 
 
 def tiny_sd15_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
@@ -540,9 +544,10 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     folders = {}
     for name, factory in TINY_MODEL_FACTORIES.items():
         folders[name] = out_dir / name
-        factory(seed).save_pretrained(folders[name])
         if name.startswith("qwen"):
-            _as_checkpoint_processor(folders[name])
+            save_qwen_edit_pipeline(factory(seed), folders[name])
+        else:
+            factory(seed).save_pretrained(folders[name])
     return folders
 
 

@@ -1,12 +1,16 @@
-"""Build (or reuse) the tiny pretrained FLUX.1 Kontext world that the demo and the ablation use.
+"""Build (or reuse) a tiny pretrained world: the demo and the ablations train on it.
 
     python scripts/build_tiny_world.py --out outputs/world
+    python scripts/build_tiny_world.py --family qwen-edit --out outputs/qwen_world
 
-writes ``model/`` (a ``FluxKontextPipeline`` folder: a 4x VAE trained on the synthetic domain
-and a transformer pretrained on the identity edit and on prompt-named recolouring),
-``train/`` and ``heldout/`` (placeholder-insertion edit pairs) and ``world.json`` (settings, VAE
-reconstruction PSNR, losses); see ``models/tiny_world.py``. A folder already built with the
-same settings is reused as it is.
+``kontext`` (``models/tiny_world.py``) writes ``model/`` (a ``FluxKontextPipeline`` folder: a 4x
+VAE trained on the synthetic domain and a transformer pretrained on the identity edit and on
+prompt-named recolouring), ``train/`` and ``heldout/`` (placeholder-insertion edit pairs) and
+``world.json`` (settings, VAE reconstruction PSNR, losses). ``qwen-edit``
+(``models/qwen_world.py``) writes the same for Qwen-Image-Edit: a ``QwenImageEditPipeline``
+with a 32x VAE trained on 1024x1024 text signs, a transformer pretrained on copying and
+recolouring words, and text-edit folders with their text masks. A folder already built with
+the same settings is reused as it is.
 """
 
 from __future__ import annotations
@@ -15,24 +19,36 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Literal
 
 # The suite runs from its checkout (its packages are never installed): import them from there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jsonargparse import auto_cli
 
+from models.qwen_world import QwenWorldSettings, build_qwen_world
 from models.tiny_world import WorldSettings, build_tiny_world
 
 
-def main(out: Path = Path("outputs/world"), settings: WorldSettings | None = None) -> None:
-    """Build the world in ``out`` unless it already holds one built with ``settings``.
+def main(
+    out: Path = Path("outputs/world"),
+    family: Literal["kontext", "qwen-edit"] = "kontext",
+    settings: WorldSettings | None = None,
+    qwen_settings: QwenWorldSettings | None = None,
+) -> None:
+    """Build the world in ``out`` unless it already holds one built with the same settings.
 
     Args:
         out: folder of the world.
-        settings: sizes, steps and seed of the build (default: ``WorldSettings()``).
+        family: ``kontext`` (FLUX.1 Kontext insertion) or ``qwen-edit`` (Qwen-Image-Edit text).
+        settings: sizes, steps and seed of a Kontext build (default: ``WorldSettings()``).
+        qwen_settings: the same for a Qwen build (default: ``QwenWorldSettings()``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    record = build_tiny_world(out, settings or WorldSettings())
+    if family == "kontext":
+        record = build_tiny_world(out, settings or WorldSettings())
+    else:
+        record = build_qwen_world(out, qwen_settings or QwenWorldSettings())
     print(json.dumps({k: v for k, v in record.items() if k != "prompts"}, indent=2))
 
 

@@ -145,3 +145,19 @@ def insertion_metrics(
         "background_psnr": min(psnr(output, context, ~mask), 99.0),
         "no_edit": float(is_no_edit(changed, mask)),
     }
+
+
+def text_edit_metrics(
+    output: np.ndarray, target: np.ndarray, context: np.ndarray, text_box: np.ndarray
+) -> dict[str, float]:
+    """Metrics of one text edit: ``output``, ``target`` and ``context`` ``[H, W, 3]`` in
+    [0, 255], ``text_box`` ``[H, W]`` bool (the word's box). ``text_psnr`` and ``outside_psnr``
+    compare output and target inside and outside the box; ``text_gain`` is ``text_psnr`` less
+    the context's own PSNR inside the box (positive: closer to the written word than leaving the
+    sign empty). Capped at 99 dB where images are identical."""
+    inside = min(psnr(output, target, text_box), 99.0)
+    return {
+        "text_psnr": inside,
+        "text_gain": inside - min(psnr(context, target, text_box), 99.0),
+        "outside_psnr": min(psnr(output, target, ~text_box), 99.0),
+    }

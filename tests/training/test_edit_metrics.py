@@ -17,6 +17,7 @@ from training.edit_metrics import (
     is_no_edit,
     object_mask,
     psnr,
+    text_edit_metrics,
 )
 
 
@@ -156,3 +157,23 @@ def test_a_grey_output_changes_the_placeholder_but_inserts_no_object():
     metrics = insertion_metrics(grey, context, mask)
     assert metrics["iou"] == 1.0  # the change mask is fooled: the placeholder was erased
     assert metrics["object_iou"] == 0.0
+
+
+def test_text_edit_metrics_inside_outside_and_gain_over_the_empty_sign():
+    # Target: a sign (200) with a word (0) in a 4x8 box; the context is the empty sign.
+    target = np.full((16, 16, 3), 200.0)
+    box = np.zeros((16, 16), dtype=bool)
+    box[6:10, 4:12] = True
+    target[box] = 0.0
+    context = np.full((16, 16, 3), 200.0)
+    # Output: the word at half contrast (error 100 inside), the background off by 10.
+    output = np.full((16, 16, 3), 210.0)
+    output[box] = 100.0
+    metrics = text_edit_metrics(output, target, context, box)
+    assert metrics["text_psnr"] == pytest.approx(10 * math.log10(255**2 / 100**2))
+    assert metrics["outside_psnr"] == pytest.approx(10 * math.log10(255**2 / 10**2))
+    # The empty sign is 200 off inside: half the error is 20 log10(2) dB better.
+    assert metrics["text_gain"] == pytest.approx(20 * math.log10(2))
+    # Writing the target exactly scores the cap inside and outside.
+    exact = text_edit_metrics(target, target, context, box)
+    assert exact["text_psnr"] == exact["outside_psnr"] == 99.0

@@ -1,0 +1,227 @@
+"""Ablation of seed 000's text-region loss on the tiny pretrained Qwen-Image-Edit world.
+
+    python benchmarks/text_ablation.py [--world outputs/qwen_world] [--out outputs/text_ablation]
+    python benchmarks/text_ablation.py --quick true   # smoke test: one seed, few steps
+
+Trains the Qwen-Image-Edit LoRA (``train_qwen_edit_mask.py``, in this process) from the same
+seeds with ``alpha=0`` (plain flow matching) and ``alpha=0.3`` (seed 000: text region weight 2,
+background 1, mixed at 0.3), on the same data with the same text masks, then samples every
+saved checkpoint with ``QwenImageEditPipeline`` on the world's held-out text edits (never
+trained on) and scores each output against its target (``training.edit_metrics``): PSNR inside
+the word's box, its gain over leaving the sign empty, and PSNR outside the box. The held-out
+targets passed through the VAE are scored the same way: the ceiling of any LoRA on this world.
+Writes ``results.json``, ``table.md``, ``examples.png`` and one PNG per metric into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+# The suite runs from its checkout (its packages are never installed): import them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from diffusers import QwenImageEditPipeline
+from jsonargparse import auto_cli
+from PIL import Image
+
+import train_qwen_edit_mask
+from benchmarks.ablation_runs import AblationPlan, reset_accelerate, run_ablation, write_report
+from models.qwen_processor import load_image_only_processor
+from models.qwen_world import WORLD_RESOLUTION, QwenWorldSettings, build_qwen_world
+from training.edit_metrics import text_edit_metrics
+
+METRICS = ("text_psnr", "text_gain", "outside_psnr")
+# Seed 000's alpha: the share of the region-weighted loss; 0 is plain flow matching, bit for bit.
+CONFIGS = {
+    "alpha=0": {"mask_loss.enabled": False},
+    "alpha=0.3": {"mask_loss.enabled": True, "mask_loss.weight": 0.3},
+}
+
+
+def train_run(
+    world: Path, steps: int, every: int, cache_dir: Path, out: Path, flags: dict, seed: int
+) -> float:
+    """Train one LoRA with the mask-loss ``flags`` into ``out`` (a checkpoint every ``every``
+    steps), the encoded training set cached in ``cache_dir`` (shared by runs); returns
+    wall-clock seconds."""
+    values = {
+        "pretrained_model_name_or_path": world / "model",
+        "train_data_dir": world / "train",
+        "output_dir": out,
+        "resolution": WORLD_RESOLUTION,
+        "train_batch_size": 8,
+        "max_train_steps": steps,
+        "learning_rate": 1e-3,
+        "rank": 8,
+        "seed": seed,
+        "checkpointing_steps": every,
+        "data.use_text_mask": True,
+        "cache_latents": True,
+        "cache_dir": cache_dir,
+        "overwrite_output_dir": True,
+        **flags,
+    }
+    args = [token for key, value in values.items() for token in (f"--{key}", str(value).lower())]
+    started = time.perf_counter()
+    reset_accelerate()
+    try:
+        train_qwen_edit_mask.main(args)
+    finally:
+        reset_accelerate()
+    return time.perf_counter() - started
+
+
+def heldout_edits(folder: Path, limit: int | None) -> list[dict]:
+    """The held-out text edits: ``context`` and ``target`` PIL images, ``text_box`` ``[H, W]``
+    bool (from ``text_masks/``, named after the target), ``prompt``."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    return [
+        {
+            "context": Image.open(folder / row["context"]).convert("RGB"),
+            "target": Image.open(folder / row["target"]).convert("RGB"),
+            "text_box": np.asarray(
+                Image.open(folder / "text_masks" / Path(row["target"]).name).convert("L")
+            )
+            > 127,
+            "prompt": row["prompt"],
+        }
+        for row in rows[:limit]
+    ]
+
+
+def score(outputs: list[np.ndarray], edits: list[dict]) -> dict[str, float]:
+    """Mean of every text-edit metric over the edits."""
+    rows = [
+        text_edit_metrics(
+            output, np.asarray(edit["target"]), np.asarray(edit["context"]), edit["text_box"]
+        )
+        for output, edit in zip(outputs, edits, strict=True)
+    ]
+    return {name: float(np.mean([row[name] for row in rows])) for name in METRICS}
+
+
+@torch.no_grad()
+def evaluate(
+    pipe: QwenImageEditPipeline,
+    edits: list[dict],
+    inference_steps: int,
+    lora: Path | None,
+    seed: int,
+) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Metrics of the base (``lora`` None) or of the base with one LoRA folder loaded; one
+    pipeline call per edit (the edit pipeline takes one condition image), each with its own
+    fixed noise seed."""
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    try:
+        outputs = [
+            np.asarray(
+                pipe(
+                    image=edit["context"],
+                    prompt=edit["prompt"],
+                    height=edit["target"].height,
+                    width=edit["target"].width,
+                    num_inference_steps=inference_steps,
+                    # No negative prompt: the pipeline's true cfg is off; say so.
+                    true_cfg_scale=1.0,
+                    generator=torch.Generator().manual_seed(seed * 1000 + index),
+                ).images[0]
+            )
+            for index, edit in enumerate(edits)
+        ]
+    finally:
+        if lora is not None:
+            pipe.unload_lora_weights()
+    return score(outputs, edits), outputs
+
+
+@torch.no_grad()
+def reconstruction_reference(pipe: QwenImageEditPipeline, edits: list[dict]) -> dict[str, float]:
+    """Metrics of each target passed through the VAE (encode, decode): the ceiling of any LoRA
+    on this world."""
+    outputs = []
+    for edit in edits:
+        pixels = pipe.image_processor.preprocess(edit["target"])[:, :, None]
+        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample[:, :, 0]
+        outputs.append(np.asarray(pipe.image_processor.postprocess(decoded)[0]))
+    return score(outputs, edits)
+
+
+def example_grid(edits: list[dict], examples: dict[str, list]) -> Image.Image:
+    """Rows = held-out edits (first four), columns = context, target, then each configuration,
+    shrunk to 256 px."""
+    from training.validation import image_grid
+
+    rows = []
+    for index in range(min(4, len(edits))):
+        edit = edits[index]
+        images = [edit["context"], edit["target"]]
+        images += [Image.fromarray(outputs[index]) for outputs in examples.values()]
+        rows.append([image.resize((256, 256)) for image in images])
+    return image_grid(rows, ["context", "target", *examples])
+
+
+def main(
+    world: Path = Path("outputs/qwen_world"),
+    world_settings: QwenWorldSettings | None = None,
+    out: Path = Path("outputs/text_ablation"),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    steps: int = 300,
+    every: int = 150,
+    heldout: int | None = 8,
+    inference_steps: int = 8,
+    quick: bool = False,
+    report_only: bool = False,
+) -> None:
+    """Run the ablation and write results.json, table.md and the plots into ``out``.
+
+    Args:
+        world: folder of the tiny Qwen world (built first when missing).
+        world_settings: the world's settings (default: ``QwenWorldSettings()``).
+        out: output folder; each run trains into ``out/<config>/seed<k>``; the encoded
+            training set is cached once in ``out/cache``. Runs its results.json already holds
+            with the same settings are not repeated.
+        seeds: training and sampling seeds.
+        steps: optimizer steps per run.
+        every: checkpoint (and evaluation) interval in steps.
+        heldout: evaluate on the first this many held-out edits (None: all).
+        inference_steps: denoising steps of the sampler.
+        quick: a smoke test: one seed, 2 steps, 1 held-out edit, 2 inference steps.
+        report_only: only redraw table.md and the plots from an existing results.json.
+    """
+    if report_only:
+        print(write_report(out, METRICS))
+        return
+    if quick:
+        seeds, steps, every, heldout, inference_steps = (0,), 2, 2, 1, 2
+    world_record = build_qwen_world(world, world_settings or QwenWorldSettings())
+    edits = heldout_edits(world / "heldout", heldout)
+    pipe = QwenImageEditPipeline.from_pretrained(
+        world / "model", processor=load_image_only_processor(world / "model")
+    )
+    pipe.set_progress_bar_config(disable=True)
+    settings = {
+        "world": world_record["settings"],
+        "steps": steps,
+        "every": every,
+        "heldout_edits": len(edits),
+        "inference_steps": inference_steps,
+    }
+    plan = AblationPlan(
+        configs=CONFIGS,
+        metrics=METRICS,
+        train=partial(train_run, world, steps, every, out / "cache"),
+        evaluate=partial(evaluate, pipe, edits, inference_steps),
+        example_grid=partial(example_grid, edits),
+    )
+    run_ablation(plan, out, list(CONFIGS), seeds, settings, reconstruction_reference(pipe, edits))
+
+
+if __name__ == "__main__":
+    auto_cli(main, as_positional=False)
