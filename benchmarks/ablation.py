@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from jsonargparse import auto_cli
 from PIL import Image
 
 import train_kontext_lora
-from benchmarks.ablation_runs import AblationPlan, reset_accelerate, run_ablation, write_report
+from benchmarks.ablation_runs import AblationPlan, run_ablation, train_on_world, write_report
 from models.tiny_world import WORLD_MAX_SEQUENCE_LENGTH, WorldSettings, build_tiny_world
 from training.edit_metrics import insertion_metrics
 
@@ -108,31 +107,17 @@ def train_run(
 ) -> float:
     """Train one LoRA with ``weights`` into ``out`` (a checkpoint every ``every`` steps), the
     encoded training set cached in ``cache_dir`` (shared by runs); returns wall-clock seconds."""
-    values = {
-        "pretrained_model_name_or_path": world / "model",
-        "train_data_dir": world / "train",
-        "output_dir": out,
-        "resolution": WorldSettings().resolution,
-        "train_batch_size": 8,
-        "max_train_steps": steps,
-        "learning_rate": 1e-3,
-        "rank": 8,
-        "seed": seed,
-        "checkpointing_steps": every,
-        "max_sequence_length": WORLD_MAX_SEQUENCE_LENGTH,
-        "cache_latents": "true",
-        "cache_dir": cache_dir,
-        "overwrite_output_dir": "true",
-        **weights,
-    }
-    args = [token for key, value in values.items() for token in (f"--{key}", str(value))]
-    started = time.perf_counter()
-    reset_accelerate()
-    try:
-        train_kontext_lora.main(args)
-    finally:
-        reset_accelerate()
-    return time.perf_counter() - started
+    return train_on_world(
+        train_kontext_lora.main,
+        world,
+        out,
+        resolution=WorldSettings().resolution,
+        steps=steps,
+        every=every,
+        seed=seed,
+        cache_dir=cache_dir,
+        flags={"max_sequence_length": WORLD_MAX_SEQUENCE_LENGTH, **weights},
+    )
 
 
 def heldout_pairs(folder: Path, limit: int | None) -> list[dict]:

@@ -45,6 +45,53 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def train_on_world(
+    main: Callable[[list[str]], None],
+    world: Path,
+    out: Path,
+    *,
+    resolution: int,
+    steps: int,
+    every: int,
+    seed: int,
+    cache_dir: Path,
+    flags: dict,
+) -> float:
+    """Train one LoRA on a world's ``train/`` set into ``out`` with a training script's ``main``,
+    in this process: the ablations' common settings (batch 8, rank 8, learning rate 1e-3, a
+    checkpoint every ``every`` steps, the encoded set cached in ``cache_dir``, shared by runs)
+    plus the configuration's ``flags`` (booleans as ``true`` / ``false``). Returns wall-clock
+    seconds."""
+    values = {
+        "pretrained_model_name_or_path": world / "model",
+        "train_data_dir": world / "train",
+        "output_dir": out,
+        "resolution": resolution,
+        "train_batch_size": 8,
+        "max_train_steps": steps,
+        "learning_rate": 1e-3,
+        "rank": 8,
+        "seed": seed,
+        "checkpointing_steps": every,
+        "cache_latents": True,
+        "cache_dir": cache_dir,
+        "overwrite_output_dir": True,
+        **flags,
+    }
+    args = [
+        token
+        for key, value in values.items()
+        for token in (f"--{key}", str(value).lower() if isinstance(value, bool) else str(value))
+    ]
+    started = time.perf_counter()
+    reset_accelerate()
+    try:
+        main(args)
+    finally:
+        reset_accelerate()
+    return time.perf_counter() - started
+
+
 def earlier_runs(out: Path, settings: dict) -> tuple[dict, dict]:
     """``(results, train seconds)`` by configuration and seed (as strings) of the runs recorded in
     ``out/results.json`` with the same ``settings``; empty when there are none or they differ."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from jsonargparse import auto_cli
 from PIL import Image
 
 import train_qwen_edit_mask
-from benchmarks.ablation_runs import AblationPlan, reset_accelerate, run_ablation, write_report
+from benchmarks.ablation_runs import AblationPlan, run_ablation, train_on_world, write_report
 from models.qwen_processor import load_image_only_processor
 from models.qwen_world import WORLD_RESOLUTION, QwenWorldSettings, build_qwen_world
 from training.edit_metrics import text_edit_metrics
@@ -50,31 +49,17 @@ def train_run(
     """Train one LoRA with the mask-loss ``flags`` into ``out`` (a checkpoint every ``every``
     steps), the encoded training set cached in ``cache_dir`` (shared by runs); returns
     wall-clock seconds."""
-    values = {
-        "pretrained_model_name_or_path": world / "model",
-        "train_data_dir": world / "train",
-        "output_dir": out,
-        "resolution": WORLD_RESOLUTION,
-        "train_batch_size": 8,
-        "max_train_steps": steps,
-        "learning_rate": 1e-3,
-        "rank": 8,
-        "seed": seed,
-        "checkpointing_steps": every,
-        "data.use_text_mask": True,
-        "cache_latents": True,
-        "cache_dir": cache_dir,
-        "overwrite_output_dir": True,
-        **flags,
-    }
-    args = [token for key, value in values.items() for token in (f"--{key}", str(value).lower())]
-    started = time.perf_counter()
-    reset_accelerate()
-    try:
-        train_qwen_edit_mask.main(args)
-    finally:
-        reset_accelerate()
-    return time.perf_counter() - started
+    return train_on_world(
+        train_qwen_edit_mask.main,
+        world,
+        out,
+        resolution=WORLD_RESOLUTION,
+        steps=steps,
+        every=every,
+        seed=seed,
+        cache_dir=cache_dir,
+        flags={"data.use_text_mask": True, **flags},
+    )
 
 
 def heldout_edits(folder: Path, limit: int | None) -> list[dict]:
