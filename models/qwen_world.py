@@ -52,8 +52,10 @@ from models.tiny import (
 )
 from models.world_fitting import (
     fit_autoencoder,
+    mean_psnr,
     posterior_means,
     pretrain_by_flow_matching,
+    reconstructions,
     reusable_record,
     write_record,
 )
@@ -292,10 +294,11 @@ def build_qwen_world(out: str | Path, settings: QwenWorldSettings = QwenWorldSet
     vae.requires_grad_(False)
     # Images of a scene: empty sign, written sign, rewritten sign.
     written = torch.arange(split + 1, len(pixels), 3)
-    psnr, text_psnr = reconstruction_scores(
-        vae,
-        pixels[written].float().div(127.5).sub(1)[:, :, None],
-        pretraining.text_boxes[written.numpy()],
+    heldout = pixels[written].float().div(127.5).sub(1)[:, :, None]
+    decoded = reconstructions(vae, heldout, chunk=4)
+    psnr = mean_psnr(decoded, heldout)
+    text_psnr = mean_psnr(
+        decoded, heldout, torch.from_numpy(pretraining.text_boxes[written.numpy()])
     )
     vae_seconds = time.perf_counter() - started
 
@@ -330,17 +333,3 @@ def build_qwen_world(out: str | Path, settings: QwenWorldSettings = QwenWorldSet
     assert math.isfinite(psnr)
     write_record(out, record)
     return record
-
-
-@torch.no_grad()
-def reconstruction_scores(vae, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[float, float]:
-    """Mean PSNR (dB, images in [0, 1]) of ``vae``'s reconstruction of ``pixels:
-    [N, 3, 1, R, R]`` in [-1, 1], over whole images and inside each image's text box
-    (``boxes: [N, R, R]`` bool)."""
-    whole, inside = [], []
-    for image, box in zip(pixels.split(1), boxes, strict=True):
-        decoded = vae.decode(vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1)
-        error = ((decoded - image) / 2).pow(2)[0, :, 0]
-        for scores, region in ((whole, error), (inside, error[:, torch.from_numpy(box)])):
-            scores.append(10 * math.log10(1 / max(float(region.mean()), 1e-10)))
-    return float(np.mean(whole)), float(np.mean(inside))

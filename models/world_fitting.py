@@ -70,15 +70,38 @@ def posterior_means(vae, pixels: torch.Tensor, chunk: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reconstructions(vae, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """``vae``'s reconstruction (posterior mean, decoded, clamped to [-1, 1]) of
+    ``pixels: [N, 3, (1,) H, W]`` in [-1, 1], ``chunk`` images at a time."""
+    return torch.cat(
+        [
+            vae.decode(vae.encode(part).latent_dist.mode()).sample.clamp(-1, 1)
+            for part in pixels.split(chunk)
+        ]
+    )
+
+
+def mean_psnr(
+    decoded: torch.Tensor, pixels: torch.Tensor, regions: torch.Tensor | None = None
+) -> float:
+    """Mean over images of the PSNR (dB, images in [0, 1]) of ``decoded`` vs ``pixels``
+    (``[N, 3, (1,) H, W]`` in [-1, 1]), over whole images or inside each image's region
+    (``regions: [N, H, W]`` bool)."""
+    error = ((decoded - pixels) / 2).pow(2)
+    if regions is None:
+        mse = error.flatten(1).mean(1)
+    else:
+        planes = error.reshape(len(error), 3, *error.shape[-2:])
+        mse = torch.stack(
+            [plane[:, region].mean() for plane, region in zip(planes, regions, strict=True)]
+        )
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
 def reconstruction_psnr(vae, pixels: torch.Tensor, chunk: int = 32) -> float:
     """Mean PSNR (dB, images in [0, 1]) of ``vae`` on ``pixels: [N, 3, (1,) H, W]`` in
     [-1, 1], ``chunk`` images at a time."""
-    scores = []
-    for part in pixels.split(chunk):
-        decoded = vae.decode(vae.encode(part).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = ((decoded - part) / 2).pow(2).flatten(1).mean(1)
-        scores.append(10 * torch.log10(1 / mse.clamp_min(1e-10)))
-    return float(torch.cat(scores).mean())
+    return mean_psnr(reconstructions(vae, pixels, chunk), pixels)
 
 
 def pretrain_by_flow_matching(
