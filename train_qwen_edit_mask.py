@@ -141,6 +141,17 @@ def normalised_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     return pipe._encode_vae_image(pixels.to(pipe.vae.dtype), generator=None)[:, :, 0]
 
 
+@torch.no_grad()
+def encode_condition(pipe, context: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One edit's condition as the pipeline encodes it: the prompt's embeddings ``[T, D]`` (the
+    context as the vision-language encoder sees it) and the normalised condition latents
+    ``[1, 16, h, w]``."""
+    vl_image, pixels = condition_images(pipe, context)
+    image = [vl_image] if isinstance(pipe, QwenImageEditPlusPipeline) else vl_image
+    prompt_embeds, _ = pipe.encode_prompt(prompt=[prompt], image=image, device=pipe.vae.device)
+    return prompt_embeds[0], normalised_latents(pipe, pixels.to(pipe.vae.device))
+
+
 class QwenEditEncoder:
     """A batch of pixels and prompts -> prompt embeddings (``[T_i, D]`` each, the context image
     seen by the vision-language encoder), normalised condition and target latents, and the mask
@@ -164,19 +175,17 @@ class QwenEditEncoder:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         pipe = self.pipe
-        embeds, conditions = [], []
         # One item at a time: the Plus pipeline reads a list of images as one prompt's pictures.
-        for context, prompt in zip(batch["context"], batch["prompt"], strict=True):
-            vl_image, pixels = condition_images(pipe, to_pil(context))
-            image = [vl_image] if isinstance(pipe, QwenImageEditPlusPipeline) else vl_image
-            prompt_embeds, _ = pipe.encode_prompt(
-                prompt=[prompt], image=image, device=pipe.vae.device
-            )
-            embeds.append(prompt_embeds[0])
-            conditions.append(normalised_latents(pipe, pixels.to(pipe.vae.device)))
+        embeds, conditions = zip(
+            *(
+                encode_condition(pipe, to_pil(context), prompt)
+                for context, prompt in zip(batch["context"], batch["prompt"], strict=True)
+            ),
+            strict=True,
+        )
         target = normalised_latents(pipe, batch["target"][:, :, None])
         return {
-            "prompt_embeds": embeds,
+            "prompt_embeds": list(embeds),
             "condition_latents": torch.cat(conditions),
             "target_latents": target,
             "mask_tokens": map_mask_to_latent(batch["mask"][:, 0], pipe.vae_scale_factor),

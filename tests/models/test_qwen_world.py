@@ -10,7 +10,14 @@ import pytest
 import torch
 from diffusers import QwenImageEditPipeline
 
-from benchmarks.text_ablation import METRICS
+from benchmarks.text_ablation import (
+    METRICS,
+    denoised_outputs,
+    encode_edits,
+    heldout_edits,
+    reconstruction_reference,
+    score,
+)
 from benchmarks.text_ablation import main as text_ablation
 from data.synthetic import TEXT_COLOURS
 from models.qwen_processor import load_image_only_processor
@@ -89,3 +96,21 @@ def test_the_text_ablation_trains_the_script_on_the_world_and_scores_it(world, t
     assert set(record["reference"]) == set(METRICS)
     assert (tmp_path / "alpha=0.3" / "seed0" / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "examples.png").exists()
+
+
+def test_denoised_scores_from_sigma_zero_are_the_vae_reconstructions_of_the_targets(world):
+    # At sigma 0 the estimate x0 = x - 0 * v is the target's latents, whatever the transformer
+    # says: its scores must be the ceiling's, through the unpacking and un-normalising path.
+    out, _ = world
+    pipe = QwenImageEditPipeline.from_pretrained(
+        out / "model", processor=load_image_only_processor(out / "model")
+    )
+    edits = heldout_edits(out / "heldout", 1)
+    encoded = encode_edits(pipe, edits)
+    assert encoded.target.shape == (1, 16, 32, 32)
+    ceiling = reconstruction_reference(pipe, edits)
+    clean = score(denoised_outputs(pipe, encoded, 0.0, seed=0), edits, "denoised_")
+    assert clean == pytest.approx({k: v for k, v in ceiling.items() if k in clean}, abs=0.05)
+    # From pure noise the estimate is the transformer's alone.
+    noised = score(denoised_outputs(pipe, encoded, 1.0, seed=0), edits, "denoised_")
+    assert all(abs(noised[name] - clean[name]) > 1e-3 for name in clean)
