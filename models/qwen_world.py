@@ -212,6 +212,16 @@ def fit_latent_statistics(vae: AutoencoderKLQwenImage, latents: torch.Tensor) ->
     )
 
 
+def latent_statistics(vae: AutoencoderKLQwenImage) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel ``(latents_mean, latents_std)``, each ``[1, 16, 1, 1, 1]``: the
+    pipeline normalises ``(z - mean) / std`` and decodes ``z * std + mean``."""
+    config = vae.config
+    return (
+        torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1),
+        torch.tensor(config.latents_std).view(1, -1, 1, 1, 1),
+    )
+
+
 def train_qwen_base(
     pipe: QwenImageEditPipeline,
     pretraining: TextPretraining,
@@ -314,8 +324,7 @@ def build_qwen_world(out: str | Path, settings: QwenWorldSettings = QwenWorldSet
     vae_pixels = torch.cat([condition_images(pipe, image)[1] for image in pretraining.images])
     raw = posterior_means(vae, vae_pixels, chunk=4)
     fit_latent_statistics(vae, raw[:split])
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean, std = latent_statistics(vae)
     base_losses = train_qwen_base(pipe, pretraining, ((raw - mean) / std)[:, :, 0], settings)
     save_qwen_edit_pipeline(pipe, out / "model")
     record = {
