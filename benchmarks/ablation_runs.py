@@ -30,6 +30,9 @@ class AblationPlan:
     every ``every`` steps) and returns its wall-clock seconds; ``evaluate(lora, seed)`` scores a
     LoRA folder (the base model when None) and returns ``(metrics, outputs)``;
     ``example_grid(examples)`` draws the first outputs of each configuration (``base`` first).
+    ``noise_per_seed``: whether a run is scored with its training seed's noise; when False,
+    every run is scored with ``evaluate(lora, 0)``, the same noise for every configuration and
+    seed (seeds then vary only the training), and the base model once.
     """
 
     configs: dict[str, dict]
@@ -37,6 +40,7 @@ class AblationPlan:
     train: Callable[[Path, dict, int], float]
     evaluate: Callable[[Path | None, int], tuple[dict[str, float], list]]
     example_grid: Callable[[dict[str, list]], Image.Image]
+    noise_per_seed: bool = True
 
 
 def reset_accelerate() -> None:
@@ -127,19 +131,20 @@ def run_ablation(
     eval_steps = [*range(every, steps, every), steps]
     started = time.perf_counter()
     examples: dict[str, list] = {}
+    bases: dict[int, dict[str, float]] = {}
     for seed in seeds:
-        base = None
+        noise_seed = seed if plan.noise_per_seed else 0
         for name in names:
             if str(seed) in results[name]:
                 continue
-            if base is None:
-                base, base_outputs = plan.evaluate(None, seed)
+            if noise_seed not in bases:
+                bases[noise_seed], base_outputs = plan.evaluate(None, noise_seed)
                 examples.setdefault("base", base_outputs)
             run_dir = out / name / f"seed{seed}"
             seconds[name][str(seed)] = round(plan.train(run_dir, plan.configs[name], seed), 1)
-            run = {"0": base}
+            run = {"0": bases[noise_seed]}
             for step in eval_steps:
-                run[str(step)], outputs = plan.evaluate(run_dir / f"checkpoint-{step}", seed)
+                run[str(step)], outputs = plan.evaluate(run_dir / f"checkpoint-{step}", noise_seed)
             results[name][str(seed)] = run
             examples.setdefault(name, outputs)
             print(name, seed, json.dumps(run[str(steps)]), flush=True)

@@ -7,13 +7,14 @@ Trains the Qwen-Image-Edit LoRA (``train_qwen_edit_mask.py``, in this process) f
 seeds with ``alpha=0`` (plain flow matching) and ``alpha=0.3`` (seed 000: text region weight 2,
 background 1, mixed at 0.3), on the same data with the same text masks, then samples every
 saved checkpoint with ``QwenImageEditPipeline`` on the world's held-out text edits (never
-trained on) and scores each output against its target (``training.edit_metrics``): PSNR inside
-the word's box, its gain over leaving the sign empty, and PSNR outside the box. The same three
-scores of the *denoised* estimate (``denoised_*``): the target's latents noised to
-``--denoise_sigma`` (fixed noise per seed), one transformer call, ``x0 = x_sigma - sigma * v``,
-decoded: what the LoRA has learned of the target where sampling from pure noise cannot show it
-yet. The held-out targets passed through the VAE are scored the same way: the ceiling of any LoRA
-on this world (for both kinds).
+trained on), from the same noise for every configuration and seed (seeds vary only the
+training, so the base model is scored once), and scores each output against its target
+(``training.edit_metrics``): PSNR inside the word's box, its gain over leaving the sign empty,
+and PSNR outside the box. The same three scores of the *denoised* estimate (``denoised_*``):
+the target's latents noised to ``--denoise_sigma``, one transformer call,
+``x0 = x_sigma - sigma * v``, decoded: what the LoRA has learned of the target where sampling
+from pure noise cannot show it yet. The held-out targets' latents decoded are scored the same
+way: the ceiling of any LoRA on this world (for both kinds).
 Writes ``results.json``, ``table.md``, ``examples.png`` and one PNG per metric into ``--out``.
 """
 
@@ -202,16 +203,12 @@ def evaluate(
     return {**score(outputs, edits), **score(denoised, edits, "denoised_")}, outputs
 
 
-@torch.no_grad()
-def reconstruction_reference(pipe: QwenImageEditPipeline, edits: list[dict]) -> dict[str, float]:
-    """Metrics of each target passed through the VAE (encode, decode): the ceiling of any LoRA
-    on this world, sampled or denoised."""
-    outputs = []
-    for edit in edits:
-        pixels = pipe.image_processor.preprocess(edit["target"])[:, :, None]
-        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample[:, :, 0]
-        outputs.append(np.asarray(pipe.image_processor.postprocess(decoded)[0]))
-    ceiling = score(outputs, edits)
+def reconstruction_reference(
+    pipe: QwenImageEditPipeline, edits: list[dict], encoded: EncodedEdits
+) -> dict[str, float]:
+    """Metrics of each target's latents decoded (the VAE's reconstruction): the ceiling of any
+    LoRA on this world, sampled or denoised."""
+    ceiling = score(decode(pipe, encoded.target[:, :, None]), edits)
     return {**ceiling, **{f"denoised_{name}": value for name, value in ceiling.items()}}
 
 
@@ -250,7 +247,7 @@ def main(
         out: output folder; each run trains into ``out/<config>/seed<k>``; the encoded
             training set is cached once in ``out/cache``. Runs its results.json already holds
             with the same settings are not repeated.
-        seeds: training and sampling seeds.
+        seeds: training seeds (every run is sampled and noised from seed 0's noise).
         steps: optimizer steps per run.
         every: checkpoint (and evaluation) interval in steps (150 draws the curves of
             docs/ablation.md; 300, the default, evaluates once per run: 35 min here, not 39).
@@ -278,17 +275,19 @@ def main(
         "heldout_edits": len(edits),
         "inference_steps": inference_steps,
         "denoise_sigma": denoise_sigma,
+        "noise_per_seed": False,
     }
+    encoded = encode_edits(pipe, edits)
     plan = AblationPlan(
         configs=CONFIGS,
         metrics=METRICS,
         train=partial(train_run, world, steps, every, out / "cache"),
-        evaluate=partial(
-            evaluate, pipe, edits, encode_edits(pipe, edits), inference_steps, denoise_sigma
-        ),
+        evaluate=partial(evaluate, pipe, edits, encoded, inference_steps, denoise_sigma),
         example_grid=partial(example_grid, edits),
+        noise_per_seed=False,
     )
-    run_ablation(plan, out, list(CONFIGS), seeds, settings, reconstruction_reference(pipe, edits))
+    reference = reconstruction_reference(pipe, edits, encoded)
+    run_ablation(plan, out, list(CONFIGS), seeds, settings, reference)
 
 
 if __name__ == "__main__":

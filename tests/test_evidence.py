@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from benchmarks.ablation import GEOMETRY_FLAGS, METRICS, ablation_configs
-from benchmarks.ablation_runs import earlier_runs, summary_table
+from benchmarks.ablation_runs import AblationPlan, earlier_runs, run_ablation, summary_table
 from scripts.demo_report import weighted_terms
 from training.plots import COLOURS, line_plot
 
@@ -58,6 +60,42 @@ def test_earlier_runs_are_reused_only_with_the_same_settings(tmp_path):
     assert earlier_runs(tmp_path, settings) == (runs, seconds)
     assert earlier_runs(tmp_path, {**settings, "steps": 8}) == ({}, {})
     assert earlier_runs(tmp_path, {**settings, "world": {"seed": 1}}) == ({}, {})
+
+
+@pytest.mark.parametrize("noise_per_seed", [True, False])
+def test_run_ablation_scores_the_base_once_per_noise_seed(tmp_path, noise_per_seed):
+    # A plan of plain functions: "training" writes nothing, a score is lora's config and seed.
+    calls = []
+
+    def evaluate(lora, seed):
+        calls.append((None if lora is None else lora.parent.name, seed))
+        value = seed + (0 if lora is None else 10 * (lora.parent.parent.name == "b"))
+        return {"m": float(value)}, [np.zeros((4, 4, 3), np.uint8)]
+
+    plan = AblationPlan(
+        configs={"a": {}, "b": {}},
+        metrics=("m",),
+        train=lambda run_dir, flags, seed: 0.0,
+        evaluate=evaluate,
+        example_grid=lambda examples: Image.new("RGB", (4 * len(examples), 4)),
+        noise_per_seed=noise_per_seed,
+    )
+    run_ablation(plan, tmp_path, ["a", "b"], (3, 5), {"steps": 2, "every": 2}, {"m": 1.0})
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    if noise_per_seed:
+        assert calls == [
+            (None, 3),
+            ("seed3", 3),
+            ("seed3", 3),
+            (None, 5),
+            ("seed5", 5),
+            ("seed5", 5),
+        ]
+        assert results["b"]["5"] == {"0": {"m": 5.0}, "2": {"m": 15.0}}
+    else:
+        assert calls == [(None, 0), ("seed3", 0), ("seed3", 0), ("seed5", 0), ("seed5", 0)]
+        assert results["b"]["5"] == {"0": {"m": 0.0}, "2": {"m": 10.0}}
+    assert results["a"]["3"]["2"] == {"m": 3.0 if noise_per_seed else 0.0}
 
 
 def test_weighted_terms_scale_each_logged_term():

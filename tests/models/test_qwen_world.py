@@ -100,7 +100,8 @@ def test_the_text_ablation_trains_the_script_on_the_world_and_scores_it(world, t
 
 def test_denoised_scores_from_sigma_zero_are_the_vae_reconstructions_of_the_targets(world):
     # At sigma 0 the estimate x0 = x - 0 * v is the target's latents, whatever the transformer
-    # says: its scores must be the ceiling's, through the unpacking and un-normalising path.
+    # says: its scores, and the ceiling's, must be those of the target through the VAE (raw
+    # latents, no normalisation, decoded here), through the unpacking and un-normalising path.
     out, _ = world
     pipe = QwenImageEditPipeline.from_pretrained(
         out / "model", processor=load_image_only_processor(out / "model")
@@ -108,7 +109,16 @@ def test_denoised_scores_from_sigma_zero_are_the_vae_reconstructions_of_the_targ
     edits = heldout_edits(out / "heldout", 1)
     encoded = encode_edits(pipe, edits)
     assert encoded.target.shape == (1, 16, 32, 32)
-    ceiling = reconstruction_reference(pipe, edits)
+    target = torch.from_numpy(np.asarray(edits[0]["target"])).permute(2, 0, 1)
+    pixels = (target.float() / 127.5 - 1)[None, :, None]
+    with torch.no_grad():
+        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample
+    image = ((decoded[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
+    expected = score([image.numpy()], edits)
+    ceiling = reconstruction_reference(pipe, edits, encoded)
+    assert ceiling == pytest.approx(
+        {**expected, **{f"denoised_{k}": v for k, v in expected.items()}}, abs=0.05
+    )
     clean = score(denoised_outputs(pipe, encoded, 0.0, seed=0), edits, "denoised_")
     assert clean == pytest.approx({k: v for k, v in ceiling.items() if k in clean}, abs=0.05)
     # From pure noise the estimate is the transformer's alone.
