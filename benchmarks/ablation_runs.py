@@ -28,8 +28,9 @@ class AblationPlan:
 
     ``train(run_dir, flags, seed)`` trains one LoRA into ``run_dir`` (a ``checkpoint-<step>``
     every ``every`` steps) and returns its wall-clock seconds; ``evaluate(lora, seed)`` scores a
-    LoRA folder (the base model when None) and returns ``(metrics, outputs)``;
-    ``example_grid(examples)`` draws the first outputs of each configuration (``base`` first).
+    LoRA folder (the base model when None) and returns ``(metrics, outputs)``, outputs
+    ``[H, W, 3]`` uint8 arrays; ``example_grid(examples)`` draws the first
+    :data:`EXAMPLES` outputs of each configuration (``base`` first).
     ``noise_per_seed``: whether a run is scored with its training seed's noise; when False,
     every run is scored with ``evaluate(lora, 0)``, the same noise for every configuration and
     seed (seeds then vary only the training), and the base model once.
@@ -41,6 +42,28 @@ class AblationPlan:
     evaluate: Callable[[Path | None, int], tuple[dict[str, float], list]]
     example_grid: Callable[[dict[str, list]], Image.Image]
     noise_per_seed: bool = True
+
+
+EXAMPLES = 4
+
+
+def save_examples(out: Path, name: str, outputs: list[np.ndarray]) -> None:
+    """The first :data:`EXAMPLES` outputs of configuration ``name`` as
+    ``out/examples/<name>/<index>.png``, so that a resumed ablation still draws them."""
+    folder = out / "examples" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, output in enumerate(outputs[:EXAMPLES]):
+        Image.fromarray(output).save(folder / f"{index}.png")
+
+
+def saved_examples(out: Path, names: list[str]) -> dict[str, list[np.ndarray]]:
+    """The outputs :func:`save_examples` kept for each of ``names`` that has any."""
+    examples = {}
+    for name in names:
+        files = sorted((out / "examples" / name).glob("*.png"), key=lambda f: int(f.stem))
+        if files:
+            examples[name] = [np.asarray(Image.open(file)) for file in files]
+    return examples
 
 
 def reset_accelerate() -> None:
@@ -124,13 +147,15 @@ def run_ablation(
     ``table.md`` and the plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results, seconds = earlier_runs(out, settings)
+    # Examples of the runs kept from an earlier invocation, whose outputs are not recomputed.
+    kept = [name for name in names if results.get(name)]
+    examples = saved_examples(out, ["base", *kept]) if kept else {}
     for name in names:
         results.setdefault(name, {})
         seconds.setdefault(name, {})
     steps, every = settings["steps"], settings["every"]
     eval_steps = [*range(every, steps, every), steps]
     started = time.perf_counter()
-    examples: dict[str, list] = {}
     bases: dict[int, dict[str, float]] = {}
     for seed in seeds:
         noise_seed = seed if plan.noise_per_seed else 0
@@ -139,14 +164,18 @@ def run_ablation(
                 continue
             if noise_seed not in bases:
                 bases[noise_seed], base_outputs = plan.evaluate(None, noise_seed)
-                examples.setdefault("base", base_outputs)
+                if "base" not in examples:
+                    examples["base"] = base_outputs
+                    save_examples(out, "base", base_outputs)
             run_dir = out / name / f"seed{seed}"
             seconds[name][str(seed)] = round(plan.train(run_dir, plan.configs[name], seed), 1)
             run = {"0": bases[noise_seed]}
             for step in eval_steps:
                 run[str(step)], outputs = plan.evaluate(run_dir / f"checkpoint-{step}", noise_seed)
             results[name][str(seed)] = run
-            examples.setdefault(name, outputs)
+            if name not in examples:
+                examples[name] = outputs
+                save_examples(out, name, outputs)
             print(name, seed, json.dumps(run[str(steps)]), flush=True)
             record = {
                 "settings": settings,
@@ -158,7 +187,8 @@ def run_ablation(
                 "results": results,
             }
             (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-            plan.example_grid(examples).save(out / "examples.png")
+            ordered = {key: examples[key] for key in ["base", *names] if key in examples}
+            plan.example_grid(ordered).save(out / "examples.png")
     print(write_report(out, plan.metrics))
     print(f"total {time.perf_counter() - started:.0f} s")
 

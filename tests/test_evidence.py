@@ -98,6 +98,36 @@ def test_run_ablation_scores_the_base_once_per_noise_seed(tmp_path, noise_per_se
     assert results["a"]["3"]["2"] == {"m": 3.0 if noise_per_seed else 0.0}
 
 
+def test_a_resumed_ablation_draws_the_examples_of_the_runs_it_kept(tmp_path):
+    grids = []
+
+    def evaluate(lora, seed):
+        value = 10 if lora is None else {"a": 20, "b": 30}[lora.parent.parent.name]
+        outputs = [np.full((2, 2, 3), value + index, np.uint8) for index in range(6)]
+        return {"m": float(value)}, outputs
+
+    def grid(examples):
+        grids.append(
+            {name: [int(o[0, 0, 0]) for o in outputs] for name, outputs in examples.items()}
+        )
+        return Image.new("RGB", (1, 1))
+
+    plan = AblationPlan({"a": {}, "b": {}}, ("m",), lambda *args: 0.0, evaluate, grid)
+    settings = {"steps": 2, "every": 2}
+    run_ablation(plan, tmp_path, ["a"], (0,), settings, {"m": 1.0})
+    assert grids[-1] == {"base": list(range(10, 16)), "a": list(range(20, 26))}
+    # Adding "b" reruns nothing of "a": its first examples come back from disk, beside "b"'s.
+    run_ablation(plan, tmp_path, ["a", "b"], (0,), settings, {"m": 1.0})
+    assert grids[-1] == {
+        "base": [10, 11, 12, 13],
+        "a": [20, 21, 22, 23],
+        "b": list(range(30, 36)),
+    }
+    # Other settings keep nothing: neither runs nor examples.
+    run_ablation(plan, tmp_path, ["b"], (0,), {**settings, "steps": 4}, {"m": 1.0})
+    assert grids[-1] == {"base": list(range(10, 16)), "b": list(range(30, 36))}
+
+
 def test_weighted_terms_scale_each_logged_term():
     records = [
         {"step": 1, "loss": 3.0, "fm": 1.0, "geo_dice": 2.0, "geo_area": 5.0},
