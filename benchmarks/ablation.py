@@ -17,7 +17,8 @@ each output against its context (``training.edit_metrics``): IoU, signed area er
 F-score of the change, IoU and area error of the object drawn, background PSNR outside the mask,
 no-edit rate. The held-out targets passed through the VAE are scored the same way: the ceiling
 of any LoRA on this world. Writes ``results.json`` (every number), ``table.md`` (mean and
-spread over seeds at the last step) and one PNG per metric (metric vs training step per
+spread over seeds at the last step), ``examples.png`` (the first held-out outputs of each
+configuration, kept in ``examples/``) and one PNG per metric (metric vs training step per
 configuration) into ``--out``.
 """
 

@@ -15,7 +15,8 @@ the target's latents noised to ``--denoise_sigma``, one transformer call,
 ``x0 = x_sigma - sigma * v``, decoded: what the LoRA has learned of the target where sampling
 from pure noise cannot show it yet. The held-out targets' latents decoded are scored the same
 way: the ceiling of any LoRA on this world (for both kinds).
-Writes ``results.json``, ``table.md``, ``examples.png`` and one PNG per metric into ``--out``.
+Writes ``results.json``, ``table.md``, ``examples.png`` (the first outputs of each configuration,
+kept in ``examples/``) and one PNG per metric into ``--out``.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def main(
         seeds: training seeds (every run is sampled and noised from seed 0's noise).
         steps: optimizer steps per run.
         every: checkpoint (and evaluation) interval in steps (150 draws the curves of
-            docs/ablation.md; 300, the default, evaluates once per run: 35 min here, not 39).
+            docs/ablation.md; 300, the default, evaluates once per run: 28 min here, not 39).
         heldout: evaluate on the first this many held-out edits (None: all).
         inference_steps: denoising steps of the sampler.
         denoise_sigma: noise level of the denoised scores (0 clean, 1 pure noise).
