@@ -269,15 +269,6 @@ def main(
         world / "model", processor=load_image_only_processor(world / "model")
     )
     pipe.set_progress_bar_config(disable=True)
-    settings = {
-        "world": world_record["settings"],
-        "steps": steps,
-        "every": every,
-        "heldout_edits": len(edits),
-        "inference_steps": inference_steps,
-        "denoise_sigma": denoise_sigma,
-        "noise_per_seed": False,
-    }
     encoded = encode_edits(pipe, edits)
     plan = AblationPlan(
         configs=CONFIGS,
@@ -287,6 +278,15 @@ def main(
         example_grid=partial(example_grid, edits),
         noise_per_seed=False,
     )
+    settings = {
+        "world": world_record["settings"],
+        "steps": steps,
+        "every": every,
+        "heldout_edits": len(edits),
+        "inference_steps": inference_steps,
+        "denoise_sigma": denoise_sigma,
+        "noise_per_seed": plan.noise_per_seed,
+    }
     reference = reconstruction_reference(pipe, edits, encoded)
     run_ablation(plan, out, list(CONFIGS), seeds, settings, reference)
 
