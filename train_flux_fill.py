@@ -41,6 +41,7 @@ from data.fill_latents import (
     mask_latents_from_pixels,
     pixels_from_mask_latents,
 )
+from data.inpainting import InpaintingDataset
 from data.rows import collate_items
 from losses import background_preservation_mse_latent, map_mask_to_latent, masked_flow_matching_loss
 from training.caching import encoded_items, offload_after_caching
@@ -108,6 +109,9 @@ class FillConfig(
     """Dilation of the mask, in latent pixels, before the background term."""
     noise_level: PositiveFloat = 0.7
     """GRPO: a in Flow-GRPO's SDE step noise s_t = a * sqrt(sigma / (1 - sigma))."""
+    validation_data_dir: str | None = None
+    """Raw examples (a metadata.jsonl folder) to draw the validation images from (default: the
+    first training examples). A precomputed --train_data_dir holds no pixels: give one here."""
 
 
 def fill_conditioning(
@@ -349,6 +353,16 @@ def fill_dataset(config: FillConfig, pipe: FluxFillPipeline):
     return inpainting_dataset(config)
 
 
+def validation_examples(config: FillConfig, dataset) -> InpaintingDataset | None:
+    """The raw examples validation draws from: --validation_data_dir, else the training set,
+    or None when that is a precomputed folder."""
+    if config.validation_data_dir is not None:
+        return InpaintingDataset.from_folder(
+            config.validation_data_dir, resolution=config.resolution, seed=config.seed
+        )
+    return None if isinstance(dataset, FillLatentDataset) else dataset
+
+
 def card_info(config: FillConfig) -> ModelCardInfo:
     """The model card's family part; the loss terms by their metrics.jsonl names."""
     losses = grpo_terms(config)
@@ -380,12 +394,17 @@ def main(argv: list[str] | None = None) -> None:
         else encoded_items(accelerator, config, dataset, encoder, collate_items)
     )
     validate = None
-    if precomputed:
-        logger.warning("validation images need raw images; none for a precomputed folder")
+    examples = validation_examples(config, dataset)
+    if examples is None:
+        logger.warning(
+            "validation images need raw images, which the precomputed folder %s lacks: give "
+            "--validation_data_dir",
+            config.train_data_dir,
+        )
     else:
         validate = InpaintingValidation(
             pipe,
-            dataset,
+            examples,
             config,
             accelerator,
             {

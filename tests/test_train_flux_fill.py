@@ -71,6 +71,27 @@ def pipe(assets):
     return quiet_pipeline(FluxFillPipeline, assets)
 
 
+def precompute(assets: Path, encoded: Path) -> Path:
+    """Seed 004's precomputed folder of the assets' raw examples, by its script."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "precompute_flux_fill.py"),
+            "--pretrained_model_name_or_path",
+            str(assets / "model"),
+            "--train_data_dir",
+            str(assets / "data"),
+            "--out",
+            str(encoded),
+            "--resolution",
+            str(RESOLUTION),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return encoded
+
+
 class TestSameInputsAsThePipeline:
     def test_first_denoising_step(self, assets, pipe):
         batch = first_batch(assets)
@@ -164,23 +185,7 @@ class TestLoss:
             torch.testing.assert_close(weighted, factor * plain, rtol=1e-6, atol=0)
 
     def test_precomputed_folder_gives_the_same_loss(self, assets, pipe, tmp_path):
-        encoded = tmp_path / "encoded"
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "precompute_flux_fill.py"),
-                "--pretrained_model_name_or_path",
-                str(assets / "model"),
-                "--train_data_dir",
-                str(assets / "data"),
-                "--out",
-                str(encoded),
-                "--resolution",
-                str(RESOLUTION),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        encoded = precompute(assets, tmp_path / "encoded")
         scaling = VaeScaling(pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor)
         precomputed = FillLatentDataset(encoded, scaling, require_latents=True)
         raw = InpaintingDataset.from_folder(assets / "data", resolution=RESOLUTION)
@@ -228,6 +233,16 @@ class TestTrainingRun:
         pipe.load_lora_weights(out)
         adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
         assert not np.allclose(plain, adapted)
+
+    def test_a_precomputed_folder_validates_on_the_raw_folder_given(self, assets, tmp_path):
+        encoded = precompute(assets, tmp_path / "encoded")
+        validation = {"validation_steps": 2, "validation_inference_steps": 2}
+        flags = {"train_data_dir": encoded, "max_train_steps": 2, **validation}
+        out = run(assets, tmp_path / "out", validation_data_dir=assets / "data", **flags)
+        grid = Image.open(out / "validation" / "step-000002.png")
+        assert grid.width >= 4 * RESOLUTION and grid.height >= 2 * RESOLUTION
+        # Without it the run trains and says why there are no images.
+        assert not (run(assets, tmp_path / "plain", **flags) / "validation").exists()
 
     def test_exact_resume(self, assets, tmp_path):
         common = {"gradient_accumulation_steps": 2, "checkpointing_steps": 2}
