@@ -71,8 +71,10 @@ def pipe(assets):
     return quiet_pipeline(FluxFillPipeline, assets)
 
 
-def precompute(assets: Path, encoded: Path) -> Path:
+@pytest.fixture(scope="module")
+def precomputed_folder(assets, tmp_path_factory) -> Path:
     """Seed 004's precomputed folder of the assets' raw examples, by its script."""
+    encoded = tmp_path_factory.mktemp("fill_encoded")
     subprocess.run(
         [
             sys.executable,
@@ -184,10 +186,9 @@ class TestLoss:
             assert torch.isfinite(weighted)
             torch.testing.assert_close(weighted, factor * plain, rtol=1e-6, atol=0)
 
-    def test_precomputed_folder_gives_the_same_loss(self, assets, pipe, tmp_path):
-        encoded = precompute(assets, tmp_path / "encoded")
+    def test_precomputed_folder_gives_the_same_loss(self, assets, pipe, precomputed_folder):
         scaling = VaeScaling(pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor)
-        precomputed = FillLatentDataset(encoded, scaling, require_latents=True)
+        precomputed = FillLatentDataset(precomputed_folder, scaling, require_latents=True)
         raw = InpaintingDataset.from_folder(assets / "data", resolution=RESOLUTION)
         assert len(precomputed) == len(raw) == 4
         fill_config = config(assets, background_preservation_weight=0.5)
@@ -234,10 +235,11 @@ class TestTrainingRun:
         adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
         assert not np.allclose(plain, adapted)
 
-    def test_a_precomputed_folder_validates_on_the_raw_folder_given(self, assets, tmp_path):
-        encoded = precompute(assets, tmp_path / "encoded")
+    def test_a_precomputed_folder_validates_on_the_raw_folder_given(
+        self, assets, precomputed_folder, tmp_path
+    ):
         validation = {"validation_steps": 2, "validation_inference_steps": 2}
-        flags = {"train_data_dir": encoded, "max_train_steps": 2, **validation}
+        flags = {"train_data_dir": precomputed_folder, "max_train_steps": 2, **validation}
         out = run(assets, tmp_path / "out", validation_data_dir=assets / "data", **flags)
         grid = Image.open(out / "validation" / "step-000002.png")
         assert grid.width >= 4 * RESOLUTION and grid.height >= 2 * RESOLUTION
