@@ -135,6 +135,23 @@ def qwen_transformer_inputs(
     }
 
 
+def target_velocity(
+    model,
+    pipe,
+    noisy_target: torch.Tensor,
+    condition_latents: torch.Tensor,
+    prompt_embeds: list[torch.Tensor],
+    sigmas: torch.Tensor,
+) -> torch.Tensor:
+    """``model``'s packed velocity of the target tokens ``[B, h/2 * w/2, 64]`` at one edit-pipeline
+    step (inputs as :func:`qwen_transformer_inputs`; ``prompt_embeds`` ``[T_i, D]`` each); the
+    condition tokens after them are dropped, as the pipeline drops them."""
+    padded, mask = pad_prompts(prompt_embeds)
+    inputs = qwen_transformer_inputs(noisy_target, condition_latents, padded, mask, sigmas, pipe)
+    height, width = noisy_target.shape[-2:]
+    return model(**inputs)[0][:, : (height // 2) * (width // 2)]
+
+
 def normalised_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """``[B, 3, 1, H, W]`` -> ``[B, 16, H/8, W/8]``: VAE mode, ``(z - mean) / std``, as the
     pipeline encodes its condition image."""
@@ -219,16 +236,14 @@ class QwenEditLoss:
         sigmas = sample_sigmas(
             config, batch_size, (height // 2) * (width // 2), pipe.scheduler.config, generator
         )
-        prompt_embeds, prompt_mask = pad_prompts(encoded["prompt_embeds"])
-        inputs = qwen_transformer_inputs(
+        velocity = target_velocity(
+            model,
+            pipe,
             noisy_latents(x0, noise, sigmas),
             encoded["condition_latents"],
-            prompt_embeds,
-            prompt_mask,
+            encoded["prompt_embeds"],
             sigmas,
-            pipe,
-        )
-        velocity = model(**inputs)[0][:, : (height // 2) * (width // 2)].float()
+        ).float()
         target = pack(pipe, noise - x0).float()
         weighting = loss_weighting(config, sigmas)
         with_mask = encoded["has_mask"].bool() & config.mask_loss.enabled

@@ -155,12 +155,9 @@ def denoised_outputs(
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     sigmas = torch.full((len(x0),), float(sigma))
     noisy = noisy_latents(x0, noise, sigmas)
-    prompt_embeds, prompt_mask = train_qwen_edit_mask.pad_prompts(encoded.prompt_embeds)
-    inputs = train_qwen_edit_mask.qwen_transformer_inputs(
-        noisy, encoded.condition, prompt_embeds, prompt_mask, sigmas, pipe
+    velocity = train_qwen_edit_mask.target_velocity(
+        pipe.transformer, pipe, noisy, encoded.condition, encoded.prompt_embeds, sigmas
     )
-    tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
-    velocity = pipe.transformer(**inputs)[0][:, :tokens]
     height, width = (side * pipe.vae_scale_factor for side in x0.shape[-2:])
     velocity = pipe._unpack_latents(velocity, height, width, pipe.vae_scale_factor)
     return decode(pipe, noisy[:, :, None] - sigma * velocity)
