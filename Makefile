@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet ".[test]" $(TORCH)
+	$(PY) -m pip install --quiet ".[test,lowmem]" $(TORCH)
 	rm -rf build *.egg-info
 	touch $(STAMP)
 

@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from data.images import DataError
+from training.optimizers import averaged_weights, resume_training_weights
 from training.sharding import (
     is_sharded,
     local_optimizer_state,
@@ -227,7 +228,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        failure = self._write_state(partial)
+        with averaged_weights(self.optimizer):
+            failure = self._write_state(partial)
         self._raise_if_any_rank_failed(failure, final, partial)
         if accelerator.is_main_process:
             failure = self._seal(partial, progress)
@@ -340,6 +342,7 @@ class Checkpointer:
         if is_sharded(self.model):
             optimizer_state = sharded_optimizer_state(optimizer_state, self.optimizer)
         self.optimizer.load_state_dict(optimizer_state)
+        resume_training_weights(self.optimizer)
         self.lr_scheduler.load_state_dict(load_state(folder, "scheduler"))
         if accelerator.scaler is not None and (folder / "scaler.json").exists():
             accelerator.scaler.load_state_dict(load_state(folder, "scaler"))

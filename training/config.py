@@ -22,6 +22,8 @@ from typing import Literal, TypeVar
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from training.optimizers import OptimizerName, check_optimizer
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 ConfigT = TypeVar("ConfigT")
@@ -63,6 +65,12 @@ class TrainConfig:
     """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
     lr_warmup_steps: int = 0
     """Warm-up optimizer steps."""
+    optimizer: OptimizerName = "adamw"
+    """adamw (fp32 moments, 8 bytes per trainable parameter); adamw8bit or paged_adamw8bit
+    (bitsandbytes, about 2 bytes; paged spills to the CPU under CUDA memory pressure); adafactor
+    (factored second moments); prodigy (estimates its step size: --learning_rate 1.0);
+    schedulefree_adamw (no schedule: --lr_scheduler constant; its averaged weights are saved).
+    All but adamw and adafactor need the lowmem extra: pip install '.[lowmem]'."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -166,6 +174,7 @@ class TrainConfig:
             raise ValueError(
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
             )
+        check_optimizer(self)
 
     @property
     def trackers(self) -> list[str]:

@@ -32,6 +32,12 @@ from training.compiling import compile_repeated_blocks
 from training.config import TrainConfig
 from training.metrics import MetricsLog, mean_across_ranks
 from training.model_card import ModelCardInfo, publish_run
+from training.optimizers import (
+    averaged_weights,
+    build_optimizer,
+    scheduler_warmup_steps,
+    use_averaged_weights,
+)
 from training.runtime import step_generator
 from training.sharding import is_sharded_tensor, whole_trainable_parameters
 from training.stopping import NonFiniteSteps, StopSignals, describe_items
@@ -64,18 +70,6 @@ class TrainingParts:
     validate: Callable[[torch.nn.Module, int], Mapping[str, float] | None] | None = None
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the trainable (LoRA) parameters."""
-    params = [param for param in model.parameters() if param.requires_grad]
-    return torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-
-
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     """Optimizer steps of the run: --max_train_steps, else epochs x steps per epoch."""
     if config.max_train_steps is not None:
@@ -101,8 +95,9 @@ def epoch_batches(parts, config: TrainConfig, epoch: int, skip: int):
 
 class Run:
     """What happens around the batches of a run, whatever drives them (this module's supervised
-    loop, or ``training.grpo``): AdamW over the LoRA, the LR schedule, accelerate's preparation,
-    checkpoints with exact resume, ``metrics.jsonl``, trackers, validation, the final save.
+    loop, or ``training.grpo``): the --optimizer over the LoRA, the LR schedule, accelerate's
+    preparation, checkpoints with exact resume, ``metrics.jsonl``, trackers, validation, the
+    final save.
 
     ``model`` is the prepared model (DDP-wrapped on several ranks); ``progress`` is where the run
     stands, restored from --resume_from_checkpoint when given.
@@ -130,7 +125,7 @@ class Run:
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=optimizer,
-            num_warmup_steps=config.lr_warmup_steps,
+            num_warmup_steps=scheduler_warmup_steps(config),
             num_training_steps=max_steps,
         )
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
@@ -245,7 +240,8 @@ class Run:
         record = {"step": step, "epoch": progress.epoch, "lr": lr, **values}
         record["nonfinite_skipped"] = int(self._skipped)
         if self.validation_due(step):
-            record.update(_validate(self.accelerator, self.parts, self.model, step))
+            with averaged_weights(self.optimizer):
+                record.update(_validate(self.accelerator, self.parts, self.model, step))
         self.metrics.write(record)
         self.accelerator.log(record, step=step)
         self.bar.update(1)
@@ -289,6 +285,7 @@ class Run:
         self.bar.close()
         self.signals.close()
         _check_replicas_agree(accelerator, self.trainable)
+        use_averaged_weights(self.optimizer)
         if not self.stopped:
             # Sharded (FSDP2): every rank gathers the LoRA, the main process writes it.
             with whole_trainable_parameters(accelerator.unwrap_model(self.model)) as model:

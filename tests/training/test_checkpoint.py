@@ -33,6 +33,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig
 from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora
+from training.optimizers import OPTIMIZERS, build_optimizer, scheduler_warmup_steps
 from training.runtime import build_accelerator
 
 LAYERS = ("attn.to_q", "attn.to_k")
@@ -211,6 +212,9 @@ def start_run(
             "output_dir": str(output_dir),
             "rank": 4,
             "lora_layers": ",".join(LAYERS),
+            "learning_rate": 1e-2,
+            "lr_scheduler": "linear",
+            "lr_warmup_steps": 2,
             **config,
         }
     )
@@ -218,9 +222,13 @@ def start_run(
     transformer = tiny_flux_kontext_pipeline(0).transformer
     torch.manual_seed(lora_seed)  # the LoRA's init
     add_lora(transformer, config, LAYERS, KONTEXT)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+    optimizer = build_optimizer(config, transformer)
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=scheduler_warmup_steps(config),
+        num_training_steps=10,
+    )
     model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     run = None
 
@@ -247,6 +255,22 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+
+def assert_same_nested(actual, expected, path: str = "") -> None:
+    """Equal structures: tensors bit for bit, everything else by ``==``."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected), path
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_same_nested(actual[key], expected[key], f"{path}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_nested(a, e, f"{path}/{index}")
+    else:
+        assert actual == expected, path
 
 
 def assert_same_optimizer_state(actual: dict, expected: dict) -> None:
@@ -430,6 +454,32 @@ class TestCheckpointer:
         assert_same_optimizer_state(resumed.optimizer.state_dict(), optimizer_state)
         resumed.train_step(3)
         assert_same_tensors(resumed.lora(), after_one_more)  # as if never interrupted
+
+
+@pytest.mark.usefixtures("clean_accelerate_state")
+class TestEveryOptimizerResumes:
+    @pytest.mark.parametrize("optimizer", OPTIMIZERS)
+    def test_bit_exactly_from_safetensors_and_json(self, tmp_path, optimizer):
+        schedule = {"lr_scheduler": "constant"} if optimizer == "schedulefree_adamw" else {}
+        run = start_run(tmp_path, optimizer=optimizer, **schedule)
+        for step in range(3):
+            run.train_step(step)
+        folder = run.checkpointer.save(TrainingProgress(3, 0, 3))
+        for step in (3, 4):
+            run.train_step(step)
+        expected, expected_state = run.lora(), copy.deepcopy(run.optimizer.state_dict())
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        resumed = start_run(
+            tmp_path, lora_seed=1, optimizer=optimizer, resume_from_checkpoint="latest", **schedule
+        )
+        resumed.checkpointer.restore(folder)
+        for step in (3, 4):
+            resumed.train_step(step)
+        assert_same_tensors(resumed.lora(), expected)
+        assert {path.suffix for path in folder.iterdir()} == {".json", ".safetensors"}
+        assert_same_nested(resumed.optimizer.state_dict(), expected_state)
 
 
 class Payload:
