@@ -49,6 +49,7 @@ from training.config import (
     FlowMatchingConfig,
     FluxConfig,
     InpaintingDataConfig,
+    LowMemoryConfig,
     RegionLossConfig,
     TrainConfig,
     parse_config,
@@ -95,7 +96,13 @@ FILL_LORA = LoraFormat(FluxFillPipeline, "transformer")
 # bases (training.config's names, such as MaskLossSettings).
 @dataclass(kw_only=True)
 class FillConfig(
-    RegionLossConfig, GRPOConfig, InpaintingDataConfig, FlowMatchingConfig, FluxConfig, TrainConfig
+    RegionLossConfig,
+    GRPOConfig,
+    InpaintingDataConfig,
+    FlowMatchingConfig,
+    FluxConfig,
+    LowMemoryConfig,
+    TrainConfig,
 ):
     """Train a FLUX.1 Fill LoRA: supervised, with optional mask-region weighting and background
     preservation, or with GRPO on a reward."""

@@ -39,6 +39,7 @@ from training.config import (
     EditPairDataConfig,
     FlowMatchingConfig,
     FluxConfig,
+    LowMemoryConfig,
     TrainConfig,
     parse_config,
 )
@@ -79,7 +80,9 @@ TERM_WEIGHT_FLAGS = {
 
 
 @dataclass(kw_only=True)
-class KontextConfig(EditPairDataConfig, FlowMatchingConfig, FluxConfig, TrainConfig):
+class KontextConfig(
+    EditPairDataConfig, FlowMatchingConfig, FluxConfig, LowMemoryConfig, TrainConfig
+):
     """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
 
     guidance_scale: float = 3.5

@@ -38,6 +38,7 @@ from models.qwen_processor import load_image_only_processor
 from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     FlowMatchingConfig,
+    LowMemoryConfig,
     RegionLossConfig,
     TextEditDataConfig,
     TrainConfig,
@@ -63,7 +64,9 @@ LORA_LAYERS = tuple(layer for layer in FLUX_LORA_LAYERS if layer != "attn.to_add
 
 
 @dataclass(kw_only=True)
-class QwenEditConfig(RegionLossConfig, TextEditDataConfig, FlowMatchingConfig, TrainConfig):
+class QwenEditConfig(
+    RegionLossConfig, TextEditDataConfig, FlowMatchingConfig, LowMemoryConfig, TrainConfig
+):
     """Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss."""
 
     timestep_shift: float | Literal["auto"] = "auto"

@@ -37,7 +37,13 @@ from data.cache import fingerprint
 from data.rows import collate_items
 from losses import downsample_mask_area, masked_flow_matching_loss
 from training.caching import encoded_items, encoder_weights, offload_after_caching
-from training.config import InpaintingDataConfig, RegionLossConfig, TrainConfig, parse_config
+from training.config import (
+    InpaintingDataConfig,
+    LowMemoryConfig,
+    RegionLossConfig,
+    TrainConfig,
+    parse_config,
+)
 from training.datasets import bucket_sampler, inpainting_dataset
 from training.grpo import GRPOConfig
 from training.grpo_loop import train_objective
@@ -65,7 +71,9 @@ TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
 # bases (training.config's names, such as MaskLossSettings).
 @dataclass(kw_only=True)
-class SD15InpaintConfig(RegionLossConfig, GRPOConfig, InpaintingDataConfig, TrainConfig):
+class SD15InpaintConfig(
+    RegionLossConfig, GRPOConfig, InpaintingDataConfig, LowMemoryConfig, TrainConfig
+):
     """Train a Stable Diffusion 1.5 inpainting LoRA: supervised, with optional min-SNR and region
     weighting, or with GRPO on a reward."""
 
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(SD15InpaintConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
     pipe = load_pipeline(
-        StableDiffusionInpaintPipeline, config, accelerator, ("vae", "text_encoder")
+        StableDiffusionInpaintPipeline, config, accelerator, ("vae", "text_encoder"), "unet"
     )
     add_lora(pipe.unet, config, UNET_LORA_LAYERS, UNET_LORA)
     text_encoder = None

@@ -188,6 +188,33 @@ class TrainScript:
         )
 
 
+def assert_int8_run_resumes_exactly(
+    script: TrainScript, assets: Path, tmp_path: Path, **flags
+) -> Path:
+    """A run on an int8 base (``--quantize_base int8`` plus ``flags``) with 8-bit AdamW,
+    resumed from its step-2 checkpoint, ends with the uninterrupted run's LoRA, bit for bit; the
+    LoRA has the keys, shapes and dtypes of one trained on the unquantized base. Returns the
+    uninterrupted run's folder."""
+    quantized = {
+        "quantize_base": "int8",
+        "optimizer": "adamw8bit",
+        "checkpointing_steps": 2,
+        "max_train_steps": 4,
+        **flags,
+    }
+    straight = script.run(assets, tmp_path / "straight", **quantized)
+    resumed = script.run(assets, tmp_path / "resumed", **{**quantized, "max_train_steps": 2})
+    script.run(assets, resumed, resume_from_checkpoint="latest", **quantized)
+    assert_same_tensors(lora_tensors(straight), lora_tensors(resumed))
+    plain = script.run(assets, tmp_path / "plain", **{**flags, "max_train_steps": 1})
+
+    def layout(folder: Path) -> dict:
+        return {name: (t.shape, t.dtype) for name, t in lora_tensors(folder).items()}
+
+    assert layout(straight) == layout(plain)
+    return straight
+
+
 def write_assets(root: Path, pipeline, write_data: Callable[..., Path], resolution: int) -> Path:
     """``root/model`` (the saved tiny ``pipeline``) and ``root/data`` (four synthetic items)."""
     pipeline.save_pretrained(root / "model")

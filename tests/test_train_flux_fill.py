@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from script_runs import (
     ROOT,
     TrainScript,
+    assert_int8_run_resumes_exactly,
     assert_same_tensors,
     first_call,
     first_inpainting_batch,
@@ -41,11 +42,12 @@ from data.rows import collate_items
 from data.synthetic import write_inpainting_dataset
 from models.tiny import tiny_flux_fill_pipeline
 from training.config import parse_config
-from training.flux import FLUX_LORA_LAYERS
+from training.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
 from training.grpo import sample_rollout, transition
 from training.lora import add_lora
 from training.metrics import read_metrics
 from training.rewards import RewardError, RewardOptions, Rewards
+from training.runtime import pretrained_pipeline
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -95,7 +97,13 @@ def precomputed_folder(assets, tmp_path_factory) -> Path:
 
 
 class TestSameInputsAsThePipeline:
-    def test_first_denoising_step(self, assets, pipe):
+    @pytest.mark.parametrize("quantized", ["none", "int8"])
+    def test_first_denoising_step(self, assets, quantized):
+        # The pipeline as training loads it, with int8 transformer and text encoders or not.
+        fill_config = config(assets, quantize_base=quantized, quantize_text_encoders=quantized)
+        pipe = pretrained_pipeline(FluxFillPipeline, fill_config, FLUX_ENCODERS)
+        weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+        assert ("Int8" in type(weight).__name__) == (quantized == "int8")
         batch = first_batch(assets)
         mask = batch["mask"][0, 0]
         # The synthetic mask is an ellipse: its edge cuts through 8x8 latent cells.
@@ -116,7 +124,6 @@ class TestSameInputsAsThePipeline:
             )
         expected = seen["kwargs"]
 
-        fill_config = config(assets)
         encoder = fill.FillEncoder(pipe, fill_config)
         loss = fill.FillLoss(pipe, fill_config, encoder, encoded=False)
         encoded = encoder(batch)
@@ -202,6 +209,25 @@ class TestLoss:
             assert from_raw[1].keys() == from_disk[1].keys() == {"fm", "bg"}
 
 
+def base_and_adapted(assets: Path, lora: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The unquantized ``FluxFillPipeline``'s output on the first example, without and with the
+    LoRA of ``lora``."""
+    batch = first_batch(assets)
+    call = {
+        "prompt": batch["prompt"][0],
+        "image": to_pil(batch["image"][0]),
+        "mask_image": to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
+        "height": RESOLUTION,
+        "width": RESOLUTION,
+        "num_inference_steps": 2,
+        "output_type": "np",
+    }
+    pipe = quiet_pipeline(FluxFillPipeline, assets)
+    plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(lora)
+    return plain, pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+
 class TestTrainingRun:
     def test_outputs_and_pipeline_loads_the_lora(self, assets, tmp_path):
         out = run(
@@ -219,20 +245,12 @@ class TestTrainingRun:
         card = model_card(out)
         assert "flux-fill" in card.data.tags and "FluxFillPipeline" in card.text
         assert "| bg | 0.5 |" in card.text
-        batch = first_batch(assets)
-        call = {
-            "prompt": batch["prompt"][0],
-            "image": to_pil(batch["image"][0]),
-            "mask_image": to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
-            "height": RESOLUTION,
-            "width": RESOLUTION,
-            "num_inference_steps": 2,
-            "output_type": "np",
-        }
-        pipe = FluxFillPipeline.from_pretrained(assets / "model")
-        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-        pipe.load_lora_weights(out)
-        adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        plain, adapted = base_and_adapted(assets, out)
+        assert not np.allclose(plain, adapted)
+
+    def test_int8_base_trains_resumes_and_its_lora_loads_unquantized(self, assets, tmp_path):
+        out = assert_int8_run_resumes_exactly(SCRIPT, assets, tmp_path)
+        plain, adapted = base_and_adapted(assets, out)
         assert not np.allclose(plain, adapted)
 
     def test_a_precomputed_folder_validates_on_the_raw_folder_given(
@@ -554,6 +572,13 @@ class TestGRPORun:
         assert "| reward (maximised) | background,seam:0.5 |" in model_card(straight).text
         state = FluxFillPipeline.lora_state_dict(str(straight))
         assert state and all(name.startswith("transformer.") for name in state)
+
+    def test_on_an_int8_base_the_first_update_is_on_policy(self, assets, tmp_path):
+        out = run(assets, tmp_path / "out", quantize_base="int8", max_train_steps=2, **GRPO)
+        for record in read_metrics(out):
+            assert record["ratio_min"] == pytest.approx(1, abs=1e-5)
+            assert record["ratio_max"] == pytest.approx(1, abs=1e-5)
+            assert math.isfinite(record["loss"]) and record["reward_group_std"] > 0
 
     def test_two_ranks_sample_whole_groups(self, assets, tmp_path):
         """2 ranks x 1 micro-batch and 1 rank x 2 micro-batches sample the same groups from the

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from script_runs import (
     ROOT,
     TrainScript,
+    assert_int8_run_resumes_exactly,
     first_call,
     lora_tensors,
     model_card,
@@ -33,10 +34,12 @@ from data.images import DataError
 from data.rows import collate_items
 from data.synthetic import write_kontext_dataset
 from models.tiny import tiny_flux_kontext_pipeline, write_tiny_dinov2
+from scripts import export_lora
 from training.config import parse_config
-from training.flux import FLUX_LORA_LAYERS
+from training.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
 from training.lora import LORA_WEIGHTS_NAME, add_lora
 from training.metrics import read_metrics
+from training.runtime import pretrained_pipeline
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -161,6 +164,64 @@ class TestLatentTokenIdentities:
         assert "64 * sigma**2 times the" in " ".join(help_text.split())
 
 
+def base_and_adapted(assets: Path, lora: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unquantized ``FluxKontextPipeline``'s output on the first pair, without and with
+    the LoRA in ``lora`` (a folder or file)."""
+    item = EditPairDataset.from_folder(assets / "data", resolution=RESOLUTION)[0]
+    height, width = item["target"].shape[-2:]
+    call = {
+        "image": to_pil(item["context"]),
+        "prompt": item["prompt"],
+        "height": height,
+        "width": width,
+        "max_area": height * width,
+        "_auto_resize": False,
+        "num_inference_steps": 2,
+        "output_type": "pt",
+    }
+    pipe = FluxKontextPipeline.from_pretrained(assets / "model")
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(lora)
+    adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    return plain.permute(0, 2, 3, 1), adapted.permute(0, 2, 3, 1)
+
+
+class TestQuantizedBase:
+    def test_int8_base_trains_resumes_and_its_lora_loads_unquantized_and_exports(
+        self, assets, tmp_path, fresh_accelerate
+    ):
+        out = assert_int8_run_resumes_exactly(
+            SCRIPT, assets, tmp_path, quantize_text_encoders="int8"
+        )
+        plain, adapted = base_and_adapted(assets, out)
+        assert not torch.allclose(plain, adapted)
+        # To the kohya/ComfyUI layout and back (diffusers' own kohya reader assumes FLUX.1's
+        # real widths for the single blocks' fused projection, which the tiny model lacks).
+        kohya, back = tmp_path / "kohya.safetensors", tmp_path / "back.safetensors"
+        export_lora.main([str(out), "--to", "kohya", "--out", str(kohya)])
+        export_lora.main([str(kohya), "--to", "diffusers", "--out", str(back)])
+        _, from_kohya = base_and_adapted(assets, back)
+        torch.testing.assert_close(from_kohya, adapted, rtol=0, atol=1e-5)
+
+    def test_fp8_base_trains_in_bf16(self, assets, tmp_path, fresh_accelerate):
+        out = run(
+            assets,
+            tmp_path / "out",
+            quantize_base="fp8",
+            mixed_precision="bf16",
+            max_train_steps=2,
+        )
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
+        ups = [t for name, t in lora_tensors(out).items() if "lora_B" in name]
+        assert all(t.dtype == torch.float32 for t in ups) and any(t.abs().sum() > 0 for t in ups)
+
+    def test_resuming_on_another_quantization_is_refused(self, assets, tmp_path, fresh_accelerate):
+        out = run(assets, tmp_path / "out", quantize_base="int8", checkpointing_steps=2)
+        with pytest.raises(DataError, match="--quantize_base 'int8', this run 'none'"):
+            run(assets, out, max_train_steps=6, resume_from_checkpoint="latest")
+
+
 class TestTrainingRun:
     def test_outputs_and_pipeline_loads_the_lora(self, assets, tmp_path, fresh_accelerate):
         out = run(
@@ -184,24 +245,9 @@ class TestTrainingRun:
         assert "flux-kontext" in card.data.tags and "FluxKontextPipeline" in card.text
         assert "| geo_dice | 0.9 |" in card.text and "(validation/step-000004.png)" in card.text
 
-        item = EditPairDataset.from_folder(assets / "data", resolution=RESOLUTION)[0]
-        height, width = item["target"].shape[-2:]
-        call = {
-            "image": to_pil(item["context"]),
-            "prompt": item["prompt"],
-            "height": height,
-            "width": width,
-            "max_area": height * width,
-            "_auto_resize": False,
-            "num_inference_steps": 2,
-            "output_type": "np",
-        }
-        pipe = FluxKontextPipeline.from_pretrained(assets / "model")
-        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-        pipe.load_lora_weights(out)
-        adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-        assert plain.shape == adapted.shape == (1, height, width, 3)
-        assert not torch.allclose(torch.from_numpy(plain), torch.from_numpy(adapted))
+        plain, adapted = base_and_adapted(assets, out)
+        assert plain.shape == adapted.shape == (1, RESOLUTION, RESOLUTION, 3)
+        assert not torch.allclose(plain, adapted)
 
     def test_exact_resume_skips_half_written_checkpoints(self, assets, tmp_path, fresh_accelerate):
         common = {"gradient_accumulation_steps": 2, "checkpointing_steps": 3}
@@ -386,9 +432,14 @@ class TestInputsAndEncoders:
 
 
 class TestSameInputsAsThePipeline:
-    def test_transformer_inputs_match_the_first_denoising_step(self, assets):
-        pipe = FluxKontextPipeline.from_pretrained(assets / "model")
-        pipe.set_progress_bar_config(disable=True)
+    @pytest.mark.parametrize("quantized", ["none", "int8"])
+    def test_transformer_inputs_match_the_first_denoising_step(self, assets, quantized):
+        # The pipeline as training loads it: with --quantize_base int8 its transformer and text
+        # encoders hold int8 weights, and both sides use them.
+        config = kontext_config(assets, quantize_base=quantized, quantize_text_encoders=quantized)
+        pipe = pretrained_pipeline(FluxKontextPipeline, config, FLUX_ENCODERS)
+        weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+        assert ("Int8" in type(weight).__name__) == (quantized == "int8")
         batch = first_item_batch(assets)
         height, width = batch["target"].shape[-2:]
         noise = torch.randn(
@@ -406,11 +457,6 @@ class TestSameInputsAsThePipeline:
                 num_inference_steps=1,
                 output_type="latent",
             )
-        config = kontext.KontextConfig(
-            pretrained_model_name_or_path=str(assets / "model"),
-            train_data_dir=str(assets / "data"),
-            resolution=RESOLUTION,
-        )
         encoded = kontext.KontextEncoder(pipe, config, None)(batch)
         built = kontext.kontext_transformer_inputs(
             pipe,
@@ -490,9 +536,17 @@ class TestCommandLine:
         for field in fields(kontext.KontextConfig):
             assert f"--{field.name}" in help_text, field.name
 
-    def test_two_process_cpu_run(self, assets, tmp_path):
+    def test_two_process_cpu_run_on_an_int8_base(self, assets, tmp_path):
+        # DDP leaves the frozen (here quantized) weights alone: each rank loaded its own.
         out = tmp_path / "ddp"
-        result = launch(assets, out, max_train_steps=4, checkpointing_steps=2)
+        result = launch(
+            assets,
+            out,
+            max_train_steps=4,
+            checkpointing_steps=2,
+            quantize_base="int8",
+            optimizer="adamw8bit",
+        )
         assert "2 ranks" in result.stderr and "identical on all 2 ranks" in result.stderr
         assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
         for step in (2, 4):

@@ -21,6 +21,7 @@ from PIL import Image
 from script_runs import (
     ROOT,
     TrainScript,
+    assert_int8_run_resumes_exactly,
     assert_same_tensors,
     first_call,
     help_text,
@@ -39,6 +40,7 @@ from models.qwen_processor import load_image_only_processor
 from models.tiny import tiny_qwen_image_edit_pipeline, tiny_qwen_image_edit_plus_pipeline
 from training.config import parse_config
 from training.metrics import read_metrics
+from training.runtime import pretrained_pipeline
 from training.validation import to_pil
 
 RESOLUTION = 32
@@ -65,13 +67,22 @@ def run(assets: Path, output_dir: Path, cache: Path, **overrides) -> Path:
     return SCRIPT.run(assets, output_dir, cache_latents="true", cache_dir=cache, **overrides)
 
 
-def load(assets: Path, name: str = "model"):
-    cls = qwen.pipeline_class(str(assets / name))
-    pipe = cls.from_pretrained(
-        assets / name, processor=load_image_only_processor(str(assets / name))
+def load(assets: Path, name: str = "model", quantized: str = "none"):
+    """The pipeline as training loads it (``quantized``: --quantize_base and
+    --quantize_text_encoders)."""
+    path = str(assets / name)
+    config = qwen.QwenEditConfig(
+        pretrained_model_name_or_path=path,
+        train_data_dir=str(assets / "data"),
+        quantize_base=quantized,
+        quantize_text_encoders=quantized,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pretrained_pipeline(
+        qwen.pipeline_class(path),
+        config,
+        qwen.QWEN_ENCODERS,
+        processor=load_image_only_processor(path),
+    )
 
 
 def batch_of(assets: Path, index: int = 0, **flags) -> dict:
@@ -81,11 +92,18 @@ def batch_of(assets: Path, index: int = 0, **flags) -> dict:
 
 class TestSameInputsAsThePipeline:
     @pytest.mark.parametrize(
-        "name,cls", [("model", QwenImageEditPipeline), ("plus", QwenImageEditPlusPipeline)]
+        "name,cls,quantized",
+        [
+            ("model", QwenImageEditPipeline, "none"),
+            ("plus", QwenImageEditPlusPipeline, "none"),
+            ("model", QwenImageEditPipeline, "int8"),
+        ],
     )
-    def test_first_denoising_step(self, assets, name, cls):
-        pipe = load(assets, name)
+    def test_first_denoising_step(self, assets, name, cls, quantized):
+        pipe = load(assets, name, quantized)
         assert type(pipe) is cls
+        weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+        assert ("Int8" in type(weight).__name__) == (quantized == "int8")
         batch = batch_of(assets)
         noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
         with first_call(pipe.transformer) as seen:
@@ -236,6 +254,26 @@ class TestTrainingRun:
         two = tmp_path / "two"
         SCRIPT.launch(assets, two, cache_latents="true", cache_dir=cache, max_train_steps=2, rank=4)
         assert [r["step"] for r in read_metrics(two)] == [1, 2]
+
+    def test_int8_base_trains_resumes_and_its_lora_loads_unquantized(self, assets, tmp_path, cache):
+        out = assert_int8_run_resumes_exactly(
+            SCRIPT, assets, tmp_path, cache_latents="true", cache_dir=cache
+        )
+        pipe = load(assets)
+        batch = batch_of(assets)
+        call = {
+            "image": to_pil(batch["context"][0]),
+            "prompt": batch["prompt"][0],
+            "height": RESOLUTION,
+            "width": RESOLUTION,
+            "num_inference_steps": 2,
+            "true_cfg_scale": 1.0,
+            "output_type": "np",
+        }
+        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        pipe.load_lora_weights(out)
+        adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        assert not np.allclose(plain, adapted)
 
     def test_plus_checkpoint_trains(self, assets, tmp_path, cache):
         out = SCRIPT.run(

@@ -15,6 +15,7 @@ from PIL import Image
 from script_runs import (
     ROOT,
     TrainScript,
+    assert_int8_run_resumes_exactly,
     assert_same_tensors,
     first_call,
     first_inpainting_batch,
@@ -175,6 +176,12 @@ class TestLoss:
 
 
 class TestTrainingRun:
+    def test_int8_unet_trains_and_resumes_exactly(self, assets, tmp_path):
+        out = assert_int8_run_resumes_exactly(SCRIPT, assets, tmp_path)
+        pipe = quiet_pipeline(StableDiffusionInpaintPipeline, assets)
+        pipe.load_lora_weights(out)
+        assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+
     def test_lora_with_text_encoder_loads_into_the_pipeline(self, assets, tmp_path):
         out = run(
             assets,

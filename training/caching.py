@@ -13,7 +13,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data.cache import TensorCache, weight_files_digest
+from data.cache import TensorCache, fingerprint, weight_files_digest
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,16 @@ def encoded_items(
 ) -> Dataset:
     """What the loop trains on: ``dataset`` itself, or with --cache_latents its items as
     ``encoder`` encodes them (``encoder(batch)`` and ``encoder.fingerprint()``), cached once in
-    --cache_dir (default ``<output_dir>/cache``)."""
+    --cache_dir (default ``<output_dir>/cache``). Quantized text encoders
+    (--quantize_text_encoders) encode into entries of their own."""
     if not config.cache_latents:
         return dataset
     root = config.cache_dir or Path(config.output_dir) / "cache"
-    cache = TensorCache(root, encoder.fingerprint())
+    key = encoder.fingerprint()
+    quantized = getattr(config, "quantize_text_encoders", "none")
+    if quantized != "none":
+        key = fingerprint(encoder=key, quantize_text_encoders=quantized)
+    cache = TensorCache(root, key)
     fill_cache(accelerator, dataset, cache, collate_fn, encoder)
     return CachedItems(dataset, cache)
 

@@ -394,11 +394,12 @@ class Checkpointer:
 
 def run_identity(config, model: torch.nn.Module) -> dict:
     """What a checkpoint must share with the run resuming it: the script's config class, the
-    base model, and the names and shapes of the trainable tensors (LoRA rank and layers, or an
-    adapter's shape)."""
+    base model and its quantization, and the names and shapes of the trainable tensors (LoRA
+    rank and layers, or an adapter's shape)."""
     return {
         "script": type(config).__name__,
         "base_model": str(config.pretrained_model_name_or_path),
+        "quantize_base": getattr(config, "quantize_base", "none"),
         "trainable": {
             name: list(param.shape)
             for name, param in model.named_parameters()
@@ -409,9 +410,15 @@ def run_identity(config, model: torch.nn.Module) -> dict:
 
 def check_identity(saved: dict, current: dict, folder: Path) -> None:
     """Refuse a checkpoint of another run, saying what differs."""
+    # Checkpoints from before quantization existed were trained on an unquantized base.
+    saved = {"quantize_base": "none", **saved}
     problems = [
         f"{what} {saved[key]!r}, this run {current[key]!r}"
-        for key, what in (("script", "script config"), ("base_model", "base model"))
+        for key, what in (
+            ("script", "script config"),
+            ("base_model", "base model"),
+            ("quantize_base", "--quantize_base"),
+        )
         if saved[key] != current[key]
     ]
     if saved["trainable"] != current["trainable"]:

@@ -23,6 +23,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from training.optimizers import OptimizerName, check_optimizer
+from training.quantization import BaseQuantization, EncoderQuantization, check_quantization
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -180,6 +181,24 @@ class TrainConfig:
     def trackers(self) -> list[str]:
         """``report_to`` as a list."""
         return [name.strip() for name in (self.report_to or "").split(",") if name.strip()]
+
+
+@dataclass(kw_only=True)
+class LowMemoryConfig:
+    """What fits a large frozen base on a smaller GPU (the denoiser scripts). Put it before
+    ``TrainConfig`` among a script config's bases: its checks run after TrainConfig's."""
+
+    quantize_base: BaseQuantization = "none"
+    """Quantize the frozen denoiser's linear weights as it loads: int8 (torchao, 1 byte per
+    weight), fp8 (torchao, 1 byte, needs --mixed_precision bf16) or nf4 (bitsandbytes, about
+    half a byte; CUDA only). The LoRA trains in fp32 on top and loads into the unquantized
+    pipeline. Needs the lowmem extra: pip install '.[lowmem]'."""
+    quantize_text_encoders: EncoderQuantization = "none"
+    """Quantize the text encoders (int8, or nf4 on CUDA), which only run to encode prompts."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_quantization(self)
 
 
 @dataclass(kw_only=True)

@@ -38,7 +38,7 @@ from training.optimizers import (
     scheduler_warmup_steps,
     use_averaged_weights,
 )
-from training.runtime import step_generator
+from training.runtime import keep_frozen_parameters_local, step_generator
 from training.sharding import is_sharded_tensor, whole_trainable_parameters
 from training.stopping import NonFiniteSteps, StopSignals, describe_items
 
@@ -128,6 +128,7 @@ class Run:
             num_warmup_steps=scheduler_warmup_steps(config),
             num_training_steps=max_steps,
         )
+        keep_frozen_parameters_local(parts.model)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(
             parts.model, optimizer, lr_scheduler
         )

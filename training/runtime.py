@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from training.checkpoint import prepare_output_dir
 from training.config import TrainConfig
+from training.quantization import pipeline_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +101,55 @@ def load_pipeline(
     config: TrainConfig,
     accelerator: Accelerator,
     frozen: Sequence[str],
+    denoiser: str = "transformer",
+    **components,
+):
+    """:func:`pretrained_pipeline` on the accelerator's device."""
+    pipe = pretrained_pipeline(pipeline_cls, config, frozen, denoiser, **components)
+    return pipe.to(accelerator.device)
+
+
+def pretrained_pipeline(
+    pipeline_cls,
+    config: TrainConfig,
+    frozen: Sequence[str],
+    denoiser: str = "transformer",
     **components,
 ):
     """The family's pipeline from --pretrained_model_name_or_path in the --mixed_precision dtype,
-    on the accelerator's device, with its ``frozen`` components (encoders) frozen in eval mode;
-    ``components`` replace the checkpoint's own (as ``from_pretrained`` takes them)."""
+    with its ``frozen`` components (encoders) frozen in eval mode; ``components`` replace the
+    checkpoint's own (as ``from_pretrained`` takes them).
+
+    With ``--quantize_base`` the ``denoiser`` component's linear weights load quantized, with
+    ``--quantize_text_encoders`` those of the frozen ``text_encoder*`` components.
+    """
+    quantization = None
+    if hasattr(config, "quantize_base"):
+        text_encoders = [name for name in frozen if name.startswith("text_encoder")]
+        quantization = pipeline_quantization(config, denoiser, text_encoders, weight_dtype(config))
     pipe = pipeline_cls.from_pretrained(
-        config.pretrained_model_name_or_path, dtype=weight_dtype(config), **components
-    ).to(accelerator.device)
+        config.pretrained_model_name_or_path,
+        dtype=weight_dtype(config),
+        quantization_config=quantization,
+        **components,
+    )
     pipe.set_progress_bar_config(disable=True)
     for name in frozen:
         getattr(pipe, name).requires_grad_(False).eval()
     return pipe
+
+
+def keep_frozen_parameters_local(model: torch.nn.Module) -> None:
+    """Tell DDP (when accelerate wraps ``model`` in it) to leave the frozen parameters alone.
+
+    Every rank loads them from the same files, so DDP's broadcast of them from rank 0 at
+    wrapping time is a copy of billions of identical values, and one it cannot make of
+    quantized weights (torchao and bitsandbytes tensors have no ``view`` for it).
+    """
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, frozen
+    )
 
 
 def weight_dtype(config: TrainConfig) -> torch.dtype:

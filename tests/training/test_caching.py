@@ -1,13 +1,21 @@
 """``training.caching``: fill a tensor cache with a real Accelerator, then serve from it."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from data.cache import TensorCache
-from training.caching import CachedItems, EncoderOffload, fill_cache, offload_after_caching
-from training.config import TrainConfig
+from training.caching import (
+    CachedItems,
+    EncoderOffload,
+    encoded_items,
+    fill_cache,
+    offload_after_caching,
+)
+from training.config import LowMemoryConfig, TrainConfig
 
 
 class KeyedItems(Dataset):
@@ -48,6 +56,9 @@ class CountingEncoder:
             "latents": batch["pixels"] * 2 + 1,
             "length": torch.tensor([len(batch["prompt"][0])]),
         }
+
+    def fingerprint(self) -> str:
+        return "counting"
 
 
 def expected(dataset: KeyedItems, index: int) -> dict[str, torch.Tensor]:
@@ -96,6 +107,32 @@ class TestFillCache:
         encoder = CountingEncoder()
         fill_cache(accelerator, dataset, TensorCache(tmp_path, "b"), collate, encoder)
         assert len(encoder.prompts) == 3
+
+
+@dataclass(kw_only=True)
+class QuantizableConfig(LowMemoryConfig, TrainConfig):
+    pass
+
+
+class TestQuantizedTextEncoders:
+    def test_encode_into_entries_of_their_own(self, tmp_path, accelerator):
+        dataset = KeyedItems(2)
+        folders = set()
+        # The third run finds the first run's entries: it encodes nothing.
+        for mode, encoded in (("none", 2), ("int8", 2), ("none", 0)):
+            config = QuantizableConfig(
+                pretrained_model_name_or_path="m",
+                train_data_dir="d",
+                output_dir=str(tmp_path),
+                cache_latents=True,
+                quantize_text_encoders=mode,
+            )
+            encoder = CountingEncoder()
+            items = encoded_items(accelerator, config, dataset, encoder, collate)
+            folders.add(items.cache.folder)
+            assert len(encoder.prompts) == encoded
+        assert len(folders) == 2
+        assert tmp_path / "cache" / "counting" in folders  # unquantized: keys as before
 
 
 class TestCachedItems:

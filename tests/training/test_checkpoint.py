@@ -25,6 +25,7 @@ from training.checkpoint import (
     BatchLayout,
     Checkpointer,
     TrainingProgress,
+    check_identity,
     complete_checkpoints,
     convert_progress,
     prepare_output_dir,
@@ -570,3 +571,14 @@ class TestSafeResume:
     def test_another_run_is_refused_saying_what_differs(self, written, change, expected):
         with pytest.raises(DataError, match=expected):
             self.resume(written, **change).restore(written)
+
+    def test_another_quantization_of_the_base_is_refused_naming_both(self, written):
+        saved = json.loads((written / STATE_FILE).read_text())["identity"]
+        assert saved["quantize_base"] == "none"
+        with pytest.raises(DataError, match="--quantize_base 'none', this run 'nf4'"):
+            check_identity(saved, {**saved, "quantize_base": "nf4"}, written)
+        # Written before the flag existed: trained on an unquantized base.
+        del saved["quantize_base"]
+        check_identity(saved, {**saved, "quantize_base": "none"}, written)
+        with pytest.raises(DataError, match="--quantize_base 'none', this run 'int8'"):
+            check_identity(saved, {**saved, "quantize_base": "int8"}, written)

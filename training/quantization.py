@@ -1,0 +1,102 @@
+"""A quantized frozen base: ``--quantize_base`` and ``--quantize_text_encoders``.
+
+The weights of the frozen denoiser's (and text encoders') linear layers are quantized as the
+pipeline loads, by diffusers' and transformers' own quantizers:
+
+- ``int8``: torchao int8 weight-only (``Int8WeightOnlyConfig``), 1 byte per weight plus one scale
+  per output row; runs on CPUs and GPUs;
+- ``fp8``: torchao float8 weight-only (``Float8WeightOnlyConfig``), 1 byte per weight plus one
+  scale per row; computes in bf16 (``--mixed_precision bf16``); runs on CPUs and GPUs;
+- ``nf4``: bitsandbytes 4-bit NormalFloat, half a byte per weight plus one fp32 scale per block
+  of 64; diffusers' bitsandbytes loader needs a CUDA GPU.
+
+LoRA layers are added on top by peft and train in fp32 as on an unquantized base, so the saved
+LoRA has the same keys and shapes and loads into the unquantized pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from training.optimizers import require_package
+
+BaseQuantization = Literal["none", "int8", "fp8", "nf4"]
+EncoderQuantization = Literal["none", "int8", "nf4"]
+# The library each mode is implemented by.
+_PACKAGES = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}
+# bitsandbytes' 4-bit block: one fp32 absmax per this many weights.
+NF4_BLOCK = 64
+
+
+def check_quantization(config) -> None:
+    """Refuse, before anything loads, a mode whose library is missing or whose compute dtype
+    the run does not use. (Whether a GPU is there is checked at load: a plan is made anywhere.)"""
+    for flag in ("quantize_base", "quantize_text_encoders"):
+        mode = getattr(config, flag)
+        if mode != "none":
+            require_package(_PACKAGES[mode], f"--{flag} {mode}")
+    if config.quantize_base == "fp8" and config.mixed_precision != "bf16":
+        raise ValueError(
+            "--quantize_base fp8 computes in bf16: add --mixed_precision bf16 "
+            f"(got {config.mixed_precision})"
+        )
+
+
+def _require_cuda(flag: str, mode: str) -> None:
+    if mode == "nf4" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--{flag} nf4 needs a CUDA GPU (diffusers' and transformers' bitsandbytes loaders "
+            "refuse without one); int8 and fp8 run anywhere"
+        )
+
+
+def _torchao_config(mode: str):
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
+
+
+def _denoiser_config(mode: str, compute_dtype: torch.dtype):
+    import diffusers
+
+    if mode == "nf4":
+        return diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return diffusers.TorchAoConfig(_torchao_config(mode))
+
+
+def _text_encoder_config(mode: str, compute_dtype: torch.dtype):
+    import transformers
+
+    if mode == "nf4":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return transformers.TorchAoConfig(_torchao_config(mode))
+
+
+def pipeline_quantization(
+    config, denoiser: str, text_encoders: Sequence[str], compute_dtype: torch.dtype
+):
+    """The ``quantization_config`` for ``from_pretrained``: ``denoiser`` (a diffusers model)
+    by --quantize_base, ``text_encoders`` (transformers models) by --quantize_text_encoders;
+    None when neither asks for it.
+
+    Raises:
+        RuntimeError: nf4 without a CUDA GPU.
+    """
+    from diffusers import PipelineQuantizationConfig
+
+    mapping = {}
+    if config.quantize_base != "none":
+        _require_cuda("quantize_base", config.quantize_base)
+        mapping[denoiser] = _denoiser_config(config.quantize_base, compute_dtype)
+    if config.quantize_text_encoders != "none":
+        _require_cuda("quantize_text_encoders", config.quantize_text_encoders)
+        for name in text_encoders:
+            mapping[name] = _text_encoder_config(config.quantize_text_encoders, compute_dtype)
+    return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
