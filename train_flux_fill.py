@@ -76,6 +76,7 @@ from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora
+from training.memory_plan import FamilyPlan, log_memory_plan, pipeline_holding
 from training.model_card import (
     ModelCardInfo,
     grpo_terms,
@@ -83,6 +84,7 @@ from training.model_card import (
     lora_usage,
     region_weighted,
 )
+from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline, weight_dtype
 from training.sde import flow_sde_step
 from training.validation import InpaintingValidation
@@ -370,6 +372,37 @@ def validation_examples(config: FillConfig, dataset) -> InpaintingDataset | None
     return None if isinstance(dataset, FillLatentDataset) else dataset
 
 
+def planned_step_inputs(transformer, config: FillConfig, batch_size: int) -> dict:
+    """The transformer's inputs in one step at --resolution, on the meta device: noisy tokens
+    with the masked image's and the mask's channels, T5 at --max_sequence_length."""
+    pipe = pipeline_holding(FluxFillPipeline, transformer)
+    width = transformer.config
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=transformer.dtype)
+
+    latent = config.resolution // 8
+    return fill_transformer_inputs(
+        pipe,
+        meta(batch_size, 16, latent, latent),
+        meta(batch_size, (latent // 2) ** 2, width.in_channels - 64),
+        meta(batch_size, config.max_sequence_length, width.joint_attention_dim),
+        meta(batch_size, width.pooled_projection_dim),
+        meta(batch_size),
+        config.guidance_scale,
+    )
+
+
+MEMORY_PLAN = FamilyPlan(
+    "flux-fill",
+    "transformer",
+    FLUX_LORA_LAYERS,
+    FILL_LORA,
+    ("text_encoder", "text_encoder_2"),
+    planned_step_inputs,
+)
+
+
 def card_info(config: FillConfig) -> ModelCardInfo:
     """The model card's family part; the loss terms by their metrics.jsonl names."""
     losses = grpo_terms(config)
@@ -386,6 +419,7 @@ def card_info(config: FillConfig) -> ModelCardInfo:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(FillConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
+    log_memory_plan(config, MEMORY_PLAN, accelerator)
     pipe = load_pipeline(FluxFillPipeline, config, accelerator, FLUX_ENCODERS)
     transformer = pipe.transformer
     add_lora(transformer, config, FLUX_LORA_LAYERS, FILL_LORA)
@@ -400,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         if precomputed
         else encoded_items(accelerator, config, dataset, encoder, collate_items)
     )
+    place_denoiser(transformer, config, accelerator.device)
     validate = None
     examples = validation_examples(config, dataset)
     if examples is None:

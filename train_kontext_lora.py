@@ -57,7 +57,9 @@ from training.flux import (
 )
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
+from training.memory_plan import FamilyPlan, log_memory_plan, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage
+from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline
 from training.validation import EditValidation
 
@@ -346,6 +348,37 @@ class KontextLoss:
         )
 
 
+def planned_step_inputs(transformer, config: KontextConfig, batch_size: int) -> dict:
+    """The transformer's inputs in one step at --resolution, on the meta device: target and
+    context of that size, T5 embeddings at --max_sequence_length."""
+    pipe = pipeline_holding(FluxKontextPipeline, transformer)
+    width = transformer.config
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=transformer.dtype)
+
+    latents = (batch_size, 16, config.resolution // 8, config.resolution // 8)
+    return kontext_transformer_inputs(
+        pipe,
+        meta(*latents),
+        meta(*latents),
+        meta(batch_size, config.max_sequence_length, width.joint_attention_dim),
+        meta(batch_size, width.pooled_projection_dim),
+        meta(batch_size),
+        config.guidance_scale,
+    )
+
+
+MEMORY_PLAN = FamilyPlan(
+    "kontext",
+    "transformer",
+    FLUX_LORA_LAYERS,
+    KONTEXT_LORA,
+    ("text_encoder", "text_encoder_2"),
+    planned_step_inputs,
+)
+
+
 def card_info(config: KontextConfig) -> ModelCardInfo:
     """The model card's family part: every loss term by its metrics.jsonl name."""
     losses = {"fm": config.flow_matching_weight}
@@ -374,6 +407,7 @@ class KontextValidation(EditValidation):
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(KontextConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
+    log_memory_plan(config, MEMORY_PLAN, accelerator)
 
     pipe = load_pipeline(FluxKontextPipeline, config, accelerator, FLUX_ENCODERS)
     transformer = pipe.transformer
@@ -387,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = edit_pair_dataset(config, pipe.vae_scale_factor)
     encoder = KontextEncoder(pipe, config, embedder)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
+    place_denoiser(transformer, config, accelerator.device)
 
     parts = TrainingParts(
         model=transformer,

@@ -49,7 +49,9 @@ from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
 from training.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
+from training.memory_plan import FamilyPlan, log_memory_plan, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage, region_weighted
+from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline
 from training.validation import EditValidation, to_pil
 
@@ -310,6 +312,41 @@ def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
     return dataset
 
 
+# Tokens of the prompt as the vision-language encoder reads it in Qwen-Image-Edit: the
+# condition image at about 1024x1024 in 28-pixel patches merged 2x2 (37 x 37) and the template.
+PLANNED_PROMPT_TOKENS = 37 * 37 + 64
+
+
+def planned_step_inputs(transformer, config: QwenEditConfig, batch_size: int) -> dict:
+    """The transformer's inputs in one step on the meta device: the target at --resolution, the
+    condition at the pipeline's 1024x1024, the prompt as Qwen-Image-Edit's encoder reads it
+    (Edit-2509/2511 read the image at 384x384: fewer tokens)."""
+    pipe = pipeline_holding(QwenImageEditPipeline, transformer)
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=transformer.dtype)
+
+    target, condition = config.resolution // 8, 1024 // 8
+    return qwen_transformer_inputs(
+        meta(batch_size, 16, target, target),
+        meta(batch_size, 16, condition, condition),
+        meta(batch_size, PLANNED_PROMPT_TOKENS, transformer.config.joint_attention_dim),
+        None,
+        meta(batch_size),
+        pipe,
+    )
+
+
+MEMORY_PLAN = FamilyPlan(
+    "qwen-edit",
+    "transformer",
+    LORA_LAYERS,
+    LoraFormat(QwenImageEditPipeline),
+    ("text_encoder",),
+    planned_step_inputs,
+)
+
+
 def card_info(config: QwenEditConfig, pipeline: str) -> ModelCardInfo:
     """The model card's family part, for the checkpoint's ``pipeline`` (Edit or Edit Plus)."""
     return ModelCardInfo(
@@ -323,6 +360,7 @@ def card_info(config: QwenEditConfig, pipeline: str) -> ModelCardInfo:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(QwenEditConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
+    log_memory_plan(config, MEMORY_PLAN, accelerator)
     pipe = load_pipeline(
         pipeline_class(config.pretrained_model_name_or_path),
         config,
@@ -338,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = text_edit_dataset(config)
     encoder = QwenEditEncoder(pipe, config)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
+    place_denoiser(pipe.transformer, config, accelerator.device)
     parts = TrainingParts(
         model=pipe.transformer,
         dataset=items,

@@ -50,6 +50,7 @@ from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora, save_lora_components
+from training.memory_plan import FamilyPlan, log_memory_plan
 from training.model_card import (
     ModelCardInfo,
     grpo_terms,
@@ -57,6 +58,7 @@ from training.model_card import (
     lora_usage,
     region_weighted,
 )
+from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline, weight_dtype
 from training.sde import ddim_step
 from training.validation import InpaintingValidation
@@ -361,6 +363,27 @@ def load_sd15_lora(model: InpaintDenoiser, folder: Path) -> None:
         TEXT_ENCODER_LORA.load(model.text_encoder, folder)
 
 
+def planned_step_inputs(unet, config: SD15InpaintConfig, batch_size: int) -> dict:
+    """The UNet's inputs in one step at --resolution, on the meta device: the 9-channel latents,
+    the timestep and CLIP's 77 token embeddings."""
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=unet.dtype)
+
+    latent = config.resolution // 8
+    return {
+        "sample": meta(batch_size, unet.config.in_channels, latent, latent),
+        "timestep": torch.zeros(batch_size, device="meta", dtype=torch.long),
+        "encoder_hidden_states": meta(batch_size, 77, unet.config.cross_attention_dim),
+        "return_dict": False,
+    }
+
+
+MEMORY_PLAN = FamilyPlan(
+    "sd15-inpaint", "unet", UNET_LORA_LAYERS, UNET_LORA, ("text_encoder",), planned_step_inputs
+)
+
+
 def card_info(config: SD15InpaintConfig) -> ModelCardInfo:
     """The model card's family part; the loss terms by their metrics.jsonl names."""
     losses = grpo_terms(config)
@@ -379,6 +402,7 @@ def card_info(config: SD15InpaintConfig) -> ModelCardInfo:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(SD15InpaintConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
+    log_memory_plan(config, MEMORY_PLAN, accelerator)
     pipe = load_pipeline(
         StableDiffusionInpaintPipeline, config, accelerator, ("vae", "text_encoder"), "unet"
     )
@@ -395,9 +419,11 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = inpainting_dataset(config)
     encoder = SD15Encoder(pipe, config)
+    items = encoded_items(accelerator, config, dataset, encoder, collate_items)
+    place_denoiser(pipe.unet, config, accelerator.device)
     parts = TrainingParts(
         model=InpaintDenoiser(pipe.unet, text_encoder),
-        dataset=encoded_items(accelerator, config, dataset, encoder, collate_items),
+        dataset=items,
         sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
         collate_fn=collate_items,
         compute_loss=SD15Loss(pipe, config, encoder, config.cache_latents),

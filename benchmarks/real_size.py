@@ -36,6 +36,13 @@ import train_sd15_inpaint as sd15
 from benchmarks.inpaint_step import random_encoding
 from data.fill_latents import mask_latents_from_pixels
 from losses import downsample_mask_area, map_mask_to_latent, signed_distance_map_from_mask
+from models.published import (
+    FLUX_FILL_TRANSFORMER,
+    FLUX_TRANSFORMER,
+    QWEN_IMAGE_TRANSFORMER,
+    SD15_INPAINT_UNET,
+    SD15_SCHEDULER,
+)
 from models.tiny import (
     FLUX_DEV_SCHEDULER,
     QWEN_IMAGE_SCHEDULER,
@@ -47,55 +54,6 @@ from models.tiny import (
 from training.config import MaskLossSettings
 from training.flux import FLUX_LORA_LAYERS
 from training.lora import LoraFormat, add_lora
-
-# black-forest-labs/FLUX.1-dev (and -Kontext-dev) transformer/config.json.
-FLUX_TRANSFORMER = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
-}
-# black-forest-labs/FLUX.1-Fill-dev: 384 input channels (noisy 64 + masked image 64 + mask 256).
-FLUX_FILL_TRANSFORMER = {**FLUX_TRANSFORMER, "in_channels": 384, "out_channels": 64}
-# Qwen/Qwen-Image (and -Edit) transformer/config.json.
-QWEN_IMAGE_TRANSFORMER = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "guidance_embeds": False,
-    "axes_dims_rope": (16, 56, 56),
-}
-# stable-diffusion-v1-5/stable-diffusion-inpainting unet/config.json (diffusers' defaults fill
-# in the rest: 2 layers per block, the standard down and up block types).
-SD15_INPAINT_UNET = {
-    "sample_size": 64,
-    "in_channels": 9,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-# stable-diffusion-v1-5 scheduler/scheduler_config.json.
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "skip_prk_steps": True,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 
 T5_TOKENS = 512  # the FLUX pipelines' max_sequence_length
 QWEN_PROMPT_TOKENS = 1024  # instruction + the condition image as the vision-language model sees it

@@ -400,7 +400,9 @@ class TestCommandLine:
         for name in ("enabled", "weight", "text_region_weight", "background_weight"):
             assert f"--mask_loss.{name}" in text
 
-    @pytest.mark.parametrize("name", ["flux_fill_tiny.yaml", "flux_fill.yaml"])
+    @pytest.mark.parametrize(
+        "name", ["flux_fill_tiny.yaml", "flux_fill.yaml", "flux_fill_24gb.yaml"]
+    )
     def test_shipped_configs_parse(self, name):
         parsed = parse_config(
             fill.FillConfig,

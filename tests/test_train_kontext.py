@@ -187,7 +187,7 @@ def base_and_adapted(assets: Path, lora: Path) -> tuple[torch.Tensor, torch.Tens
     return plain.permute(0, 2, 3, 1), adapted.permute(0, 2, 3, 1)
 
 
-class TestQuantizedBase:
+class TestLowMemory:
     def test_int8_base_trains_resumes_and_its_lora_loads_unquantized_and_exports(
         self, assets, tmp_path, fresh_accelerate
     ):
@@ -215,6 +215,39 @@ class TestQuantizedBase:
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
         ups = [t for name, t in lora_tensors(out).items() if "lora_B" in name]
         assert all(t.dtype == torch.float32 for t in ups) and any(t.abs().sum() > 0 for t in ups)
+
+    def test_offloaded_blocks_train_the_same_lora_and_validate(
+        self, assets, tmp_path, fresh_accelerate
+    ):
+        common = {"gradient_checkpointing": "true", "max_train_steps": 2}
+        whole = run(assets, tmp_path / "whole", **common)
+        offloaded = run(
+            assets,
+            tmp_path / "offloaded",
+            offload_blocks="all",
+            validation_steps=2,
+            validation_inference_steps=2,
+            num_validation_images=1,
+            **common,
+        )
+        for name, value in lora_tensors(whole).items():
+            torch.testing.assert_close(lora_tensors(offloaded)[name], value, rtol=1e-5, atol=1e-7)
+        assert (offloaded / "validation" / "step-000002.png").is_file()
+
+    def test_the_run_logs_its_memory_plan_before_the_first_step(
+        self, assets, tmp_path, fresh_accelerate, caplog
+    ):
+        caplog.set_level("INFO")
+        run(assets, tmp_path / "out", max_train_steps=1, quantize_base="int8")
+        text = caplog.text
+        assert "memory plan of this run" in text and "denoiser weights" in text
+        assert text.index("memory plan of this run") < text.index("training 1 steps")
+
+    def test_offload_needs_gradient_checkpointing(self, assets, capsys):
+        with pytest.raises(SystemExit):
+            flags = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+            parse_config(kontext.KontextConfig, [*flags, "--offload_blocks", "4"])
+        assert "--offload_blocks needs --gradient_checkpointing" in capsys.readouterr().err
 
     def test_resuming_on_another_quantization_is_refused(self, assets, tmp_path, fresh_accelerate):
         out = run(assets, tmp_path / "out", quantize_base="int8", checkpointing_steps=2)
@@ -422,7 +455,7 @@ class TestInputsAndEncoders:
         )
         assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
-    @pytest.mark.parametrize("name", ["kontext_tiny.yaml", "kontext.yaml"])
+    @pytest.mark.parametrize("name", ["kontext_tiny.yaml", "kontext.yaml", "kontext_24gb.yaml"])
     def test_shipped_configs_parse(self, name):
         config = parse_config(
             kontext.KontextConfig,

@@ -392,7 +392,10 @@ class TestCommandLine:
         for name in ("data.use_text_mask", "data.mask_dir_name", "mask_loss.weight"):
             assert f"--{name}" in text
 
-    @pytest.mark.parametrize("name", ["qwen_edit_tiny.yaml", "qwen_edit.yaml"])
+    @pytest.mark.parametrize(
+        "name",
+        ["qwen_edit_tiny.yaml", "qwen_edit.yaml", "qwen_edit_24gb.yaml", "qwen_edit_48gb.yaml"],
+    )
     def test_shipped_configs_parse(self, name):
         parsed = parse_config(
             qwen.QwenEditConfig,

@@ -195,10 +195,23 @@ class LowMemoryConfig:
     pipeline. Needs the lowmem extra: pip install '.[lowmem]'."""
     quantize_text_encoders: EncoderQuantization = "none"
     """Quantize the text encoders (int8, or nf4 on CUDA), which only run to encode prompts."""
+    offload_blocks: int | Literal["all"] = 0
+    """Keep the frozen weights of the last N transformer blocks (or all) on the CPU and bring
+    each block's to the GPU only while it runs: less GPU memory, more host-to-GPU copying.
+    Needs --gradient_checkpointing (without it the backward pass would hold every block's)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_quantization(self)
+        if self.offload_blocks != "all" and self.offload_blocks < 0:
+            raise ValueError(f"--offload_blocks must be >= 0 or all, got {self.offload_blocks}")
+        if self.offload_blocks not in (0, "0") and not self.gradient_checkpointing:
+            raise ValueError(
+                "--offload_blocks needs --gradient_checkpointing: without it the backward pass "
+                "keeps every block's weights on the device"
+            )
+        if self.offload_blocks not in (0, "0") and self.compile:
+            raise ValueError("--offload_blocks and --compile cannot be combined")
 
 
 @dataclass(kw_only=True)

@@ -104,9 +104,16 @@ def load_pipeline(
     denoiser: str = "transformer",
     **components,
 ):
-    """:func:`pretrained_pipeline` on the accelerator's device."""
+    """:func:`pretrained_pipeline` with every component but the ``denoiser`` (the encoders) on
+    the accelerator's device; the denoiser stays on the CPU until
+    ``training.offload.place_denoiser`` moves it, once encoding is done, so that the device
+    holds the largest phase of a run, never the whole pipeline. (bitsandbytes-quantized
+    components load straight onto the GPU.)"""
     pipe = pretrained_pipeline(pipeline_cls, config, frozen, denoiser, **components)
-    return pipe.to(accelerator.device)
+    for name, component in pipe.components.items():
+        if name != denoiser and isinstance(component, torch.nn.Module):
+            component.to(accelerator.device)
+    return pipe
 
 
 def pretrained_pipeline(
