@@ -11,6 +11,9 @@ Trains the Kontext LoRA (``train_kontext_lora.py``, in this process) from the sa
 - ``starter+emb``: the starter mix plus seed 003's embedding terms on latent tokens,
 - ``balanced``: every term at the demo's weights (``configs/kontext_demo.yaml``), where none
   dwarfs the rest,
+- ``balanced@int8``, ``balanced@bf16``, ``balanced@fp8``: the balanced mix trained on an int8
+  base, in bf16, and on an fp8 base (which computes in bf16), each scored on the unquantized
+  base,
 
 then samples every saved checkpoint on the world's held-out pairs (never trained on) and scores
 each output against its context (``training.edit_metrics``): IoU, signed area error and boundary
@@ -74,8 +77,9 @@ def kontext_defaults() -> dict[str, object]:
     }
 
 
-def ablation_configs() -> dict[str, dict[str, float]]:
-    """Loss weights of every configuration, by flag; the seeds' weights where a term is on."""
+def ablation_configs() -> dict[str, dict[str, float | str]]:
+    """Loss weights (and base quantization) of every configuration, by flag; the seeds' weights
+    where a term is on."""
     defaults = kontext_defaults()
     off = {flag: 0.0 for flag in (*GEOMETRY_FLAGS.values(), *EMBEDDING_FLAGS)}
     starter = {**off, **{flag: defaults[flag] for flag in GEOMETRY_FLAGS.values()}}
@@ -94,6 +98,12 @@ def ablation_configs() -> dict[str, dict[str, float]]:
     # matching and flow matching itself: the seed's weights leave some terms at 1-3 % of it.
     demo = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
     configs["balanced"] = {flag: float(demo[flag]) for flag in off}
+    # The balanced LoRA trained on a quantized base, in each mode a CPU runs, and scored on the
+    # unquantized base as users apply it: what quantization costs. fp8 computes in bf16, so
+    # bf16 alone is its reference.
+    configs["balanced@int8"] = {**configs["balanced"], "quantize_base": "int8"}
+    configs["balanced@bf16"] = {**configs["balanced"], "mixed_precision": "bf16"}
+    configs["balanced@fp8"] = {**configs["balanced@bf16"], "quantize_base": "fp8"}
     return configs
 
 

@@ -9,9 +9,7 @@ memory, which is how their parameter counts and FLOPs are checked on a machine w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,44 +52,25 @@ from models.tiny import (
 from training.config import MaskLossSettings
 from training.flux import FLUX_LORA_LAYERS
 from training.lora import LoraFormat, add_lora
+from training.memory_plan import built_on, pipeline_holding
 
 T5_TOKENS = 512  # the FLUX pipelines' max_sequence_length
-QWEN_PROMPT_TOKENS = 1024  # instruction + the condition image as the vision-language model sees it
+# The instruction and the condition image as the vision-language model reads them.
+QWEN_PROMPT_TOKENS = qwen.PLANNED_PROMPT_TOKENS
 CLIP_TOKENS = 77
-
-
-@contextlib.contextmanager
-def built_on(device, dtype: torch.dtype):
-    """Create parameters directly on ``device`` in ``dtype``: a 20B model built in fp32 on the
-    CPU first would take minutes and twice its memory."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def denoiser_only(pipeline_cls, transformer: torch.nn.Module, scheduler: dict):
     """A ``pipeline_cls`` holding ``transformer`` and a flow-matching scheduler built from
     ``scheduler`` (its config), every other component None: what a loss needs of it."""
-    others = {
-        name: None
-        for name in inspect.signature(pipeline_cls.__init__).parameters
-        if name not in ("self", "transformer", "scheduler")
-    }
-    return pipeline_cls(
-        **others,
-        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
-        transformer=transformer,
-    )
+    return pipeline_holding(pipeline_cls, transformer, FlowMatchEulerDiscreteScheduler(**scheduler))
 
 
-def flow_case_pipeline(family: str, tiny: bool, device, dtype):
+def flow_case_pipeline(family: str, tiny: bool, device, dtype, prepare=None):
     """``family``'s tiny pipeline, or its pipeline class holding only a real-size denoiser
     (built on ``device`` in ``dtype``) and its scheduler (``FLOW_FAMILIES``); the transformer
-    moved to ``device`` and ``dtype`` either way."""
+    moved to ``device`` and ``dtype`` either way, then handed to ``prepare`` (quantization, say)
+    before any LoRA is added."""
     tiny_pipeline, pipeline_cls, build_denoiser, scheduler = FLOW_FAMILIES[family]
     if tiny:
         pipe = tiny_pipeline(seed=0)
@@ -100,6 +79,8 @@ def flow_case_pipeline(family: str, tiny: bool, device, dtype):
             denoiser = build_denoiser()
         pipe = denoiser_only(pipeline_cls, denoiser, scheduler)
     pipe.transformer.to(device, dtype)
+    if prepare is not None:
+        prepare(pipe.transformer)
     return pipe
 
 
@@ -204,8 +185,8 @@ FLOW_FAMILIES = {
 }
 
 
-def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
-    pipe = flow_case_pipeline("kontext", tiny, device, dtype)
+def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=None) -> Case:
+    pipe = flow_case_pipeline("kontext", tiny, device, dtype, prepare)
     config = kontext.KontextConfig(**_flags(resolution), geometry_match_weight=0.5)
     add_lora(pipe.transformer, config, FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
     encoded = kontext_encoded_batch(pipe, batch, resolution, device, dtype)
@@ -213,8 +194,8 @@ def kontext_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case
     return Case("FLUX.1 Kontext", resolution, pipe.transformer, loss, encoded, pipe.transformer)
 
 
-def fill_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
-    pipe = flow_case_pipeline("fill", tiny, device, dtype)
+def fill_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=None) -> Case:
+    pipe = flow_case_pipeline("fill", tiny, device, dtype, prepare)
     config = fill.FillConfig(**_flags(resolution))
     config = dataclasses.replace(
         config, mask_loss=MaskLossSettings(enabled=True), background_preservation_weight=0.5
@@ -230,8 +211,8 @@ def fill_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
     return Case("FLUX.1 Fill", resolution, pipe.transformer, loss, encoded, pipe.transformer)
 
 
-def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype) -> Case:
-    pipe = flow_case_pipeline("qwen", tiny, device, dtype)
+def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=None) -> Case:
+    pipe = flow_case_pipeline("qwen", tiny, device, dtype, prepare)
     config = qwen.QwenEditConfig(**_flags(resolution), mask_loss=MaskLossSettings(enabled=True))
     add_lora(pipe.transformer, config, qwen.LORA_LAYERS, LoraFormat(type(pipe)))
     latent = resolution // 8

@@ -11,6 +11,7 @@ For each script, on its tiny random model and a synthetic folder at --resolution
 
     python benchmarks/run.py [--resolution 64] [--batch 2] [--blocks 5] [--steps 2]
     python benchmarks/run.py --gpu [--compile]   # real-size models on CUDA (benchmarks/gpu.py)
+    python benchmarks/run.py --gpu --lowmem      # their low-memory modes (benchmarks/low_memory.py)
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="real-size models on CUDA instead")
     parser.add_argument("--compile", action="store_true", help="--gpu: also time --compile")
+    parser.add_argument(
+        "--lowmem",
+        action="store_true",
+        help="--gpu: the low-memory modes (benchmarks/low_memory.py)",
+    )
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--items", type=int, default=4, help="synthetic examples per script")
@@ -166,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passes", type=int, default=2, help="passes over the data per loader")
     parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS)
     args, rest = parser.parse_known_args(argv)
+    if args.gpu and args.lowmem:
+        from benchmarks.low_memory import main as low_memory_main
+
+        low_memory_main(rest)
+        return
     if args.gpu:
         # The GPU half has options of its own (benchmarks/gpu.py --help).
         from benchmarks.gpu import main as gpu_main

@@ -33,6 +33,25 @@ def test_benchmark_runs(script, variants):
         assert name in result.stdout and "ms/step" in result.stdout
 
 
+def test_low_memory_benchmark_runs():
+    """The GPU table's code on the tiny Kontext: a row per variant, nf4 marked as CUDA's."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "low_memory.py"),
+            *("--tiny", "--device", "cpu", "--families", "kontext", "--blocks", "1"),
+            *("--steps", "1", "--variants", "bf16", "int8 + offload", "nf4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| FLUX.1 Kontext")]
+    assert [row.split(" | ")[1] for row in rows] == ["bf16", "int8 + offload", "nf4"]
+    assert "| 1.00 |" in rows[0] and "needs CUDA" in rows[2]
+
+
 def test_grpo_benchmark_runs():
     result = subprocess.run(
         [

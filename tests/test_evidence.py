@@ -26,6 +26,9 @@ def test_ablation_configs_switch_one_term_on_at_a_time():
         "starter",
         "starter+emb",
         "balanced",
+        "balanced@int8",
+        "balanced@bf16",
+        "balanced@fp8",
     ]
     assert set(configs["fm"].values()) == {0.0}
     # Seed 001's weights, each alone.
@@ -48,6 +51,10 @@ def test_ablation_configs_switch_one_term_on_at_a_time():
         "geometry_match_weight": 0.02,
         "overlay_weight": 0.7,
     }
+    # The same mix on a quantized base; fp8 beside its own bf16 reference.
+    assert configs["balanced@int8"] == {**configs["balanced"], "quantize_base": "int8"}
+    assert configs["balanced@bf16"] == {**configs["balanced"], "mixed_precision": "bf16"}
+    assert configs["balanced@fp8"] == {**configs["balanced@bf16"], "quantize_base": "fp8"}
 
 
 def test_earlier_runs_are_reused_only_with_the_same_settings(tmp_path):

@@ -194,6 +194,8 @@ class TestLowMemory:
         out = assert_int8_run_resumes_exactly(
             SCRIPT, assets, tmp_path, quantize_text_encoders="int8"
         )
+        card = model_card(out).text
+        assert "int8 weights (`--quantize_base int8`)" in card and "| adamw8bit |" in card
         plain, adapted = base_and_adapted(assets, out)
         assert not torch.allclose(plain, adapted)
         # To the kohya/ComfyUI layout and back (diffusers' own kohya reader assumes FLUX.1's

@@ -151,9 +151,13 @@ def _training_rows(config: TrainConfig, steps: int, processes: int) -> dict[str,
         "learning rate": (
             f"{config.learning_rate:g}, {config.lr_scheduler}, {config.lr_warmup_steps} warm-up"
         ),
+        "optimizer": config.optimizer,
         "mixed precision": config.mixed_precision,
         "seed": config.seed,
     }
+    quantized = getattr(config, "quantize_base", "none")
+    if quantized != "none":
+        rows["base during training"] = f"{quantized} weights (`--quantize_base {quantized}`)"
     lora = Path(config.output_dir) / LORA_WEIGHTS_NAME
     if lora.is_file():  # the final save has just written it
         pairs = read_lora(lora).pairs
