@@ -70,13 +70,14 @@ from training.flux import (
     flux_image_ids,
     flux_transformer_inputs,
     pack,
+    planned_flux_conditioning,
 )
 from training.grpo import GRPOConfig
 from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora
-from training.memory_plan import FamilyPlan, log_memory_plan, pipeline_holding
+from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import (
     ModelCardInfo,
     grpo_terms,
@@ -375,21 +376,13 @@ def validation_examples(config: FillConfig, dataset) -> InpaintingDataset | None
 def planned_step_inputs(transformer, config: FillConfig, batch_size: int) -> dict:
     """The transformer's inputs in one step at --resolution, on the meta device: noisy tokens
     with the masked image's and the mask's channels, T5 at --max_sequence_length."""
-    pipe = pipeline_holding(FluxFillPipeline, transformer)
-    width = transformer.config
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=transformer.dtype)
-
     latent = config.resolution // 8
+    channels = transformer.config.in_channels - 64
     return fill_transformer_inputs(
-        pipe,
-        meta(batch_size, 16, latent, latent),
-        meta(batch_size, (latent // 2) ** 2, width.in_channels - 64),
-        meta(batch_size, config.max_sequence_length, width.joint_attention_dim),
-        meta(batch_size, width.pooled_projection_dim),
-        meta(batch_size),
-        config.guidance_scale,
+        pipeline_holding(FluxFillPipeline, transformer),
+        meta_tensor(transformer, batch_size, 16, latent, latent),
+        meta_tensor(transformer, batch_size, (latent // 2) ** 2, channels),
+        *planned_flux_conditioning(transformer, config, batch_size),
     )
 
 

@@ -54,10 +54,11 @@ from training.flux import (
     flux_image_ids,
     flux_transformer_inputs,
     pack,
+    planned_flux_conditioning,
 )
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
-from training.memory_plan import FamilyPlan, log_memory_plan, pipeline_holding
+from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage
 from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline
@@ -351,21 +352,12 @@ class KontextLoss:
 def planned_step_inputs(transformer, config: KontextConfig, batch_size: int) -> dict:
     """The transformer's inputs in one step at --resolution, on the meta device: target and
     context of that size, T5 embeddings at --max_sequence_length."""
-    pipe = pipeline_holding(FluxKontextPipeline, transformer)
-    width = transformer.config
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=transformer.dtype)
-
     latents = (batch_size, 16, config.resolution // 8, config.resolution // 8)
     return kontext_transformer_inputs(
-        pipe,
-        meta(*latents),
-        meta(*latents),
-        meta(batch_size, config.max_sequence_length, width.joint_attention_dim),
-        meta(batch_size, width.pooled_projection_dim),
-        meta(batch_size),
-        config.guidance_scale,
+        pipeline_holding(FluxKontextPipeline, transformer),
+        meta_tensor(transformer, *latents),
+        meta_tensor(transformer, *latents),
+        *planned_flux_conditioning(transformer, config, batch_size),
     )
 
 

@@ -49,7 +49,7 @@ from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
 from training.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
-from training.memory_plan import FamilyPlan, log_memory_plan, pipeline_holding
+from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage, region_weighted
 from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline
@@ -321,19 +321,15 @@ def planned_step_inputs(transformer, config: QwenEditConfig, batch_size: int) ->
     """The transformer's inputs in one step on the meta device: the target at --resolution, the
     condition at the pipeline's 1024x1024, the prompt as Qwen-Image-Edit's encoder reads it
     (Edit-2509/2511 read the image at 384x384: fewer tokens)."""
-    pipe = pipeline_holding(QwenImageEditPipeline, transformer)
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=transformer.dtype)
-
     target, condition = config.resolution // 8, 1024 // 8
+    width = transformer.config.joint_attention_dim
     return qwen_transformer_inputs(
-        meta(batch_size, 16, target, target),
-        meta(batch_size, 16, condition, condition),
-        meta(batch_size, PLANNED_PROMPT_TOKENS, transformer.config.joint_attention_dim),
+        meta_tensor(transformer, batch_size, 16, target, target),
+        meta_tensor(transformer, batch_size, 16, condition, condition),
+        meta_tensor(transformer, batch_size, PLANNED_PROMPT_TOKENS, width),
         None,
-        meta(batch_size),
-        pipe,
+        meta_tensor(transformer, batch_size),
+        pipeline_holding(QwenImageEditPipeline, transformer),
     )
 
 

@@ -50,7 +50,7 @@ from training.grpo_loop import train_objective
 from training.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora import LoraFormat, add_lora, save_lora_components
-from training.memory_plan import FamilyPlan, log_memory_plan
+from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor
 from training.model_card import (
     ModelCardInfo,
     grpo_terms,
@@ -366,15 +366,11 @@ def load_sd15_lora(model: InpaintDenoiser, folder: Path) -> None:
 def planned_step_inputs(unet, config: SD15InpaintConfig, batch_size: int) -> dict:
     """The UNet's inputs in one step at --resolution, on the meta device: the 9-channel latents,
     the timestep and CLIP's 77 token embeddings."""
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=unet.dtype)
-
     latent = config.resolution // 8
     return {
-        "sample": meta(batch_size, unet.config.in_channels, latent, latent),
+        "sample": meta_tensor(unet, batch_size, unet.config.in_channels, latent, latent),
         "timestep": torch.zeros(batch_size, device="meta", dtype=torch.long),
-        "encoder_hidden_states": meta(batch_size, 77, unet.config.cross_attention_dim),
+        "encoder_hidden_states": meta_tensor(unet, batch_size, 77, unet.config.cross_attention_dim),
         "return_dict": False,
     }
 

@@ -231,6 +231,33 @@ def first_inpainting_batch(assets: Path, resolution: int) -> dict:
     return collate_items([dataset[0]])
 
 
+def inpainting_call(assets: Path, resolution: int) -> dict:
+    """An inpainting pipeline's arguments for the first item of ``assets/data`` (2 steps)."""
+    from training.validation import to_pil
+
+    batch = first_inpainting_batch(assets, resolution)
+    return {
+        "prompt": batch["prompt"][0],
+        "image": to_pil(batch["image"][0]),
+        "mask_image": to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
+        "height": resolution,
+        "width": resolution,
+        "num_inference_steps": 2,
+        "output_type": "np",
+    }
+
+
+def pipeline_as_trained(pipeline_cls, config, frozen, **components):
+    """The pipeline as a train script loads it (``training.runtime.pretrained_pipeline``); its
+    transformer's linear weights are int8 exactly when ``config.quantize_base`` says so."""
+    from training.runtime import pretrained_pipeline
+
+    pipe = pretrained_pipeline(pipeline_cls, config, frozen, **components)
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert ("Int8" in type(weight).__name__) == (config.quantize_base == "int8")
+    return pipe
+
+
 def quiet_pipeline(pipeline_cls, assets: Path):
     """The pipeline of ``assets/model``, without progress bars."""
     pipe = pipeline_cls.from_pretrained(assets / "model")

@@ -9,6 +9,18 @@ import pytest
 from script_runs import ROOT, reset_accelerate
 
 
+def run_benchmark(script: str, *flags: str) -> str:
+    """``benchmarks/<script> flags`` in a process of its own; what it printed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 @pytest.mark.parametrize(
     "script,variants",
     [
@@ -18,57 +30,35 @@ from script_runs import ROOT, reset_accelerate
     ],
 )
 def test_benchmark_runs(script, variants):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / script),
-            *("--blocks", "1", "--steps", "1", "--resolution", "32", "--batch", "1"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    printed = run_benchmark(
+        script, "--blocks", "1", "--steps", "1", "--resolution", "32", "--batch", "1"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     for name in variants:
-        assert name in result.stdout and "ms/step" in result.stdout
+        assert name in printed and "ms/step" in printed
 
 
 def test_low_memory_benchmark_runs():
     """The GPU table's code on the tiny Kontext: a row per variant, nf4 marked as CUDA's."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "low_memory.py"),
-            *("--tiny", "--device", "cpu", "--families", "kontext", "--blocks", "1"),
-            *("--steps", "1", "--variants", "bf16", "int8 + offload", "nf4"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    printed = run_benchmark(
+        "low_memory.py",
+        *("--tiny", "--device", "cpu", "--families", "kontext", "--blocks", "1", "--steps", "1"),
+        *("--variants", "bf16", "int8 + offload", "nf4"),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| FLUX.1 Kontext")]
+    rows = [line for line in printed.splitlines() if line.startswith("| FLUX.1 Kontext")]
     assert [row.split(" | ")[1] for row in rows] == ["bf16", "int8 + offload", "nf4"]
     assert "| 1.00 |" in rows[0] and "needs CUDA" in rows[2]
 
 
 def test_grpo_benchmark_runs():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "grpo_step.py"),
-            *("--blocks", "1", "--steps", "1", "--resolution", "32"),
-            *("--generations", "2", "--sampling-steps", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    printed = run_benchmark(
+        "grpo_step.py",
+        *("--blocks", "1", "--steps", "1", "--resolution", "32"),
+        *("--generations", "2", "--sampling-steps", "2"),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     for family in ("Fill:", "SD1.5:"):
         for phase in ("sampling", "reward", "update", "iteration"):
-            assert f"{family:<7}{phase}" in result.stdout
-    assert "s/iteration" in result.stdout
+            assert f"{family:<7}{phase}" in printed
+    assert "s/iteration" in printed
 
 
 def test_the_table_runs(capsys):

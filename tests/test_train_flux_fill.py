@@ -26,8 +26,10 @@ from script_runs import (
     first_call,
     first_inpainting_batch,
     help_text,
+    inpainting_call,
     lora_tensors,
     model_card,
+    pipeline_as_trained,
     quiet_pipeline,
     resume_copy,
     write_assets,
@@ -47,7 +49,6 @@ from training.grpo import sample_rollout, transition
 from training.lora import add_lora
 from training.metrics import read_metrics
 from training.rewards import RewardError, RewardOptions, Rewards
-from training.runtime import pretrained_pipeline
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -101,9 +102,7 @@ class TestSameInputsAsThePipeline:
     def test_first_denoising_step(self, assets, quantized):
         # The pipeline as training loads it, with int8 transformer and text encoders or not.
         fill_config = config(assets, quantize_base=quantized, quantize_text_encoders=quantized)
-        pipe = pretrained_pipeline(FluxFillPipeline, fill_config, FLUX_ENCODERS)
-        weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
-        assert ("Int8" in type(weight).__name__) == (quantized == "int8")
+        pipe = pipeline_as_trained(FluxFillPipeline, fill_config, FLUX_ENCODERS)
         batch = first_batch(assets)
         mask = batch["mask"][0, 0]
         # The synthetic mask is an ellipse: its edge cuts through 8x8 latent cells.
@@ -212,16 +211,7 @@ class TestLoss:
 def base_and_adapted(assets: Path, lora: Path) -> tuple[np.ndarray, np.ndarray]:
     """The unquantized ``FluxFillPipeline``'s output on the first example, without and with the
     LoRA of ``lora``."""
-    batch = first_batch(assets)
-    call = {
-        "prompt": batch["prompt"][0],
-        "image": to_pil(batch["image"][0]),
-        "mask_image": to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
-        "height": RESOLUTION,
-        "width": RESOLUTION,
-        "num_inference_steps": 2,
-        "output_type": "np",
-    }
+    call = inpainting_call(assets, RESOLUTION)
     pipe = quiet_pipeline(FluxFillPipeline, assets)
     plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     pipe.load_lora_weights(lora)

@@ -23,6 +23,7 @@ from script_runs import (
     first_call,
     lora_tensors,
     model_card,
+    pipeline_as_trained,
     reset_accelerate,
     resume_copy,
 )
@@ -39,7 +40,6 @@ from training.config import parse_config
 from training.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
 from training.lora import LORA_WEIGHTS_NAME, add_lora
 from training.metrics import read_metrics
-from training.runtime import pretrained_pipeline
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -472,9 +472,7 @@ class TestSameInputsAsThePipeline:
         # The pipeline as training loads it: with --quantize_base int8 its transformer and text
         # encoders hold int8 weights, and both sides use them.
         config = kontext_config(assets, quantize_base=quantized, quantize_text_encoders=quantized)
-        pipe = pretrained_pipeline(FluxKontextPipeline, config, FLUX_ENCODERS)
-        weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
-        assert ("Int8" in type(weight).__name__) == (quantized == "int8")
+        pipe = pipeline_as_trained(FluxKontextPipeline, config, FLUX_ENCODERS)
         batch = first_item_batch(assets)
         height, width = batch["target"].shape[-2:]
         noise = torch.randn(

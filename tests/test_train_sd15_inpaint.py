@@ -20,6 +20,7 @@ from script_runs import (
     first_call,
     first_inpainting_batch,
     help_text,
+    inpainting_call,
     lora_tensors,
     model_card,
     quiet_pipeline,
@@ -200,16 +201,7 @@ class TestTrainingRun:
         card = model_card(out)
         assert "stable-diffusion" in card.data.tags and "| min-SNR gamma | 5 |" in card.text
         assert "StableDiffusionInpaintPipeline.from_pretrained" in card.text
-        batch = first_batch(assets)
-        call = {
-            "prompt": batch["prompt"][0],
-            "image": to_pil(batch["image"][0]),
-            "mask_image": to_pil(batch["mask"][0].expand(3, -1, -1) * 2 - 1),
-            "height": RESOLUTION,
-            "width": RESOLUTION,
-            "num_inference_steps": 2,
-            "output_type": "np",
-        }
+        call = inpainting_call(assets, RESOLUTION)
         pipe = StableDiffusionInpaintPipeline.from_pretrained(assets / "model")
         plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
         pipe.load_lora_weights(out)

@@ -13,6 +13,7 @@ import torch
 from data.cache import fingerprint
 from training.caching import encoder_weights
 from training.config import FluxConfig, TrainConfig
+from training.memory_plan import meta_tensor
 
 FLUX_ENCODERS = ("vae", "text_encoder", "text_encoder_2")
 # The attention projections of both stream types, as diffusers' FLUX LoRA examples adapt them.
@@ -87,6 +88,20 @@ def flux_transformer_inputs(
         "img_ids": img_ids,
         "return_dict": False,
     }
+
+
+def planned_flux_conditioning(
+    transformer, config: TrainConfig | FluxConfig, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """A FLUX step's prompt embeddings ``[B, max_sequence_length, joint width]``, pooled
+    ``[B, pooled width]``, sigmas ``[B]`` (meta tensors) and guidance, for a memory plan."""
+    width = transformer.config
+    return (
+        meta_tensor(transformer, batch_size, config.max_sequence_length, width.joint_attention_dim),
+        meta_tensor(transformer, batch_size, width.pooled_projection_dim),
+        meta_tensor(transformer, batch_size),
+        config.guidance_scale,
+    )
 
 
 def flux_image_ids(pipe, height: int, width: int, like: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from transformers import AutoConfig
 
 from models.published import published_model
 from training.lora import LoraFormat, add_lora
-from training.offload import denoiser_blocks
+from training.offload import denoiser_blocks, tensor_bytes
 from training.runtime import weight_dtype
 
 logger = logging.getLogger(__name__)
@@ -141,10 +142,6 @@ class _AttentionAsFlash(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _tensors(values) -> Iterable[torch.Tensor]:
     for value in values:
         if isinstance(value, torch.Tensor):
@@ -187,6 +184,8 @@ def trace_activations(
     """Run ``forward()`` (``model`` on the meta device) and record the tensors autograd keeps,
     by block of ``blocks``; parameters are weights, counted elsewhere."""
     parameters = {id(param) for param in model.parameters()}
+    # Tensors are told apart by id: each is held until the trace ends, so no id is reused.
+    held: list[torch.Tensor] = []
     seen: set[int] = set()
     state = {"block": None, "outside": 0, "inputs": 0}
     per_block = {block: 0 for block in blocks}
@@ -194,10 +193,11 @@ def trace_activations(
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if id(tensor) not in parameters and id(tensor) not in seen:
             seen.add(id(tensor))
+            held.append(tensor)
             if state["block"] is None:
-                state["outside"] += _nbytes(tensor)
+                state["outside"] += tensor_bytes(tensor)
             else:
-                per_block[state["block"]] += _nbytes(tensor)
+                per_block[state["block"]] += tensor_bytes(tensor)
         return tensor
 
     inputs_seen: set[int] = set()
@@ -207,7 +207,8 @@ def trace_activations(
         for tensor in _tensors([args, kwargs]):
             if id(tensor) not in inputs_seen:
                 inputs_seen.add(id(tensor))
-                state["inputs"] += _nbytes(tensor)
+                held.append(tensor)
+                state["inputs"] += tensor_bytes(tensor)
 
     def leave(block, args, output):
         state["block"] = None
@@ -330,6 +331,11 @@ def pipeline_holding(pipeline_cls, transformer: torch.nn.Module, scheduler=None)
     return pipeline_cls(**others, scheduler=scheduler, transformer=transformer)
 
 
+def meta_tensor(model: torch.nn.Module, *shape: int) -> torch.Tensor:
+    """An input of ``shape`` for ``model`` on the meta device, in its dtype."""
+    return torch.empty(*shape, device="meta", dtype=model.dtype)
+
+
 @dataclass(frozen=True)
 class FamilyPlan:
     """What planning a family's run takes, declared by its train script: its key in
@@ -382,7 +388,10 @@ def _plan(config, spec: FamilyPlan) -> MemoryPlan:
     dtype = weight_dtype(config)
     quantized = getattr(config, "quantize_base", "none")
     denoiser = meta_component(config, spec.family, spec.denoiser, dtype)
-    add_lora(denoiser, config, spec.lora_layers, spec.lora_format)
+    with warnings.catch_warnings():
+        # --init_lora_weights: its shape is what counts; loading values into meta is a no-op.
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")
+        add_lora(denoiser, config, spec.lora_layers, spec.lora_format)
     shapes = trainable_shapes(denoiser)
     lora = 4 * sum(math.prod(shape) for shape in shapes)
 

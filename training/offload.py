@@ -91,7 +91,7 @@ class BlockOffload:
     @property
     def offloaded_bytes(self) -> int:
         """Bytes of frozen weights kept on the CPU."""
-        return sum(_tensor_bytes(slot.stored) for slots in self.slots.values() for slot in slots)
+        return sum(tensor_bytes(slot.stored) for slots in self.slots.values() for slot in slots)
 
     def onload(self, block: torch.nn.Module) -> None:
         for slot in self.slots[block]:
@@ -115,12 +115,12 @@ class BlockOffload:
         self.offload(block)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a (possibly quantized, subclassed) tensor holds."""
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         names, _ = flatten()
-        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
 
 

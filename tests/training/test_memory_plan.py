@@ -28,7 +28,7 @@ from training.memory_plan import (
     quantized_linear_bytes,
     trace_activations,
 )
-from training.offload import _tensor_bytes
+from training.offload import tensor_bytes
 from training.optimizers import OPTIMIZERS, build_optimizer
 from training.runtime import pretrained_pipeline
 
@@ -48,7 +48,7 @@ class TestQuantizedLinearBytes:
     def test_torchao_weight_only_tensors(self, mode, config):
         linear = torch.nn.Linear(256, 96).bfloat16()
         quantize_(linear, config or Float8WeightOnlyConfig())
-        assert _tensor_bytes(linear.weight) == quantized_linear_bytes(mode, 96, 256)
+        assert tensor_bytes(linear.weight) == quantized_linear_bytes(mode, 96, 256)
 
     def test_bitsandbytes_nf4(self):
         # What diffusers' BitsAndBytesConfig(load_in_4bit, nf4) builds: no nested statistics.
@@ -214,10 +214,10 @@ class TestThePlanOfATinyRun:
         pipe = pretrained_pipeline(FluxKontextPipeline, config, ("vae",))
         kontext.add_lora(pipe.transformer, config, kontext.FLUX_LORA_LAYERS, kontext.KONTEXT_LORA)
         parameters = list(pipe.transformer.parameters()) + list(pipe.transformer.buffers())
-        frozen = sum(_tensor_bytes(p) for p in parameters if not p.requires_grad)
-        trainable = sum(_tensor_bytes(p) for p in parameters if p.requires_grad)
+        frozen = sum(tensor_bytes(p) for p in parameters if not p.requires_grad)
+        trainable = sum(tensor_bytes(p) for p in parameters if p.requires_grad)
         assert plan.denoiser_weights == frozen
         assert plan.lora == plan.gradients == trainable
         encoders = [pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
         held = [t for m in encoders for t in [*m.parameters(), *m.buffers()]]
-        assert plan.encoders == sum(_tensor_bytes(t) for t in held)
+        assert plan.encoders == sum(tensor_bytes(t) for t in held)
