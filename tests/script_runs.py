@@ -122,6 +122,14 @@ def resume_copy(source: Path, step: int, destination: Path) -> Path:
     return destination
 
 
+def listed(folder: Path) -> list[str]:
+    """The names in ``folder``, without the suite's bookkeeping (its run lock and the list of
+    what it wrote there)."""
+    from training.output_dir import LOCK_FILE, MANIFEST_FILE
+
+    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, MANIFEST_FILE))
+
+
 def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / LORA_WEIGHTS_NAME)
 

@@ -20,7 +20,9 @@ from script_runs import (
     ROOT,
     TrainScript,
     assert_int8_run_resumes_exactly,
+    assert_same_tensors,
     first_call,
+    listed,
     lora_tensors,
     model_card,
     pipeline_as_trained,
@@ -255,6 +257,38 @@ class TestLowMemory:
         out = run(assets, tmp_path / "out", quantize_base="int8", checkpointing_steps=2)
         with pytest.raises(DataError, match="--quantize_base 'int8', this run 'none'"):
             run(assets, out, max_train_steps=6, resume_from_checkpoint="latest")
+
+
+class TestOutputFolder:
+    def test_a_finished_run_stays_until_overwritten_and_the_users_files_always(
+        self, assets, tmp_path, fresh_accelerate, capsys
+    ):
+        out = run(assets, tmp_path / "out", max_train_steps=1)
+        (out / "notes.txt").write_text("mine")
+        finished = lora_tensors(out)
+        with pytest.raises(SystemExit) as stopped:
+            run(assets, out, max_train_steps=1, seed=1)
+        assert stopped.value.code == 2
+        assert "already holds a finished run (pytorch_lora_weights" in capsys.readouterr().err
+        assert_same_tensors(lora_tensors(out), finished)
+        run(assets, out, max_train_steps=1, seed=1, overwrite_output_dir="true")
+        assert (out / "notes.txt").read_text() == "mine"
+        assert lora_tensors(out).keys() == finished.keys()
+
+    @pytest.mark.parametrize("where", ["empty", "data"])
+    def test_no_name_or_the_data_folder_is_refused_before_loading(
+        self, assets, tmp_path, fresh_accelerate, capsys, where
+    ):
+        data = tmp_path / "data"
+        write_kontext_dataset(data, n=2, resolution=RESOLUTION, seed=0)
+        (data / "README.md").write_text("the data set's card")
+        output = {"empty": "", "data": data}[where]
+        with pytest.raises(SystemExit) as stopped:
+            run(assets, output, train_data_dir=data, pretrained_model_name_or_path="missing")
+        assert stopped.value.code == 2
+        expected = {"empty": "--output_dir is empty", "data": "is the training data folder"}
+        assert expected[where] in capsys.readouterr().err
+        assert (data / "README.md").read_text() == "the data set's card"
 
 
 class TestTrainingRun:
@@ -561,7 +595,7 @@ class TestBadInput:
         (out / "checkpoint-7" / "training_state.json").write_text("{}")
         with pytest.raises(DataError, match=expected.replace(".", r"\.")):
             run(assets, out, train_data_dir=data, resume_from_checkpoint="latest")
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-7"]
+        assert listed(out) == ["checkpoint-7"]
 
 
 class TestCommandLine:

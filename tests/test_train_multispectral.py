@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
-from script_runs import ROOT, TrainScript, model_card, reset_accelerate, script_args
+from script_runs import ROOT, TrainScript, listed, model_card, reset_accelerate, script_args
 from script_runs import help_text as script_help
 
 import train_multispectral_vae as script
@@ -277,7 +277,7 @@ class TestBadInput:
         (out / "checkpoint-7" / "training_state.json").write_text("{}")
         with pytest.raises(DataError, match=expected):
             run(assets, out, train_data_dir=data, bands=bands, resume_from_checkpoint="latest")
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-7"]
+        assert listed(out) == ["checkpoint-7"]
 
     def test_truncated_tiff_stops_a_fresh_run_before_training(
         self, assets, tmp_path, fresh_accelerate

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from data.images import DataError
 from training.optimizers import averaged_weights, resume_training_weights
@@ -144,42 +145,6 @@ def resolve_checkpoint(output_dir: str | Path, value: str | None) -> Path | None
     return folder
 
 
-# The one folder --overwrite_output_dir keeps: latents keyed by content stay valid.
-_KEPT_ON_OVERWRITE = "cache"
-
-
-def prepare_output_dir(
-    output_dir: str | Path, resume: str | None, overwrite: bool, is_main_process: bool
-) -> None:
-    """Refuse to start a fresh run on top of another run's checkpoints, or clear them.
-
-    A fresh run (no ``--resume_from_checkpoint``) in a folder holding checkpoints would mix two
-    runs: ``latest`` could later resume the other run's weights. It raises ``ValueError`` unless
-    ``overwrite`` (--overwrite_output_dir), which deletes everything the earlier run left in the
-    folder but its latent cache (keyed by content, so still valid), on the main process.
-    """
-    root = Path(output_dir)
-    existing = complete_checkpoints(root)
-    if resume is not None or not existing:
-        return
-    if not overwrite:
-        names = ", ".join(folder.name for _, folder in existing)
-        raise ValueError(
-            f"{root} already holds checkpoints of another run ({names}). Pass "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete "
-            "them and start afresh, or choose another --output_dir."
-        )
-    if is_main_process:
-        for path in root.iterdir():
-            if path.name == _KEPT_ON_OVERWRITE:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        logger.info("--overwrite_output_dir: removed the earlier run's outputs from %s", root)
-
-
 class Checkpointer:
     """Saves and restores the checkpoints of one run, without pickle.
 
@@ -246,7 +211,7 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         return final
 
-    def _write_state(self, folder: Path) -> OSError | None:
+    def _write_state(self, folder: Path) -> Exception | None:
         """This rank's files: its RNG (and under FSDP2 its shard of the optimizer state); on the
         main process also the LoRA (gathered from every rank when sharded), the optimizer and
         the schedule."""
@@ -266,11 +231,11 @@ class Checkpointer:
                 if accelerator.scaler is not None:
                     save_state(accelerator.scaler.state_dict(), folder, "scaler")
             save_state(rng_state(), folder, f"rng-{accelerator.process_index}")
-        except OSError as error:
+        except (OSError, SafetensorError) as error:  # safetensors reports a full disk its way
             return error
         return None
 
-    def _seal(self, folder: Path, progress: TrainingProgress) -> OSError | None:
+    def _seal(self, folder: Path, progress: TrainingProgress) -> Exception | None:
         """Write ``training_state.json`` with the digests of everything in ``folder``."""
         digests = {
             str(path.relative_to(folder)): _sha256(path)
@@ -290,7 +255,7 @@ class Checkpointer:
         return None
 
     def _raise_if_any_rank_failed(
-        self, failure: OSError | None, final: Path, partial: Path
+        self, failure: Exception | None, final: Path, partial: Path
     ) -> None:
         """Every rank learns whether any rank failed, so that none waits on the others."""
         accelerator = self.accelerator

@@ -118,8 +118,10 @@ class TrainConfig:
     """On SIGTERM or Ctrl+C (a scheduler's preemption), save a checkpoint at the end of the
     current step and stop cleanly; resume with --resume_from_checkpoint latest."""
     overwrite_output_dir: bool = False
-    """Delete the checkpoints and outputs of an earlier run in output_dir and start afresh;
-    without it, a fresh run refuses a folder holding checkpoints."""
+    """Delete what an earlier run of the suite wrote in output_dir (checkpoints, LoRA, metrics,
+    model card, validation images; not the latent cache, and nothing else) and start afresh;
+    without it, a fresh run refuses a folder holding another run's checkpoints or finished
+    LoRA."""
     validation_steps: int | None = None
     """Run the pipeline on validation examples every this many steps (and at the end)."""
     validation_prompt: str | None = None

@@ -38,6 +38,7 @@ from training.optimizers import (
     scheduler_warmup_steps,
     use_averaged_weights,
 )
+from training.output_dir import RunLock
 from training.runtime import keep_frozen_parameters_local, step_generator
 from training.sharding import is_sharded_tensor, whole_trainable_parameters
 from training.stopping import NonFiniteSteps, StopSignals, describe_items
@@ -297,14 +298,16 @@ class Run:
         accelerator.wait_for_everyone()
         self._release_replicas()
         accelerator.end_training()
-        if accelerator.is_main_process and not self.stopped:
-            publish_run(
-                self.config,
-                self.parts.card,
-                steps=self.progress.global_step,
-                examples=len(self.parts.dataset),
-                processes=accelerator.num_processes,
-            )
+        if accelerator.is_main_process:
+            if not self.stopped:
+                publish_run(
+                    self.config,
+                    self.parts.card,
+                    steps=self.progress.global_step,
+                    examples=len(self.parts.dataset),
+                    processes=accelerator.num_processes,
+                )
+            RunLock(self.config.output_dir).release()
         return self.progress
 
     def _release_replicas(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -13,8 +15,9 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-from training.checkpoint import prepare_output_dir
+from training.checkpoint import resolve_checkpoint
 from training.config import TrainConfig
+from training.output_dir import OutputDirError, RunLock, check_output_dir, prepare_output_dir
 from training.quantization import pipeline_quantization
 
 logger = logging.getLogger(__name__)
@@ -24,7 +27,9 @@ _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """An ``Accelerator`` for ``config``; on a machine without CUDA it runs on the CPU. It also
-    checks ``--output_dir`` before any model is loaded (see ``prepare_output_dir``).
+    locks and checks ``--output_dir`` before any model is loaded (``training.output_dir``): a
+    folder another run uses, or one this run must not write into, ends the program with exit
+    status 2 and one line saying why.
 
     ``cpu=True`` matters beyond the device: ``accelerate launch --multi_gpu --num_processes 2``
     on a CPU-only machine then forms one two-rank gloo group. The launcher's ``WORLD_SIZE`` is
@@ -32,6 +37,10 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     The LR scheduler is stepped by the loop once per optimizer step, not by accelerate once per
     process, so its state counts optimizer steps whatever the number of processes.
     """
+    try:
+        check_output_dir(config.output_dir, [config.train_data_dir])
+    except OutputDirError as error:
+        refuse(error)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
@@ -50,15 +59,29 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         )
     _check_engine(accelerator)
     _configure_logging(accelerator)
-    prepare_output_dir(
-        config.output_dir,
-        config.resume_from_checkpoint,
-        config.overwrite_output_dir,
-        accelerator.is_main_process,
-    )
+    try:
+        if accelerator.is_main_process:
+            # First, so that two runs never both pass the checks below and both write.
+            RunLock(config.output_dir).acquire()
+        prepare_output_dir(
+            config.output_dir,
+            resolve_checkpoint(config.output_dir, config.resume_from_checkpoint) is not None,
+            config.overwrite_output_dir,
+            accelerator.is_main_process,
+            cache_in_output_dir=config.cache_latents and config.cache_dir is None,
+        )
+    except OutputDirError as error:
+        refuse(error)
     accelerator.wait_for_everyone()
     set_seed(config.seed, device_specific=False)
     return accelerator
+
+
+def refuse(error: Exception) -> None:
+    """End the program as argparse does for a bad flag: ``<script>: error: <message>`` on
+    stderr, exit status 2, no traceback."""
+    print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # Sharding engines an accelerate config can ask for: the variable `accelerate launch` sets.

@@ -5,9 +5,9 @@ import copy
 import errno
 import hashlib
 import json
-import os
 import pickle
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +28,51 @@ from training.checkpoint import (
     check_identity,
     complete_checkpoints,
     convert_progress,
-    prepare_output_dir,
     resolve_checkpoint,
     run_identity,
 )
 from training.config import TrainConfig
 from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora
 from training.optimizers import OPTIMIZERS, build_optimizer, scheduler_warmup_steps
+from training.output_dir import LOCK_FILE, MANIFEST_FILE
 from training.runtime import build_accelerator
 
 LAYERS = ("attn.to_q", "attn.to_k")
 KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")
 LAYOUT = BatchLayout(num_processes=1, train_batch_size=1, gradient_accumulation_steps=1)
+
+
+def listed(folder: Path) -> list[str]:
+    """The names in ``folder`` but the run's lock and the list of what the suite wrote."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, MANIFEST_FILE))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs: a filesystem that really fills up."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last byte with one file; returns it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True, name: str | None = None):
@@ -109,40 +142,6 @@ class TestResolveCheckpoint:
             resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-77"))
 
 
-class TestPrepareOutputDir:
-    def test_fresh_run_refuses_another_runs_checkpoints(self, tmp_path):
-        make_checkpoint(tmp_path, 6)
-        with pytest.raises(ValueError, match=r"checkpoint-6.*--resume_from_checkpoint latest"):
-            prepare_output_dir(tmp_path, None, False, True)
-        assert (tmp_path / "checkpoint-6").is_dir()
-
-    @pytest.mark.parametrize("resume", ["latest", "checkpoint-6"])
-    def test_resumed_run_continues(self, tmp_path, resume):
-        make_checkpoint(tmp_path, 6)
-        prepare_output_dir(tmp_path, resume, False, True)
-        assert (tmp_path / "checkpoint-6").is_dir()
-
-    def test_empty_missing_or_half_written_folders_are_fine(self, tmp_path):
-        prepare_output_dir(tmp_path / "new", None, False, True)
-        make_checkpoint(tmp_path, 3, complete=False)
-        prepare_output_dir(tmp_path, None, False, True)
-
-    def test_overwrite_removes_the_earlier_run_but_not_the_cache(self, tmp_path):
-        make_checkpoint(tmp_path, 2)
-        make_checkpoint(tmp_path, 6)
-        for name in ("metrics.jsonl", LORA_WEIGHTS_NAME, "validation/step-000006.png"):
-            (tmp_path / name).parent.mkdir(exist_ok=True)
-            (tmp_path / name).write_text("old")
-        (tmp_path / "cache" / "abc").mkdir(parents=True)
-        prepare_output_dir(tmp_path, None, True, True)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
-
-    def test_overwrite_deletes_nothing_on_other_ranks(self, tmp_path):
-        make_checkpoint(tmp_path, 6)
-        prepare_output_dir(tmp_path, None, True, False)
-        assert (tmp_path / "checkpoint-6").is_dir()
-
-
 ONE = BatchLayout(num_processes=1, train_batch_size=2, gradient_accumulation_steps=4)
 TWO = BatchLayout(num_processes=2, train_batch_size=2, gradient_accumulation_steps=2)
 FOUR = BatchLayout(num_processes=4, train_batch_size=2, gradient_accumulation_steps=1)
@@ -187,7 +186,6 @@ class Run:
     scheduler: object
     checkpointer: Checkpointer
     output_dir: Path
-    fail_saves: bool = False
 
     def lora(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
@@ -231,25 +229,17 @@ def start_run(
         num_training_steps=10,
     )
     model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    run = None
-
-    def save(model, folder):
-        if run.fail_saves:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        KONTEXT.save(model, folder)
-
     checkpointer = Checkpointer(
         accelerator,
         output_dir,
         total_limit,
-        save,
+        KONTEXT.save,
         KONTEXT.load,
         LAYOUT,
         run_identity(config, transformer),
         (model, optimizer, scheduler),
     )
-    run = Run(accelerator, model, optimizer, scheduler, checkpointer, output_dir)
-    return run
+    return Run(accelerator, model, optimizer, scheduler, checkpointer, output_dir)
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -290,7 +280,7 @@ class TestCheckpointer:
         run.train_step(0)
         folder = run.checkpointer.save(TrainingProgress(3, 1, 5))
         assert folder == tmp_path / "checkpoint-3"
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # nothing partial
+        assert listed(tmp_path) == ["checkpoint-3"]  # nothing partial
         files = sorted(p.name for p in folder.iterdir())
         assert files == [
             "optimizer.json",
@@ -337,7 +327,7 @@ class TestCheckpointer:
         assert not (tmp_path / "checkpoint-1").exists()
         assert not (tmp_path / "checkpoint-2").exists()
         assert half_written.is_dir()  # not a checkpoint: left alone
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+        assert not [name for name in listed(tmp_path) if name.startswith(".")]
 
     def test_never_deletes_the_checkpoint_it_just_wrote(self, tmp_path):
         """A run resumed at step 2 while an interrupted history reached step 6."""
@@ -376,7 +366,7 @@ class TestCheckpointer:
         run.train_step(1)
         newer = run.lora()
         folder = run.checkpointer.save(TrainingProgress(4, 1, 0))
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+        assert listed(tmp_path) == ["checkpoint-4"]
         assert json.loads((folder / STATE_FILE).read_text())["epoch"] == 1
         state = FluxKontextPipeline.lora_state_dict(str(folder))
         assert_same_tensors(state, {f"transformer.{k}": v for k, v in newer.items()})
@@ -386,33 +376,34 @@ class TestCheckpointer:
         make_checkpoint(tmp_path, 6, complete=False)
         folder = run.checkpointer.save(TrainingProgress(6))
         assert (folder / STATE_FILE).is_file() and (folder / LORA_WEIGHTS_NAME).is_file()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+        assert listed(tmp_path) == ["checkpoint-6"]
 
-    def test_full_disk_leaves_earlier_checkpoints_intact(self, tmp_path):
-        run = start_run(tmp_path)
+    def test_full_disk_leaves_earlier_checkpoints_intact(self, small_disk):
+        """On a real full filesystem, where safetensors reports the failure its own way."""
+        run = start_run(small_disk)
         run.train_step(0)
         saved = run.lora()
         first = run.checkpointer.save(TrainingProgress(5))
         run.train_step(1)
-        run.fail_saves = True
+        filler = fill(small_disk)
         for step in (6, 5):  # a new step, and the same step again
             with pytest.raises(RuntimeError) as error:
                 run.checkpointer.save(TrainingProgress(step))
             message = str(error.value)
             assert f"could not write checkpoint-{step}" in message
-            assert "No space left on device" in message and "checkpoint-5 untouched" in message
+            assert "checkpoint-5 untouched" in message
             assert "--resume_from_checkpoint latest" in message
-        assert complete_checkpoints(tmp_path) == [(5, first)]
-        assert resolve_checkpoint(tmp_path, "latest") == first
+        assert complete_checkpoints(small_disk) == [(5, first)]
+        assert resolve_checkpoint(small_disk, "latest") == first
         state = FluxKontextPipeline.lora_state_dict(str(first))
         assert_same_tensors(state, {f"transformer.{k}": v for k, v in saved.items()})
         # the failed saves' partial folders are gone, freeing what they took
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
-        run.fail_saves = False
+        assert listed(small_disk) == ["checkpoint-5", filler.name]
+        filler.unlink()
         for step in (6, 5):  # a rerun reaching these steps
             run.checkpointer.save(TrainingProgress(step))
-        assert [step for step, _ in complete_checkpoints(tmp_path)] == [5, 6]
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-6"]
+        assert [step for step, _ in complete_checkpoints(small_disk)] == [5, 6]
+        assert listed(small_disk) == ["checkpoint-5", "checkpoint-6"]
 
     def test_restore_after_changes(self, tmp_path):
         run = start_run(tmp_path)
