@@ -52,6 +52,7 @@ from training.config import (
     LowMemoryConfig,
     RegionLossConfig,
     TrainConfig,
+    bounded,
     parse_config,
 )
 from training.datasets import bucket_sampler, inpainting_dataset
@@ -112,7 +113,7 @@ class FillConfig(
 
     guidance_scale: float = 30.0
     """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
-    background_preservation_weight: float = 0.0
+    background_preservation_weight: float = bounded(0.0, low=0)
     """Seed 001: weight of the MSE of x0_hat vs the image outside the dilated mask (0: off).
     On latents it is a sigma**2-weighted velocity error outside the mask."""
     band_r: int = 1

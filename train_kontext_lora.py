@@ -41,6 +41,7 @@ from training.config import (
     FluxConfig,
     LowMemoryConfig,
     TrainConfig,
+    bounded,
     parse_config,
 )
 from training.datasets import bucket_sampler, edit_pair_dataset
@@ -90,37 +91,37 @@ class KontextConfig(
 
     guidance_scale: float = 3.5
     """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
-    flow_matching_weight: float = 1.0
+    flow_matching_weight: float = bounded(1.0, low=0)
     """Weight of the flow-matching MSE on the target tokens."""
-    geometry_mse_weight: float = 1.0
+    geometry_mse_weight: float = bounded(1.0, low=0)
     """Seed 001: boundary-band weighted MSE of x0_hat vs the target latents. Since
     x0_hat - x0 = -sigma * (v - v_target), it is a sigma**2-weighted, band-weighted velocity MSE."""
-    background_weight: float = 0.6
+    background_weight: float = bounded(0.6, low=0)
     """Seed 001: MSE of x0_hat vs the context outside the dilated mask: the target's own change
     there plus a sigma**2-weighted velocity error."""
-    dice_weight: float = 0.9
+    dice_weight: float = bounded(0.9, low=0)
     """Seed 001: Dice of the soft change mask vs the mask."""
-    area_weight: float = 0.2
+    area_weight: float = bounded(0.2, low=0)
     """Seed 001: squared log area ratio of the change vs the mask."""
-    boundary_weight: float = 0.4
+    boundary_weight: float = bounded(0.4, low=0)
     """Seed 001: boundary loss on the mask's signed distance map."""
-    band_r: int = 1
+    band_r: int = bounded(1, low=0)
     """Boundary band radius in latent pixels."""
-    w_in: float = 1.0
+    w_in: float = bounded(1.0, low=0)
     """Weight inside the mask in the band-weighted MSE."""
-    w_band: float = 6.0
+    w_band: float = bounded(6.0, low=0)
     """Weight on the boundary band in the band-weighted MSE."""
-    w_out: float = 0.2
+    w_out: float = bounded(0.2, low=0)
     """Weight outside the mask in the band-weighted MSE."""
     k_sigma: float = 2.0
     """Change-mask threshold in background standard deviations."""
-    identity_weight: float = 1.0
+    identity_weight: float = bounded(1.0, low=0)
     """Seed 003: penalise a prediction closer to the source than to the target."""
-    geometry_match_weight: float | None = None
+    geometry_match_weight: float | None = bounded(None, low=0)
     """Seed 003: squared L2 between prediction and target embeddings. Default: the seed's 0.5
     with --embedding_encoder; 0 on latent tokens, where it is exactly 64 * sigma**2 times the
     flow-matching loss (a sigma-dependent reweighting of it, not a shape term)."""
-    overlay_weight: float = 0.7
+    overlay_weight: float = bounded(0.7, low=0)
     """Seed 003: penalise a prediction closer to the overlay negative than to the target."""
     identity_margin: float = 0.25
     """Cosine margin of the identity term."""

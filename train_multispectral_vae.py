@@ -47,7 +47,7 @@ from models.multispectral import (
     AutoencoderKLMultispectralAdapter,
 )
 from training.checkpoint import resolve_checkpoint
-from training.config import TrainConfig, parse_config
+from training.config import TrainConfig, bounded, parse_config
 from training.datasets import bucket_sampler
 from training.loop import TrainingParts, train
 from training.lora import DEFAULT_RANK, target_modules
@@ -70,7 +70,7 @@ class MultispectralConfig(TrainConfig):
     vae_subfolder: str | None = None
     """Subfolder of the VAE in --pretrained_model_name_or_path ('vae' for a full SD3 pipeline);
     by default the folder itself, or its vae/ when it holds a pipeline."""
-    resolution: int = 512
+    resolution: int = bounded(512, low=16)
     """Side of every training image: images are centre-cropped or padded (padding is background)
     to it, never resampled. A multiple of 16."""
     bands: str | None = None
@@ -83,18 +83,18 @@ class MultispectralConfig(TrainConfig):
     """Learn a per-pixel gate over the bands; its mean per band is logged as band_weight_<b>."""
     use_sam_loss: bool = True
     """Add the spectral angle (SAM) of leaf pixels to the loss."""
-    sam_weight: float = 1.0
+    sam_weight: float = bounded(1.0, low=0)
     """Weight of SAM (radians) against the per-band MSE (normalised units)."""
-    range_weight: float = 0.0
+    range_weight: float = bounded(0.0, low=0)
     """Weight of the penalty on reconstructions outside each band's range over the training set's
     leaf pixels (0: off)."""
-    adapter_hidden_channels: int = 32
+    adapter_hidden_channels: int = bounded(32, low=1)
     """Hidden width of the per-pixel adapters."""
     decoder_lora: bool = False
     """Also train a LoRA on the VAE decoder (--rank, --lora_alpha, --lora_layers)."""
     rank: int | None = None
     """Rank of the decoder LoRA (--decoder_lora); default 16."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = bounded(None, low=0, low_open=True)
     """Alpha of the decoder LoRA; default: its rank (scale 1)."""
     lora_layers: str | None = None
     """Comma-separated decoder module names or suffixes the decoder LoRA adapts; default
@@ -102,16 +102,16 @@ class MultispectralConfig(TrainConfig):
     init_lora_weights: str | None = None
     """A saved multispectral adapter (folder, or its adapter_model.safetensors) to start from:
     its weights and normalisation statistics. The architecture flags must match it."""
-    norm_low_percentile: float = 1.0
+    norm_low_percentile: float = bounded(1.0, low=0, high=100)
     """Percentile of each band's training leaf pixels mapped to -1."""
-    norm_high_percentile: float = 99.0
+    norm_high_percentile: float = bounded(99.0, low=0, high=100)
     """Percentile of each band's training leaf pixels mapped to 1."""
     validation_data_dir: str | None = None
     """Folder of held-out images (same layout as --train_data_dir) for validation."""
-    holdout_images: int = 1
+    holdout_images: int = bounded(1, low=0)
     """Without --validation_data_dir: the last this many images (name order) of --train_data_dir
     are held out from training for validation."""
-    num_validation_images: int = 2
+    num_validation_images: int = bounded(2, low=1)
     """Held-out images shown in each validation grid; the metrics use every held-out image."""
     validation_inference_steps: int = 28
     """Not used here: a VAE reconstructs in one pass."""

@@ -42,6 +42,7 @@ from training.config import (
     RegionLossConfig,
     TextEditDataConfig,
     TrainConfig,
+    bounded,
     parse_config,
 )
 from training.datasets import bucket_sampler, edit_columns
@@ -71,7 +72,7 @@ class QwenEditConfig(
 ):
     """Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss."""
 
-    timestep_shift: float | Literal["auto"] = "auto"
+    timestep_shift: float | Literal["auto"] = bounded("auto", low=0, low_open=True)
     """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
     count (exp(mu)); a number fixes it; 1.0 is no shift."""
 

@@ -42,6 +42,7 @@ from training.config import (
     LowMemoryConfig,
     RegionLossConfig,
     TrainConfig,
+    bounded,
     parse_config,
 )
 from training.datasets import bucket_sampler, inpainting_dataset
@@ -79,7 +80,7 @@ class SD15InpaintConfig(
     """Train a Stable Diffusion 1.5 inpainting LoRA: supervised, with optional min-SNR and region
     weighting, or with GRPO on a reward."""
 
-    snr_gamma: float | None = None
+    snr_gamma: float | None = bounded(None, low=0, low_open=True)
     """Min-SNR weighting gamma (5.0 is the paper's choice); None: unweighted MSE."""
     train_text_encoder: bool = False
     """Also train a LoRA on the CLIP text encoder's attention (its own default layers)."""

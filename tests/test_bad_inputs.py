@@ -222,6 +222,12 @@ class TestPrecomputedAndMultispectral:
         (qwen.QwenEditConfig, ["--mask_loss.weight", "heavy"], "mask_loss.weight"),
         (fill.FillConfig, ["--resolution", "100"], "--resolution must be a multiple of 16"),
         (sd15.SD15InpaintConfig, ["--train_batch_size", "0"], "--train_batch_size must be >= 1"),
+        # Values that used to train on nonsense (a loss of 0 or below, a no-op LoRA).
+        (sd15.SD15InpaintConfig, ["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+        (sd15.SD15InpaintConfig, ["--snr_gamma", "-5"], "--snr_gamma must be > 0"),
+        (kontext.KontextConfig, ["--dice_weight", "-1"], "--dice_weight must be >= 0"),
+        (qwen.QwenEditConfig, ["--timestep_shift", "0"], "--timestep_shift must be > 0"),
+        (fill.FillConfig, ["--max_sequence_length", "0"], "--max_sequence_length must be >= 1"),
     ],
 )
 def test_bad_flags_name_the_flag(script, argv, message, capsys):

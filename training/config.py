@@ -12,6 +12,7 @@ win over the file wherever they appear.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 import typing
 from collections.abc import Sequence
@@ -30,6 +31,49 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 ConfigT = TypeVar("ConfigT")
 
 
+def bounded(
+    default,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """A dataclass field whose value must lie in a range (``None``, where the field allows it,
+    always passes), checked when a config is made: a nonsense value stops the run at parse,
+    naming the flag, instead of training on it or failing inside a library later."""
+    return field(default=default, metadata={"range": (low, high, low_open, high_open)})
+
+
+def _describe_range(low, high, low_open, high_open) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_bounds(config, prefix: str = "") -> None:
+    """Raise ``ValueError`` naming the first field of ``config`` (nested dataclasses dotted)
+    outside its :func:`bounded` range."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, f"{prefix}{item.name}.")
+            continue
+        bounds = item.metadata.get("range")
+        if bounds is None or value is None or isinstance(value, str):
+            continue
+        low, high, low_open, high_open = bounds
+        inside = (low is None or (value > low if low_open else value >= low)) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+        if not inside:
+            raise ValueError(
+                f"--{prefix}{item.name} must be {_describe_range(*bounds)}, got {value}"
+            )
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Flags every train script accepts, named as in diffusers' training examples."""
@@ -42,18 +86,18 @@ class TrainConfig:
     """Hugging Face dataset: a folder written by `save_to_disk`, or a name in the local cache."""
     output_dir: str = "output"
     """Where the LoRA, checkpoints, metrics.jsonl and validation images are written."""
-    resolution: int = 512
+    resolution: int = bounded(512, low=16)
     """Target side length in pixels; buckets keep about resolution**2 pixels. Multiple of 16."""
     train_batch_size: int = 1
     """Batch size per device."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
-    max_train_steps: int | None = None
+    max_train_steps: int | None = bounded(None, low=1)
     """Optimizer steps to run; overrides num_train_epochs when set."""
     num_train_epochs: int = 1
     """Epochs to run when max_train_steps is not set. An epoch is rounded up to whole optimizer
     steps on every rank by repeating batches from its start (the log says how many)."""
-    learning_rate: float = 1e-4
+    learning_rate: float = bounded(1e-4, low=0, low_open=True)
     """Peak learning rate."""
     lr_scheduler: Literal[
         "constant",
@@ -64,7 +108,7 @@ class TrainConfig:
         "polynomial",
     ] = "constant"
     """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = bounded(0, low=0)
     """Warm-up optimizer steps."""
     optimizer: OptimizerName = "adamw"
     """adamw (fp32 moments, 8 bytes per trainable parameter); adamw8bit or paged_adamw8bit
@@ -72,24 +116,24 @@ class TrainConfig:
     (factored second moments); prodigy (estimates its step size: --learning_rate 1.0);
     schedulefree_adamw (no schedule: --lr_scheduler constant; its averaged weights are saved).
     All but adamw and adafactor need the lowmem extra: pip install '.[lowmem]'."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = bounded(0.9, low=0, high=1, high_open=True)
     """AdamW beta1."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = bounded(0.999, low=0, high=1, high_open=True)
     """AdamW beta2."""
-    adam_weight_decay: float = 1e-4
+    adam_weight_decay: float = bounded(1e-4, low=0)
     """AdamW weight decay."""
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = bounded(1e-8, low=0, low_open=True)
     """AdamW epsilon."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, low=0)
     """Gradient clipping norm."""
     max_nonfinite_steps: int = 5
     """Optimizer steps with a NaN/inf loss or gradient are skipped (and counted in metrics as
     nonfinite_skipped); after this many in a row the run saves a checkpoint and stops."""
     rank: int | None = None
     """LoRA rank; 16, or the rank stored in --init_lora_weights."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = bounded(None, low=0, low_open=True)
     """LoRA alpha; the rank (scale 1), or the alpha stored in --init_lora_weights."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = bounded(0.0, low=0, high=1, high_open=True)
     """Dropout on the LoRA branch."""
     lora_layers: str | None = None
     """Comma-separated module names to adapt (e.g. attn.to_q,attn.to_k); the script's default,
@@ -97,7 +141,7 @@ class TrainConfig:
     init_lora_weights: str | None = None
     """A LoRA .safetensors file (diffusers format) to start from instead of a fresh adapter; its
     rank, alpha and modules are read from the file (a flag that disagrees is an error)."""
-    seed: int = 0
+    seed: int = bounded(0, low=0)
     """Seed for weights, data order, noise and timesteps."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Precision of the frozen weights and autocast; LoRA weights stay fp32."""
@@ -122,13 +166,13 @@ class TrainConfig:
     model card, validation images; not the latent cache, and nothing else) and start afresh;
     without it, a fresh run refuses a folder holding another run's checkpoints or finished
     LoRA."""
-    validation_steps: int | None = None
+    validation_steps: int | None = bounded(None, low=1)
     """Run the pipeline on validation examples every this many steps (and at the end)."""
     validation_prompt: str | None = None
     """Prompt for validation; by default each validation example's own prompt."""
-    num_validation_images: int = 2
+    num_validation_images: int = bounded(2, low=1)
     """How many training examples to validate on."""
-    validation_inference_steps: int = 28
+    validation_inference_steps: int = bounded(28, low=1)
     """Denoising steps of the validation pipeline."""
     report_to: str | None = None
     """Comma-separated trackers for accelerate (tensorboard, wandb)."""
@@ -139,7 +183,7 @@ class TrainConfig:
     offload_encoders: bool = False
     """With --cache_latents: once the cache is full, keep the text encoders and the VAE on the
     CPU (on the GPU only while validating), so the GPU holds the denoiser alone."""
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = bounded(0, low=0)
     """DataLoader worker processes."""
     push_to_hub: bool = False
     """At the end, upload output_dir (LoRA, model card README.md, metrics.jsonl, validation
@@ -154,6 +198,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.resolution % 16:
             raise ValueError(f"--resolution must be a multiple of 16, got {self.resolution}")
+        check_bounds(self)
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of --train_data_dir and --dataset_name")
         for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
@@ -178,6 +223,13 @@ class TrainConfig:
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
             )
         check_optimizer(self)
+        for tracker in self.trackers:
+            module = "tensorboard" if tracker == "tensorboard" else tracker
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(
+                    f"--report_to {tracker} needs the {module} package, which is not installed: "
+                    "pip install '.[tracking]' (or drop it from --report_to)"
+                )
 
     @property
     def trackers(self) -> list[str]:
@@ -226,11 +278,11 @@ class FlowMatchingConfig:
     """Timestep density and loss weighting as in diffusers' SD3/FLUX examples."""
     logit_mean: float = 0.0
     """Mean of the logit-normal timestep density."""
-    logit_std: float = 1.0
+    logit_std: float = bounded(1.0, low=0, low_open=True)
     """Standard deviation of the logit-normal timestep density."""
     mode_scale: float = 1.29
     """Scale of the 'mode' timestep density."""
-    timestep_shift: float | Literal["auto"] = 1.0
+    timestep_shift: float | Literal["auto"] = bounded(1.0, low=0, low_open=True)
     """Shift s of sigma -> s*sigma/(1+(s-1)*sigma); 'auto' uses the scheduler's resolution-based
     shift exp(mu), as the pipeline does at inference; 1.0 is no shift."""
 
@@ -242,7 +294,7 @@ class FluxConfig:
     guidance_scale: float
     """Guidance embedding value; the family's pipeline default, so that the LoRA is trained in
     the regime it is sampled in."""
-    max_sequence_length: int = 512
+    max_sequence_length: int = bounded(512, low=1)
     """T5 prompt length, as the pipeline's max_sequence_length."""
 
 
@@ -252,11 +304,11 @@ class MaskLossSettings:
 
     enabled: bool = False
     """Mix in the region-weighted loss; off: the plain loss, bit for bit."""
-    weight: float = 0.3
+    weight: float = bounded(0.3, low=0, high=1)
     """alpha, the share of the region-weighted loss."""
-    text_region_weight: float = 2.0
+    text_region_weight: float = bounded(2.0, low=0)
     """Weight of tokens inside the mask (the text region in seed 000)."""
-    background_weight: float = 1.0
+    background_weight: float = bounded(1.0, low=0)
     """Weight of tokens outside the mask."""
 
 

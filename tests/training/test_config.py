@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import itertools
 import textwrap
@@ -259,6 +260,35 @@ class TestInvalidValues:
         assert f"--{flag}" in err
         assert ">= 1" in err
 
+    @pytest.mark.parametrize(
+        ("flag", "value", "expected"),
+        [
+            ("resolution", "0", ">= 16"),
+            ("learning_rate", "-1", "> 0"),
+            ("learning_rate", "0", "> 0"),
+            ("seed", "-1", ">= 0"),
+            ("lora_dropout", "1.5", "in [0, 1)"),
+            ("adam_beta1", "1.5", "in [0, 1)"),
+            ("adam_beta2", "1", "in [0, 1)"),
+            ("adam_epsilon", "0", "> 0"),
+            ("dataloader_num_workers", "-1", ">= 0"),
+            ("validation_steps", "0", ">= 1"),
+            ("num_validation_images", "-1", ">= 1"),
+            ("max_train_steps", "0", ">= 1"),
+            ("lora_alpha", "0", "> 0"),
+            ("timestep_shift", "0", "> 0"),
+            ("logit_std", "-1", "> 0"),
+        ],
+    )
+    def test_values_out_of_range_stop_at_parse_naming_the_flag(self, capsys, flag, value, expected):
+        err = parse_error(capsys, *BASE, f"--{flag}", value)
+        assert f"--{flag} must be {expected}, got" in err
+
+    def test_range_edges_that_mean_something_are_allowed(self):
+        config = parse(*BASE, "--lora_dropout", "0", "--adam_beta1", "0", "--seed", "0")
+        assert config.lora_dropout == 0 and config.adam_beta1 == 0
+        assert parse(*BASE, "--timestep_shift", "auto").timestep_shift == "auto"
+
     def test_checkpointing_steps_below_one(self, capsys):
         assert "--checkpointing_steps" in parse_error(capsys, *BASE, "--checkpointing_steps", "0")
 
@@ -312,13 +342,19 @@ class TestTrackers:
         ],
     )
     def test_split(self, report_to, expected):
-        config = TrainConfig(
-            pretrained_model_name_or_path="m", train_data_dir="d", report_to=report_to
-        )
+        config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d")
+        config.report_to = report_to  # the trackers' packages are not this test's business
         assert config.trackers == expected
 
-    def test_from_the_command_line(self):
-        assert parse(*BASE, "--report_to", "wandb,tensorboard").trackers == ["wandb", "tensorboard"]
+    @pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+    def test_a_tracker_without_its_package_is_refused_at_parse(self, capsys, monkeypatch, tracker):
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == tracker else find_spec(n, *a)
+        )
+        err = parse_error(capsys, *BASE, "--report_to", f"{tracker}")
+        assert f"--report_to {tracker} needs the {tracker} package" in err
+        assert "'.[tracking]'" in err
 
 
 @dataclass(kw_only=True)
@@ -335,6 +371,21 @@ class TestNestedMaskLoss:
         assert isinstance(settings, MaskLossSettings)
         assert (settings.enabled, settings.weight) == (False, 0.3)
         assert (settings.text_region_weight, settings.background_weight) == (2.0, 1.0)
+
+    @pytest.mark.parametrize(
+        ("flag", "value", "expected"),
+        [
+            ("mask_loss.weight", "-0.5", "in [0, 1]"),
+            ("mask_loss.weight", "1.5", "in [0, 1]"),
+            ("mask_loss.text_region_weight", "-2", ">= 0"),
+            ("mask_loss.background_weight", "-1", ">= 0"),
+        ],
+    )
+    def test_nonsense_weights_are_refused_with_the_dotted_flag(self, capsys, flag, value, expected):
+        with pytest.raises(SystemExit) as exit_info:
+            self.parse(f"--{flag}", value)
+        assert exit_info.value.code == 2
+        assert f"--{flag} must be {expected}, got" in capsys.readouterr().err
 
     def test_dotted_flags_and_bare_boolean(self):
         config = self.parse("--mask_loss.enabled", "--mask_loss.weight", "0.5")
