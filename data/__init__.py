@@ -1,7 +1,8 @@
 """Mask-aware training data: image and mask I/O, aspect buckets, edit pairs, synthetic sets.
 
-- :mod:`data.images`: :func:`open_image`, :func:`image_size`, :func:`mask_to_tensor`,
-  :func:`to_model_range`, :class:`ImageRef` and :class:`DataError`, the one error for bad input,
+- :mod:`data.images`: :func:`open_image`, :func:`open_mask`, :func:`image_size`,
+  :func:`mask_to_tensor`, :func:`to_model_range`, :class:`ImageRef` and :class:`DataError`, the
+  one error for bad input,
   whose message names the file (or dataset row and column) and the fault;
 - :mod:`data.buckets`: :func:`make_buckets`, :func:`nearest_bucket`, :func:`fit_to_bucket` and
   :class:`BucketBatchSampler` (one bucket per batch; deterministic, sharded, resumable);
@@ -32,6 +33,7 @@ from data.images import (
     image_size,
     mask_to_tensor,
     open_image,
+    open_mask,
     to_model_range,
 )
 from data.inpainting import InpaintingDataset, random_inpainting_mask
@@ -91,6 +93,7 @@ __all__ = [
     "mask_to_tensor",
     "nearest_bucket",
     "open_image",
+    "open_mask",
     "parse_bands",
     "pixels_from_mask_latents",
     "random_inpainting_mask",

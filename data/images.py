@@ -70,6 +70,8 @@ def _open_lazily(source: ImageSource, what: str) -> Image.Image:
             raise DataError(f"{_describe(source, what)}: file does not exist")
         if path.is_dir():
             raise DataError(f"{_describe(source, what)}: is a directory, not an image file")
+        if not path.is_file():  # a pipe or a device would block the reader, or never end
+            raise DataError(f"{_describe(source, what)}: is not a regular file")
         stream = path
     try:
         return Image.open(stream)
@@ -107,6 +109,11 @@ def open_image(source: ImageSource, what: str, mode: str = "RGB") -> Image.Image
     Raises:
         DataError: the file is missing, a directory, unreadable, or truncated/corrupt.
     """
+    return _to_8_bit(_decoded(source, what)).convert(mode)
+
+
+def _decoded(source: ImageSource, what: str) -> Image.Image:
+    """The fully decoded image, its EXIF orientation applied, in its stored mode."""
     image = _open_lazily(source, what)
     orientation = _header_orientation(image)
     try:
@@ -117,7 +124,49 @@ def open_image(source: ImageSource, what: str, mode: str = "RGB") -> Image.Image
         ) from error
     if orientation in _TRANSPOSE_FOR_ORIENTATION:
         image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-    return _to_8_bit(image).convert(mode)
+    return image
+
+
+def open_mask(source: ImageSource, what: str) -> Image.Image:
+    """Decode a mask as users store it into 0..255 grey ("L") where above
+    :data:`MASK_THRESHOLD` is inside:
+
+    - drawn on a transparent canvas (an alpha channel that is not opaque everywhere): the alpha;
+    - 0/1 label maps, 8- or 16-bit, and float masks in [0, 1]: 1 is inside;
+    - 8-bit grey, or 16-bit holding 0..255: as stored; 16-bit spanning 0..65535: scaled;
+    - colour: its grey level.
+
+    Raises:
+        DataError: as :func:`open_image`, or for values no such convention explains (a label map
+            of several classes, say), naming the file and what it holds.
+    """
+    label = _describe(source, what)
+    image = _decoded(source, what)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if alpha.min(initial=255) < 255:
+            return Image.fromarray(alpha, "L")
+    if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+    else:
+        values = np.asarray(image.convert("L"), dtype=np.float64)
+    top = values.max(initial=0)
+    lossy = image.format == "JPEG"  # its noise near black could pass for a 0/1 map
+    if image.mode == "1" or (top <= 1 and not lossy):
+        scale = 255.0
+    elif top <= 255:
+        if not lossy and 1 < top < MASK_THRESHOLD and len(np.unique(values)) <= 16:
+            levels = ", ".join(f"{v:g}" for v in np.unique(values)[:8])
+            raise DataError(
+                f"{label}: holds only the values {levels}, a label map of several classes? "
+                "Masks are 0/1, 0/255 (or grey, inside above half) or drawn in alpha."
+            )
+        scale = 1.0
+    elif top <= 65535:
+        scale = 1 / 257
+    else:
+        raise DataError(f"{label}: mask values up to {top:g}; expected 0/1, 0..255 or 16-bit")
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -172,6 +221,10 @@ class ImageRef:
     def open(self, mode: str = "RGB") -> Image.Image:
         """The decoded image in ``mode``; see :func:`open_image`."""
         return open_image(self.source, self.what, mode)
+
+    def open_mask(self) -> Image.Image:
+        """The decoded mask as 0..255 grey; see :func:`open_mask`."""
+        return open_mask(self.source, self.what)
 
     def content(self) -> bytes:
         """The encoded bytes: the file's content, or the bytes themselves."""

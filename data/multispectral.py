@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.images import DataError, image_size, mask_to_tensor, open_image
+from data.images import DataError, image_size, mask_to_tensor, open_mask
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "F")
@@ -189,7 +189,7 @@ class LeafImage:
         finite = np.isfinite(pixels).all(axis=0)
         if self.mask is None:
             return finite
-        return mask_to_tensor(open_image(self.mask, "mask", "L"))[0].numpy().astype(bool) & finite
+        return mask_to_tensor(open_mask(self.mask, "mask"))[0].numpy().astype(bool) & finite
 
 
 def find_leaf_images(root: str | Path) -> list[LeafImage]:

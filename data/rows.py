@@ -405,7 +405,7 @@ class BucketedRowDataset(Dataset):
 
         Filtered on 0..255 grey, then thresholded, so edges land where the image's do.
         """
-        return mask_to_tensor(fit_to_bucket(ref.open("L"), size, Image.Resampling.BILINEAR))
+        return mask_to_tensor(fit_to_bucket(ref.open_mask(), size, Image.Resampling.BILINEAR))
 
 
 def _warn_about_duplicates(rows: RowSource) -> None:

@@ -102,6 +102,24 @@ class TestImages:
         assert set(mask.unique().tolist()) == {0.0, 1.0}
         assert torch.equal(mask, torch.from_numpy(grey > 127.5).float())
 
+    @pytest.mark.parametrize(
+        "stored",
+        ["0/1 8-bit", "0/1 16-bit", "0/255 16-bit", "alpha"],
+    )
+    def test_masks_are_read_as_users_store_them(self, kind, tmp_path, stored):
+        write(kind, tmp_path)
+        inside = np.zeros((SIZE, SIZE), bool)
+        inside[16:48, 8:40] = True
+        levels = {
+            "0/1 8-bit": inside.astype(np.uint8),
+            "0/1 16-bit": inside.astype(np.uint16),
+            "0/255 16-bit": inside.astype(np.uint16) * 255,
+            "alpha": np.dstack([np.zeros((SIZE, SIZE, 3)), inside * 255]).astype(np.uint8),
+        }
+        Image.fromarray(levels[stored]).save(tmp_path / KINDS[kind][3])
+        mask = read(kind, tmp_path)[0]["mask"][0]
+        assert torch.equal(mask, torch.from_numpy(inside).float())
+
     @pytest.mark.parametrize("value", [0, 255])
     def test_empty_and_full_masks_are_items(self, kind, tmp_path, value):
         write(kind, tmp_path)

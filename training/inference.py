@@ -145,7 +145,7 @@ def load_examples(
             size = nearest_bucket(image.height, image.width, make_buckets(resolution))
         mask = None
         if mask_ref is not None:
-            fitted = fit_to_bucket(mask_ref.open("L"), size, Image.Resampling.BILINEAR)
+            fitted = fit_to_bucket(mask_ref.open_mask(), size, Image.Resampling.BILINEAR)
             mask = Image.fromarray(mask_to_tensor(fitted)[0].numpy().astype(np.uint8) * 255)
         stem = image_ref.source.stem if isinstance(image_ref.source, Path) else "image"
         examples.append(

@@ -1,6 +1,7 @@
 """Image and mask reading: modes, value ranges, EXIF orientation, and errors naming the file."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from data.images import (
     image_size,
     mask_to_tensor,
     open_image,
+    open_mask,
     to_model_range,
 )
 
@@ -109,6 +111,71 @@ class TestMaskToTensor:
     def test_rgb_mask_is_greyed(self):
         mask = mask_to_tensor(Image.new("RGB", (3, 2), (255, 255, 255)))
         assert mask.shape == (1, 2, 3) and bool(mask.eq(1).all())
+
+
+REGION = (slice(8, 24), slice(4, 12))
+
+
+def region_mask() -> np.ndarray:
+    """``[32, 32]`` bool: the region every stored mask below marks."""
+    inside = np.zeros((32, 32), dtype=bool)
+    inside[REGION] = True
+    return inside
+
+
+class TestMasksAsUsersStoreThem:
+    """Each convention read into the same region; what no convention explains is refused."""
+
+    @pytest.mark.parametrize(
+        "name,stored",
+        [
+            ("0/255 8-bit", lambda m: Image.fromarray(m.astype(np.uint8) * 255)),
+            ("0/1 8-bit label map", lambda m: Image.fromarray(m.astype(np.uint8))),
+            ("0/1 16-bit label map", lambda m: Image.fromarray(m.astype(np.uint16))),
+            ("0/255 in 16 bits", lambda m: Image.fromarray(m.astype(np.uint16) * 255)),
+            ("0/65535 16-bit", lambda m: Image.fromarray(m.astype(np.uint16) * 65535)),
+            ("1-bit", lambda m: Image.fromarray(m).convert("1")),
+            (
+                "drawn in alpha on black",
+                lambda m: Image.fromarray(
+                    np.dstack([np.zeros((32, 32, 3), np.uint8), m.astype(np.uint8) * 255])
+                ),
+            ),
+            (
+                "white on black, opaque RGBA",
+                lambda m: Image.fromarray(
+                    np.dstack([np.repeat(m[..., None] * 255, 3, 2), np.full((32, 32), 255)]).astype(
+                        np.uint8
+                    )
+                ),
+            ),
+        ],
+    )
+    def test_the_same_region(self, tmp_path, name, stored):
+        path = _save(tmp_path / "mask.png", stored(region_mask()))
+        mask = mask_to_tensor(open_mask(path, "mask"))[0].numpy().astype(bool)
+        assert np.array_equal(mask, region_mask()), name
+
+    def test_a_label_map_of_several_classes_is_refused_naming_the_file(self, tmp_path):
+        labels = region_mask().astype(np.uint8)
+        labels[0:4] = 2
+        path = _save(tmp_path / "labels.png", Image.fromarray(labels))
+        with pytest.raises(DataError, match=r"labels\.png': holds only the values 0, 1, 2"):
+            open_mask(path, "mask")
+
+    def test_jpeg_noise_near_black_is_not_a_label_map(self, tmp_path):
+        grey = np.zeros((32, 32), dtype=np.uint8)
+        grey[0, 0] = 1  # what a lossy encoder leaves near black
+        path = _save(tmp_path / "empty.jpg", Image.fromarray(grey), quality=95)
+        assert not mask_to_tensor(open_mask(path, "mask")).any()
+
+    def test_a_pipe_is_not_read(self, tmp_path):
+        fifo = tmp_path / "mask.png"
+        os.mkfifo(fifo)
+        with pytest.raises(DataError, match="is not a regular file"):
+            open_mask(fifo, "mask")
+        with pytest.raises(DataError, match="is not a regular file"):
+            image_size(fifo, "image")
 
 
 def test_to_model_range_values_and_layout():
