@@ -369,7 +369,10 @@ def validation_examples(config: FillConfig, dataset) -> InpaintingDataset | None
     or None when that is a precomputed folder."""
     if config.validation_data_dir is not None:
         return InpaintingDataset.from_folder(
-            config.validation_data_dir, resolution=config.resolution, seed=config.seed
+            config.validation_data_dir,
+            resolution=config.resolution,
+            seed=config.seed,
+            allow_paths_outside=config.allow_paths_outside_data,
         )
     return None if isinstance(dataset, FillLatentDataset) else dataset
 

@@ -285,7 +285,10 @@ def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
     settings = asdict(config.data)  # use_text_mask, mask_dir_name
     if config.train_data_dir is not None:
         dataset = TextEditDataset.from_folder(
-            config.train_data_dir, resolution=config.resolution, **settings
+            config.train_data_dir,
+            resolution=config.resolution,
+            allow_paths_outside=config.allow_paths_outside_data,
+            **settings,
         )
     else:
         dataset = TextEditDataset.from_hf(

@@ -74,10 +74,12 @@ class EditPairDataset(BucketedRowDataset):
         resolution: int,
         max_aspect: float = 2.0,
         latent_factor: int = 8,
+        allow_paths_outside: bool = False,
     ) -> EditPairDataset:
-        """The edit pairs listed in ``root/metadata.jsonl``."""
+        """The edit pairs listed in ``root/metadata.jsonl`` (paths inside ``root`` unless
+        ``allow_paths_outside``)."""
         return cls(
-            FolderRows(root, EDIT_PAIR_FIELDS),
+            FolderRows(root, EDIT_PAIR_FIELDS, allow_paths_outside),
             resolution=resolution,
             max_aspect=max_aspect,
             latent_factor=latent_factor,

@@ -103,10 +103,17 @@ class InpaintingDataset(BucketedRowDataset):
 
     @classmethod
     def from_folder(
-        cls, root: str | Path, *, resolution: int, random_masks: bool = False, seed: int = 0
+        cls,
+        root: str | Path,
+        *,
+        resolution: int,
+        random_masks: bool = False,
+        seed: int = 0,
+        allow_paths_outside: bool = False,
     ) -> InpaintingDataset:
-        """The examples listed in ``root/metadata.jsonl``."""
-        rows = FolderRows(root, cls.fields(random_masks))
+        """The examples listed in ``root/metadata.jsonl`` (paths inside ``root`` unless
+        ``allow_paths_outside``)."""
+        rows = FolderRows(root, cls.fields(random_masks), allow_paths_outside)
         return cls(rows, resolution=resolution, random_masks=random_masks, seed=seed)
 
     @classmethod

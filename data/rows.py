@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,9 +102,10 @@ class RowSource(ABC):
 class FolderRows(RowSource):
     """Rows of ``root/metadata.jsonl``; paths in it are relative to ``root``."""
 
-    def __init__(self, root: str | Path, fields: RowFields) -> None:
+    def __init__(self, root: str | Path, fields: RowFields, allow_outside: bool = False) -> None:
         self.root = Path(root)
         self.fields = fields
+        self.allow_outside = allow_outside
         self.metadata = self.root / METADATA_FILE
         self.description = f"{fields.kind} folder '{self.root}'"
         if not self.root.is_dir():
@@ -141,6 +143,11 @@ class FolderRows(RowSource):
                     problems.append(f"{where}: missing key '{field}'")
             elif not isinstance(value, str) or not value:
                 problems.append(f"{where}: '{field}' must be a relative path, got {value!r}")
+            elif not self.allow_outside and _leaves(self.root, value):
+                problems.append(
+                    f"{where}: '{field}' {value!r} leaves the data folder; pass "
+                    "--allow_paths_outside_data to train on it"
+                )
             else:
                 refs[field] = ImageRef(self.root / value, f"{where}: {field}")
         prompt_problem = _prompt_problem(record.get("prompt"), where)
@@ -149,6 +156,15 @@ class FolderRows(RowSource):
         if problems:
             return None, problems
         return Row(refs, record["prompt"]), []
+
+
+def _leaves(root: Path, relative: str) -> bool:
+    """Whether ``relative`` is absolute or climbs out of ``root`` (``../``), read as written:
+    symbolic links inside the folder stay the user's business."""
+    if Path(relative).is_absolute():
+        return True
+    inside = os.path.normpath(root / relative)
+    return os.path.commonpath([os.path.normpath(root), inside]) != os.path.normpath(root)
 
 
 class HFRows(RowSource):

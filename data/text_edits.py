@@ -95,9 +95,11 @@ class TextEditDataset(BucketedRowDataset):
         resolution: int,
         use_text_mask: bool = False,
         mask_dir_name: str = "text_masks",
+        allow_paths_outside: bool = False,
     ) -> TextEditDataset:
-        """The edits listed in ``root/metadata.jsonl``."""
-        rows = FolderRows(root, TEXT_EDIT_FIELDS)
+        """The edits listed in ``root/metadata.jsonl`` (paths inside ``root`` unless
+        ``allow_paths_outside``)."""
+        rows = FolderRows(root, TEXT_EDIT_FIELDS, allow_paths_outside)
         return cls(
             text_edit_rows(rows, Path(root), use_text_mask, mask_dir_name), resolution=resolution
         )

@@ -88,6 +88,26 @@ class TestImages:
         ):
             dataset[0]
 
+    @pytest.mark.parametrize("where", ["parent", "absolute"])
+    def test_a_path_leaving_the_data_folder_is_refused_unless_allowed(self, kind, tmp_path, where):
+        root = tmp_path / "data"
+        row = write(kind, root)
+        field = KINDS[kind][2]
+        outside = tmp_path / "elsewhere.png"
+        (root / row[field]).rename(outside)
+        rows = (root / "metadata.jsonl").read_text().splitlines()
+        value = "../elsewhere.png" if where == "parent" else str(outside)
+        rows[0] = json.dumps({**row, field: value})
+        (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+        with pytest.raises(DataError, match=r"line 1: '\w+' .* leaves the data folder; pass"):
+            read(kind, root)
+        dataset = {
+            "kontext": EditPairDataset,
+            "qwen-edit": TextEditDataset,
+            "inpainting": InpaintingDataset,
+        }[kind].from_folder(root, resolution=SIZE, allow_paths_outside=True)
+        assert dataset[0][field].shape[0] == 3
+
     def test_mask_of_another_size(self, kind, tmp_path):
         write(kind, tmp_path)
         Image.new("L", (20, 12)).save(tmp_path / KINDS[kind][3])

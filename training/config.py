@@ -84,6 +84,9 @@ class TrainConfig:
     """Folder with the training data in the script's folder format."""
     dataset_name: str | None = None
     """Hugging Face dataset: a folder written by `save_to_disk`, or a name in the local cache."""
+    allow_paths_outside_data: bool = False
+    """Let metadata.jsonl name files outside --train_data_dir (absolute or ../ paths); by
+    default such a row is refused, so a data set never trains on files it does not hold."""
     output_dir: str = "output"
     """Where the LoRA, checkpoints, metrics.jsonl and validation images are written."""
     resolution: int = bounded(512, low=16)

@@ -25,7 +25,10 @@ def edit_pair_dataset(config, latent_factor: int) -> EditPairDataset:
     """
     if config.train_data_dir is not None:
         return EditPairDataset.from_folder(
-            config.train_data_dir, resolution=config.resolution, latent_factor=latent_factor
+            config.train_data_dir,
+            resolution=config.resolution,
+            latent_factor=latent_factor,
+            allow_paths_outside=config.allow_paths_outside_data,
         )
     return EditPairDataset.from_hf(
         config.dataset_name,
@@ -48,6 +51,7 @@ def inpainting_dataset(config) -> InpaintingDataset:
             resolution=config.resolution,
             random_masks=config.random_masks,
             seed=config.seed,
+            allow_paths_outside=config.allow_paths_outside_data,
         )
     return InpaintingDataset.from_hf(
         config.dataset_name,

@@ -1,6 +1,7 @@
 """The inpainting dataset, its random masks, and the Fill pipeline's 8x8 mask rearrangement."""
 
 import json
+import shutil
 
 import datasets
 import numpy as np
@@ -24,7 +25,10 @@ def folder(tmp_path_factory):
 def without_masks(folder, tmp_path):
     """A folder listing ``folder``'s images and prompts, without masks."""
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    rows = [{"image": str(folder / row["image"]), "prompt": row["prompt"]} for row in rows]
+    for row in rows:
+        (tmp_path / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / row["image"], tmp_path / row["image"])
+    rows = [{"image": row["image"], "prompt": row["prompt"]} for row in rows]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     return tmp_path
 
