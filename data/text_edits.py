@@ -3,7 +3,8 @@
 Rows are the edit-pair folder's (``metadata.jsonl`` with ``context``, ``target``, ``prompt`` and
 an optional ``mask``) or a Hugging Face dataset's. Seed 000 also keeps masks beside the data:
 with ``use_text_mask``, a row without a ``mask`` takes ``<dataset>/<mask_dir_name>/<target
-stem>.png`` (or ``.jpg``) when that file exists. Masks are white (255) on the text region, the
+path>.png`` (or ``.jpg``; the target's path under the data set, or its stem alone when no other
+target shares it) when that file exists. Masks are white (255) on the text region, the
 target's size, and go through exactly the target's resize and crop. A row may have no mask at all;
 its item says so (``has_mask``) and the loss falls back to the plain one for it.
 """
@@ -35,12 +36,37 @@ class _RowFilter(RowSource):
 
 
 class ParallelMasks(_RowFilter):
-    """``rows`` with a missing ``mask`` taken from ``folder/<target stem>.<png|jpg>`` (seed 000's
-    parallel layout) where such a file exists; the found mask is validated like any other."""
+    """``rows`` with a missing ``mask`` taken from seed 000's parallel layout where such a file
+    exists: ``folder/<target's path under root, without suffix>.<png|jpg>``, else
+    ``folder/<target stem>.<png|jpg>`` when no other target shares that stem (a mask found by a
+    shared stem could belong to any of them: refused, naming the targets). A found mask is
+    validated like any other."""
 
-    def __init__(self, rows: RowSource, folder: Path) -> None:
+    def __init__(self, rows: RowSource, root: Path, folder: Path) -> None:
         super().__init__(rows)
+        self.root = root
         self.folder = folder
+        self._stems: dict[str, list[Path]] | None = None
+
+    def _targets_by_stem(self) -> dict[str, list[Path]]:
+        """Every distinct target file of the data set, by stem."""
+        if self._stems is None:
+            self._stems = {}
+            for index in range(len(self.rows)):
+                row, _ = self.rows.parse(index)
+                target = row.images["target"].source if row is not None else None
+                if isinstance(target, Path):
+                    sharing = self._stems.setdefault(target.stem, [])
+                    if target not in sharing:
+                        sharing.append(target)
+        return self._stems
+
+    def _found(self, base: Path) -> Path | None:
+        for suffix in MASK_SUFFIXES:
+            candidate = base.with_name(base.name + suffix)
+            if candidate.is_file():
+                return candidate
+        return None
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
         row, problems = self.rows.parse(index)
@@ -49,12 +75,24 @@ class ParallelMasks(_RowFilter):
         target = row.images["target"].source
         if not isinstance(target, Path):
             return row, problems  # image bytes have no file name to look a mask up by
-        for suffix in MASK_SUFFIXES:
-            candidate = self.folder / f"{target.stem}{suffix}"
-            if candidate.is_file():
-                where = f"{row.images['target'].what} (mask from {self.folder.name}/)"
-                return Row({**row.images, "mask": ImageRef(candidate, where)}, row.prompt), []
-        return row, problems
+        found = None
+        if target.is_relative_to(self.root):
+            found = self._found(self.folder / target.relative_to(self.root).with_suffix(""))
+        if found is None:
+            found = self._found(self.folder / target.stem)
+            sharing = self._targets_by_stem().get(target.stem, [])
+            if found is not None and len(sharing) > 1:
+                names = ", ".join(str(path.relative_to(self.root)) for path in sharing[:4])
+                return None, [
+                    f"{row.images['target'].label}: its mask {found.relative_to(self.root)} "
+                    f"could be any of the targets named {target.stem!r} ({names}); put each "
+                    f"mask at {self.folder.name}/<the target's path>, e.g. "
+                    f"{self.folder.name}/{target.relative_to(self.root)}"
+                ]
+        if found is None:
+            return row, problems
+        where = f"{row.images['target'].what} (mask from {self.folder.name}/)"
+        return Row({**row.images, "mask": ImageRef(found, where)}, row.prompt), []
 
 
 def text_edit_rows(rows: RowSource, root: Path, use_text_mask: bool, mask_dir_name: str):
@@ -62,7 +100,7 @@ def text_edit_rows(rows: RowSource, root: Path, use_text_mask: bool, mask_dir_na
     ones looked up in ``root/mask_dir_name``."""
     if not use_text_mask:
         return WithoutMasks(rows)
-    return ParallelMasks(rows, root / mask_dir_name)
+    return ParallelMasks(rows, root, root / mask_dir_name)
 
 
 class WithoutMasks(_RowFilter):
