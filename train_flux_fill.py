@@ -87,7 +87,7 @@ from training.model_card import (
     region_weighted,
 )
 from training.offload import place_denoiser
-from training.runtime import build_accelerator, load_pipeline, weight_dtype
+from training.runtime import build_accelerator, load_pipeline, run_main, weight_dtype
 from training.sde import flow_sde_step
 from training.validation import InpaintingValidation
 
@@ -472,4 +472,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

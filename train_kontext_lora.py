@@ -62,7 +62,7 @@ from training.lora import LoraFormat, add_lora
 from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage
 from training.offload import place_denoiser
-from training.runtime import build_accelerator, load_pipeline
+from training.runtime import build_accelerator, load_pipeline, run_main
 from training.validation import EditValidation
 
 KONTEXT_LORA = LoraFormat(FluxKontextPipeline, "transformer")
@@ -446,4 +446,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

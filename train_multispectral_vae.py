@@ -52,7 +52,7 @@ from training.datasets import bucket_sampler
 from training.loop import TrainingParts, train
 from training.lora import DEFAULT_RANK, target_modules
 from training.model_card import ModelCardInfo
-from training.runtime import build_accelerator, weight_dtype
+from training.runtime import build_accelerator, run_main, weight_dtype
 from training.validation import image_grid, save_grid, to_pil
 
 logger = logging.getLogger(__name__)
@@ -411,4 +411,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -60,7 +60,7 @@ from training.model_card import (
     region_weighted,
 )
 from training.offload import place_denoiser
-from training.runtime import build_accelerator, load_pipeline, weight_dtype
+from training.runtime import build_accelerator, load_pipeline, run_main, weight_dtype
 from training.sde import ddim_step
 from training.validation import InpaintingValidation
 
@@ -443,4 +443,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

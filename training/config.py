@@ -197,6 +197,9 @@ class TrainConfig:
     """Token for --push_to_hub; default: the one `hf auth login` stored, or HF_TOKEN."""
     hub_private: bool = False
     """Create the --hub_model_id repository as private."""
+    debug: bool = False
+    """Show the traceback of a refusal after parsing (bad data, a folder in use, settings the
+    model does not fit) instead of one error line."""
 
     def __post_init__(self) -> None:
         if self.resolution % 16:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import diffusers
@@ -75,6 +75,20 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     accelerator.wait_for_everyone()
     set_seed(config.seed, device_specific=False)
     return accelerator
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """A train script's command line: a refusal raised after parsing (bad data, a folder in use,
+    settings that do not fit the model: ``ValueError``, the base of ``DataError``) ends the
+    program with ``<script>: error: <message>`` and exit status 2; with ``--debug`` the
+    traceback is shown instead."""
+    try:
+        main()
+    except ValueError as error:
+        if "--debug" in sys.argv:
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {error} (--debug shows where)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def refuse(error: Exception) -> None:

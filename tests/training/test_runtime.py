@@ -3,14 +3,16 @@ per-micro-batch generator."""
 
 import itertools
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
+from data.images import DataError
 from training.config import TrainConfig
-from training.runtime import build_accelerator, step_generator, weight_dtype
+from training.runtime import build_accelerator, run_main, step_generator, weight_dtype
 
 CPU = torch.device("cpu")
 
@@ -142,3 +144,29 @@ class TestBuildAccelerator:
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         with pytest.raises(RuntimeError, match=r"asks for FSDP .* GPU groups only"):
             build_accelerator(make_config(tmp_path))
+
+
+class TestRunMain:
+    def fail(self):
+        raise DataError("'data/metadata.jsonl' line 3: missing key 'prompt'")
+
+    def test_a_refusal_is_one_line_and_exit_status_2(self, capsys, monkeypatch):
+        monkeypatch.setattr(sys, "argv", ["train_x.py", "--train_data_dir", "data"])
+        with pytest.raises(SystemExit) as stopped:
+            run_main(self.fail)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train_x.py: error: 'data/metadata.jsonl' line 3: missing key")
+        assert "Traceback" not in err and err.count("\n") == 1
+
+    def test_debug_shows_the_traceback(self, monkeypatch):
+        monkeypatch.setattr(sys, "argv", ["train_x.py", "--debug"])
+        with pytest.raises(DataError):
+            run_main(self.fail)
+
+    def test_other_errors_keep_their_traceback(self, monkeypatch):
+        def broken():
+            raise KeyError("a bug")
+
+        with pytest.raises(KeyError):
+            run_main(broken)
