@@ -15,6 +15,7 @@ what they meant.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -357,10 +358,69 @@ class Checkpointer:
                 logger.info("removed %s (--checkpoints_total_limit %d)", folder, self.total_limit)
 
 
+# Flags a resumed run may change: how long and how often (steps, checkpoints, validation,
+# logging), where things go, and how memory is spent where that leaves the computation as it
+# was. The batch layout is checked apart (``convert_progress``). Every other flag defines the run.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_train_steps",
+        "num_train_epochs",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "output_dir",
+        "save_on_signal",
+        "max_nonfinite_steps",
+        "validation_steps",
+        "validation_prompt",
+        "num_validation_images",
+        "validation_inference_steps",
+        "validation_data_dir",
+        "report_to",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_private",
+        "dataloader_num_workers",
+        "cache_latents",
+        "cache_dir",
+        "offload_encoders",
+        "offload_blocks",
+        "gradient_checkpointing",
+        "compile",
+        "debug",
+        "init_lora_weights",  # the checkpoint's LoRA replaces it; its shape is checked apart
+        "false_colour_bands",
+        "allow_paths_outside_data",
+    }
+)
+
+
+def run_settings(config) -> dict:
+    """Every flag of ``config`` as JSON values (nested blocks dotted), the token left out."""
+    settings = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.name == "hub_token":
+            continue
+        if dataclasses.is_dataclass(value):
+            settings |= {f"{item.name}.{k}": v for k, v in dataclasses.asdict(value).items()}
+        else:
+            settings[item.name] = (
+                value
+                if isinstance(value, int | float | str | bool) or (value is None)
+                else str(value)
+            )
+    return settings
+
+
 def run_identity(config, model: torch.nn.Module) -> dict:
     """What a checkpoint must share with the run resuming it: the script's config class, the
-    base model and its quantization, and the names and shapes of the trainable tensors (LoRA
-    rank and layers, or an adapter's shape)."""
+    base model and its quantization, the names and shapes of the trainable tensors (LoRA rank
+    and layers, or an adapter's shape), and the flags that define the run (``settings``)."""
     return {
         "script": type(config).__name__,
         "base_model": str(config.pretrained_model_name_or_path),
@@ -370,6 +430,7 @@ def run_identity(config, model: torch.nn.Module) -> dict:
             for name, param in model.named_parameters()
             if param.requires_grad
         },
+        "settings": run_settings(config),
     }
 
 
@@ -406,11 +467,25 @@ def check_identity(saved: dict, current: dict, folder: Path) -> None:
             + "; ".join(d for d in details if d)
             + " (another --rank, --lora_layers or adapter option)"
         )
+    # Checkpoints from before settings were recorded resume as they always did.
+    before, now = saved.get("settings", {}), current.get("settings", {})
+    changed = sorted(name for name in before.keys() & now.keys() if before[name] != now[name])
+    defining = [name for name in changed if name.split(".")[0] not in RESUMABLE_CHANGES]
+    defining = [name for name in defining if name not in ("pretrained_model_name_or_path",)]
+    defining = [name for name in defining if name != "quantize_base"]  # said above
+    if defining:
+        problems.append(
+            "settings differ: "
+            + ", ".join(f"--{name} {before[name]!r} -> {now[name]!r}" for name in defining)
+        )
     if problems:
         raise DataError(
             f"{folder} belongs to another run: {'; '.join(problems)}. Resume with the settings "
             f"it was written with, or start a new run from its weights with --init_lora_weights."
         )
+    for name in changed:
+        if name not in defining and name.split(".")[0] in RESUMABLE_CHANGES:
+            logger.info("resuming with --%s %r (it was %r)", name, now[name], before[name])
 
 
 def read_checkpoint_state(folder: Path) -> dict:

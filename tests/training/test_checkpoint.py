@@ -557,11 +557,23 @@ class TestSafeResume:
             ),
             ({"lora_layers": "attn.to_q"}, r"trainable tensors differ: \d+ not in this run"),
             ({"pretrained_model_name_or_path": "other"}, r"base model 'm', this run 'other'"),
+            # Flags that define the run: what it trains on, with what, from which seed.
+            ({"seed": 3}, r"settings differ: --seed 0 -> 3"),
+            ({"learning_rate": 0.5}, r"--learning_rate 0\.01 -> 0\.5"),
+            ({"train_data_dir": "elsewhere"}, r"--train_data_dir 'd' -> 'elsewhere'"),
+            ({"lora_alpha": 8}, r"--lora_alpha None -> 8"),
         ],
     )
     def test_another_run_is_refused_saying_what_differs(self, written, change, expected):
         with pytest.raises(DataError, match=expected):
             self.resume(written, **change).restore(written)
+
+    def test_how_long_and_how_often_may_change_and_the_log_says_so(self, written, caplog):
+        caplog.set_level("INFO")
+        changes = {"max_train_steps": 40, "validation_steps": 5, "checkpointing_steps": 7}
+        assert self.resume(written, **changes).restore(written) == TrainingProgress(2, 0, 2)
+        assert "resuming with --max_train_steps 40 (it was None)" in caplog.text
+        assert "resuming with --checkpointing_steps 7 (it was 500)" in caplog.text
 
     def test_another_quantization_of_the_base_is_refused_naming_both(self, written):
         saved = json.loads((written / STATE_FILE).read_text())["identity"]
