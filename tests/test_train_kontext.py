@@ -32,6 +32,7 @@ from script_runs import (
 from script_runs import help_text as script_help
 
 import train_kontext_lora as kontext
+from data.buckets import BucketBatchSampler
 from data.edit_pairs import EditPairDataset
 from data.images import DataError
 from data.rows import collate_items
@@ -257,6 +258,27 @@ class TestLowMemory:
         out = run(assets, tmp_path / "out", quantize_base="int8", checkpointing_steps=2)
         with pytest.raises(DataError, match="--quantize_base 'int8', this run 'none'"):
             run(assets, out, max_train_steps=6, resume_from_checkpoint="latest")
+
+
+class TestStoppingOnBadData:
+    def test_a_file_bad_mid_run_stops_after_a_checkpoint_of_the_last_step(
+        self, assets, tmp_path, fresh_accelerate, caplog
+    ):
+        data = tmp_path / "data"
+        shutil.copytree(assets / "data", data)
+        dataset = EditPairDataset.from_folder(data, resolution=RESOLUTION)
+        sampler = BucketBatchSampler(dataset.bucket_of_items, 1, seed=7)
+        sampler.set_epoch(0)
+        third = list(sampler)[2][0]  # the item the run's third step reads
+        target = dataset.rows[third].images["target"].source
+        target.write_bytes(target.read_bytes()[:200])  # header intact: passes the check
+        caplog.set_level("INFO")
+        with pytest.raises(DataError, match="image data is corrupt or truncated"):
+            run(assets, tmp_path / "out", train_data_dir=data, checkpointing_steps=100)
+        out = tmp_path / "out"
+        assert [r["step"] for r in read_metrics(out)] == [1, 2]
+        assert "checkpoint-2" in listed(out)
+        assert "saved checkpoint-2 before stopping on the data error" in caplog.text
 
 
 class TestOutputFolder:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from data.cache import TensorCache, fingerprint, weight_files_digest
+from training.stopping import exit_with_message_on_signal
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,20 @@ def fill_cache(
         if dataset.key(index) not in cache
     ]
     logger.info("caching %d of %d items in %s", len(missing), len(dataset), cache.folder)
-    for index in tqdm(missing, desc="caching", disable=not accelerator.is_main_process):
-        tensors = encode(collate_fn([dataset[index]]))
-        cache.save(dataset.key(index), {name: value[0] for name, value in tensors.items()})
+    done = [0]
+
+    def kept() -> str:
+        return (
+            f"stopped while caching: the {done[0]} item(s) encoded so far are kept in "
+            f"{cache.folder} (of {len(missing)} this process had to encode); the next run "
+            "encodes only the rest"
+        )
+
+    with exit_with_message_on_signal(kept):
+        for index in tqdm(missing, desc="caching", disable=not accelerator.is_main_process):
+            tensors = encode(collate_fn([dataset[index]]))
+            cache.save(dataset.key(index), {name: value[0] for name, value in tensors.items()})
+            done[0] += 1
     accelerator.wait_for_everyone()
 
 

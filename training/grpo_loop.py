@@ -144,42 +144,45 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
     run.model.train()
     sampler_model = accelerator.unwrap_model(run.model)
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
-    while not run.should_stop:
-        for batches in _chunks(epoch_batches(parts, config, epoch, consumed), accumulation):
-            rollouts = []
-            run.saw(batches[-1])
-            for offset, batch in enumerate(batches):
-                position = (consumed + offset) * accelerator.num_processes
-                position += accelerator.process_index
-                generator = step_generator(config.seed, epoch, position, accelerator.device)
-                rollouts.append(
-                    sample_rollout(
-                        parts.policy,
-                        sampler_model,
-                        send_to_device(batch, accelerator.device),
-                        config,
-                        generator,
-                        parts.rewards,
+    with run.checkpointed_on_data_error():
+        while not run.should_stop:
+            for batches in _chunks(epoch_batches(parts, config, epoch, consumed), accumulation):
+                rollouts = []
+                run.saw(batches[-1])
+                for offset, batch in enumerate(batches):
+                    position = (consumed + offset) * accelerator.num_processes
+                    position += accelerator.process_index
+                    generator = step_generator(config.seed, epoch, position, accelerator.device)
+                    rollouts.append(
+                        sample_rollout(
+                            parts.policy,
+                            sampler_model,
+                            send_to_device(batch, accelerator.device),
+                            config,
+                            generator,
+                            parts.rewards,
+                        )
                     )
-                )
-            consumed += len(batches)
-            rewards = reward_metrics(accelerator, rollouts)
-            for inner in range(config.num_inner_epochs):
-                terms = policy_update(accelerator, run.model, parts.policy, rollouts, config)
-                run.optimizer_step(torch.stack([term.loss for term in terms]))
-                progress = TrainingProgress(run.progress.global_step + 1, epoch, consumed)
-                if run.validation_due(progress.global_step) and accelerator.is_main_process:
-                    save_group_preview(rollouts[0].preview, config.output_dir, progress.global_step)
-                # A checkpoint resumes between sets of samples: stop only after the last.
-                last_inner = inner == config.num_inner_epochs - 1
-                values = {**update_metrics(accelerator, terms), **rewards}
-                run.end_step(progress, values, may_stop=last_inner)
+                consumed += len(batches)
+                rewards = reward_metrics(accelerator, rollouts)
+                for inner in range(config.num_inner_epochs):
+                    terms = policy_update(accelerator, run.model, parts.policy, rollouts, config)
+                    run.optimizer_step(torch.stack([term.loss for term in terms]))
+                    progress = TrainingProgress(run.progress.global_step + 1, epoch, consumed)
+                    if run.validation_due(progress.global_step) and accelerator.is_main_process:
+                        save_group_preview(
+                            rollouts[0].preview, config.output_dir, progress.global_step
+                        )
+                    # A checkpoint resumes between sets of samples: stop only after the last.
+                    last_inner = inner == config.num_inner_epochs - 1
+                    values = {**update_metrics(accelerator, terms), **rewards}
+                    run.end_step(progress, values, may_stop=last_inner)
+                    if run.should_stop:
+                        break
                 if run.should_stop:
                     break
-            if run.should_stop:
-                break
-        else:
-            epoch, consumed = epoch + 1, 0
+            else:
+                epoch, consumed = epoch + 1, 0
     return run.finish()
 
 

@@ -10,7 +10,8 @@ resume, metrics, validation, the final save); :func:`train` drives it with super
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from data.images import DataError
 from training.checkpoint import (
     BatchLayout,
     Checkpointer,
@@ -272,6 +274,26 @@ class Run:
                 step,
             )
 
+    @contextmanager
+    def checkpointed_on_data_error(self) -> Iterator[None]:
+        """A file that turns out bad mid-run (changed or damaged since the up-front check)
+        stops the run with its error, after a checkpoint of the last completed step, so that
+        the steps since the previous checkpoint are not lost. (On several ranks the others
+        cannot join the save: the previous checkpoint stays the one to resume from.)"""
+        try:
+            yield
+        except DataError:
+            step = self.progress.global_step
+            folder = Path(self.config.output_dir) / f"checkpoint-{step}"
+            if step > 0 and self.accelerator.num_processes == 1 and not folder.exists():
+                self.checkpointer.save(self.progress)
+                logger.error(
+                    "saved checkpoint-%d before stopping on the data error below; fix the file "
+                    "and resume with --resume_from_checkpoint latest",
+                    step,
+                )
+            raise
+
     def _stop_requested(self) -> bool:
         """Whether any rank received a stop signal (ranks may receive it at different steps)."""
         requested = torch.tensor([float(self.signals.requested is not None)])
@@ -342,6 +364,14 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
     log_repeated_batches(parts.sampler, accelerator, accumulation)
     run.model.train()
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
+    with run.checkpointed_on_data_error():
+        _supervised_steps(run, parts, config, epoch, consumed)
+    return run.finish()
+
+
+def _supervised_steps(run: Run, parts: TrainingParts, config: TrainConfig, epoch, consumed):
+    """The supervised loop's optimizer steps, from ``epoch`` after ``consumed`` batches."""
+    accelerator, accumulation = run.accelerator, config.gradient_accumulation_steps
     sums: dict[str, torch.Tensor] = {}
     while not run.should_stop:
         for batch in epoch_batches(parts, config, epoch, consumed):
@@ -367,7 +397,6 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
                 break
         else:
             epoch, consumed = epoch + 1, 0
-    return run.finish()
 
 
 def log_repeated_batches(sampler, accelerator: Accelerator, accumulation: int) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,37 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class _Stop(BaseException):
+    """Raised by :func:`exit_with_message_on_signal`'s handler; not an error to catch."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def exit_with_message_on_signal(message: Callable[[], str]) -> Iterator[None]:
+    """Inside the block, SIGTERM or Ctrl+C end the process with ``message()`` logged and exit
+    status 128 + the signal's number, instead of a silent kill (where a step boundary to
+    checkpoint at does not exist yet: while the latent cache fills)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame) -> None:
+        raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield
+    except _Stop as stop:
+        logger.warning("%s received: %s", signal.Signals(stop.signum).name, message())
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class NonFiniteSteps:

@@ -1,5 +1,7 @@
 """``training.caching``: fill a tensor cache with a real Accelerator, then serve from it."""
 
+import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -107,6 +109,28 @@ class TestFillCache:
         encoder = CountingEncoder()
         fill_cache(accelerator, dataset, TensorCache(tmp_path, "b"), collate, encoder)
         assert len(encoder.prompts) == 3
+
+
+class TestStopWhileCaching:
+    def test_sigterm_keeps_the_entries_written_and_says_so(self, tmp_path, accelerator, caplog):
+        dataset = KeyedItems(5)
+        cache = TensorCache(tmp_path, "fp")
+        encoder = CountingEncoder()
+
+        def encode(batch):
+            if len(encoder.prompts) == 2:  # the scheduler's SIGTERM, during the third item
+                os.kill(os.getpid(), signal.SIGTERM)
+            return encoder(batch)
+
+        with pytest.raises(SystemExit) as stopped:
+            fill_cache(accelerator, dataset, cache, collate, encode)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert [dataset.key(i) in cache for i in range(5)] == [True, True, False, False, False]
+        assert "the 2 item(s) encoded so far are kept" in caplog.text
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+        again = CountingEncoder()
+        fill_cache(accelerator, dataset, cache, collate, again)
+        assert again.prompts == ["prompt 2", "prompt 3", "prompt 4"]
 
 
 @dataclass(kw_only=True)
