@@ -17,7 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from data.images import DataError
 
 
 def fingerprint(**parts) -> str:
@@ -65,11 +68,31 @@ class TensorCache:
         return self.folder / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether a readable entry is stored under ``key``: a damaged one (a disk error, a
+        stray edit) counts as missing, so filling the cache writes it again."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(path, "pt"):
+                return True
+        except (SafetensorError, OSError):
+            return False
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
-        """The tensors stored under ``key`` (CPU)."""
-        return load_file(self.path(key))
+        """The tensors stored under ``key`` (CPU).
+
+        Raises:
+            DataError: naming the entry when it cannot be read (damaged since the cache filled).
+        """
+        path = self.path(key)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise DataError(
+                f"latent cache entry '{path}' cannot be read ({error}); delete it and run again: "
+                "the cache encodes what is missing"
+            ) from error
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Store ``tensors`` under ``key``, atomically."""

@@ -36,7 +36,8 @@ from models.tiny import (
 )
 from scripts import export_lora, infer
 from training.flux import FLUX_LORA_LAYERS
-from training.inference import FAMILIES, load_examples
+from training.inference import FAMILIES, check_lora_fits, load_examples
+from training.lora import LoraFormat
 
 SIZE = 32
 STEPS = 2
@@ -200,3 +201,21 @@ class TestInputs:
         for action in infer.build_parser()._actions:
             assert all(flag in text for flag in action.option_strings)
             assert action.help and " ".join(action.help.split()) in words, action.dest
+
+
+class TestLoraThatDoesNotFit:
+    def test_another_familys_lora_is_refused_before_running(self, tmp_path):
+        flux = tiny_flux_kontext_pipeline()
+        add_random_lora(flux.transformer, list(FLUX_LORA_LAYERS), seed=0)
+        lora = save_random_lora(FluxKontextPipeline, {"transformer": flux.transformer}, tmp_path)
+        with pytest.raises(ValueError, match=r"is a flux LoRA .*StableDiffusionInpaintPipeline"):
+            check_lora_fits(tiny_sd15_inpaint_pipeline(), lora)
+        check_lora_fits(tiny_flux_fill_pipeline(), lora)  # same family: loads
+
+    def test_a_damaged_file_is_named(self, tmp_path):
+        damaged = tmp_path / "lora.safetensors"
+        damaged.write_bytes(b"\x00" * 64)
+        with pytest.raises(ValueError, match=r"lora\.safetensors': not a readable safetensors"):
+            check_lora_fits(tiny_sd15_inpaint_pipeline(), damaged)
+        with pytest.raises(ValueError, match=r"lora\.safetensors: not a readable safetensors"):
+            LoraFormat(StableDiffusionInpaintPipeline, "unet").read(damaged)

@@ -26,7 +26,12 @@ from data.buckets import fit_to_bucket, make_buckets, nearest_bucket
 from data.images import DataError, ImageRef, mask_to_tensor
 from data.rows import FolderRows, RowFields, validated_sizes
 from models.qwen_processor import load_image_only_processor
-from training.lora_export import lora_file_path
+from training.lora_export import (
+    PIPELINE_FAMILIES,
+    families_of_modules,
+    lora_file_path,
+    read_lora,
+)
 from training.validation import image_grid, mask_overlay
 
 logger = logging.getLogger(__name__)
@@ -176,6 +181,21 @@ def load_family_pipeline(family_name: str, model: str | Path, dtype: torch.dtype
     return pipe
 
 
+def check_lora_fits(pipe, lora: str | Path) -> None:
+    """Refuse a LoRA (readable, or a ``ValueError`` naming the file) whose module names belong
+    to another family of models than ``pipe``'s: diffusers would load the part that happens to
+    fit, warn, and run a half-applied LoRA."""
+    lora_file = read_lora(lora)
+    found = families_of_modules(lora_file)
+    theirs = found[0] if len(found) == 1 else None
+    ours = PIPELINE_FAMILIES.get(type(pipe).__name__)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ValueError(
+            f"'{lora_file.path}' is a {theirs} LoRA (by its module names); "
+            f"{type(pipe).__name__} is a {ours} pipeline. Give the matching --family and --model."
+        )
+
+
 def run_with_and_without(
     pipe,
     family: InferenceFamily,
@@ -190,6 +210,7 @@ def run_with_and_without(
     """Run every example without and with ``lora`` (a safetensors file or a training output
     folder, in either key layout) at ``lora_scale``, from the same ``seed``; save
     ``<name>_base.png``, ``<name>_lora.png`` and the grid in ``output_dir``. Returns the grid."""
+    check_lora_fits(pipe, lora)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe.load_lora_weights(str(lora_file_path(lora)), adapter_name=ADAPTER_NAME)

@@ -21,6 +21,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 
 from training.config import TrainConfig
 
@@ -77,9 +78,14 @@ class LoraFormat:
         if path.is_dir() and (path / LORA_WEIGHTS_NAME).is_file():
             path = path / LORA_WEIGHTS_NAME
         # safetensors only: a pickled .bin beside it is never read.
-        loaded = self.pipeline_cls.lora_state_dict(
-            str(path), return_lora_metadata=True, use_safetensors=True
-        )
+        try:
+            loaded = self.pipeline_cls.lora_state_dict(
+                str(path), return_lora_metadata=True, use_safetensors=True
+            )
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"LoRA file {path}: not a readable safetensors file ({error})"
+            ) from error
         state_dict, metadata = loaded[0], loaded[-1] or {}
         prefix = f"{self.component}."
         weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from training.lora import LORA_WEIGHTS_NAME, save_lora_state_dicts
@@ -105,9 +105,12 @@ def read_lora(path: str | Path) -> LoraFile:
     ``lora_down``, diffusers' otherwise. Raises :class:`LayoutError` naming any tensor that is
     not part of a pair (DoRA magnitudes, biases...), so that nothing is dropped unnoticed."""
     path = lora_file_path(path)
-    tensors = load_file(path)
-    with safe_open(path, "pt") as file:
-        metadata = file.metadata() or {}
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise LayoutError(f"'{path}': not a readable safetensors LoRA ({error})") from error
     if any(".lora_down." in key for key in tensors):
         return LoraFile(
             path, KOHYA, _pairs(tensors, _KOHYA_KEY, path, "lora_down", "lora_up"), len(tensors)
@@ -163,6 +166,15 @@ def _with_peft_alphas(pairs: dict[str, LoraPair], configs: dict, path: Path) -> 
     return out
 
 
+def families_of_modules(lora: LoraFile) -> list[str]:
+    """The families whose module names ``lora`` has (one, none, or several)."""
+    return [
+        name
+        for name, marker in _FAMILY_MARKERS.items()
+        if any(marker.search(module) for module in lora.pairs)
+    ]
+
+
 def detect_family(
     lora: LoraFile, family: str | None = None, model: str | Path | None = None
 ) -> str:
@@ -176,11 +188,7 @@ def detect_family(
         if pipeline not in PIPELINE_FAMILIES:
             raise ValueError(f"{model}: {pipeline} is none of the families {', '.join(FAMILIES)}")
         return PIPELINE_FAMILIES[pipeline]
-    matching = [
-        name
-        for name, marker in _FAMILY_MARKERS.items()
-        if any(marker.search(module) for module in lora.pairs)
-    ]
+    matching = families_of_modules(lora)
     if len(matching) == 1:
         return matching[0]
     card = lora.path.parent / "README.md"

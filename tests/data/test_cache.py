@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import data.cache
 from data.cache import TensorCache, fingerprint, weight_files_digest
+from data.images import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,3 +207,15 @@ class TestWeightFilesDigest:
 
     def test_missing_folder_is_empty(self, tmp_path):
         assert weight_files_digest([tmp_path / "nothing"]) == {}
+
+
+class TestDamagedEntries:
+    def test_a_damaged_entry_counts_as_missing_and_names_itself_when_read(self, tmp_path):
+        cache = TensorCache(tmp_path, "fp")
+        cache.save("item", {"z": torch.ones(3)})
+        cache.path("item").write_bytes(b"\x00" * 40)  # a disk error, a stray edit
+        assert "item" not in cache  # filling the cache writes it again
+        with pytest.raises(DataError, match=r"latent cache entry '.*item\.safetensors' cannot"):
+            cache.load("item")
+        cache.save("item", {"z": torch.ones(3)})
+        assert "item" in cache and torch.equal(cache.load("item")["z"], torch.ones(3))
