@@ -47,6 +47,7 @@ from scripts import export_lora
 from training.flux import FLUX_LORA_LAYERS
 from training.lora_export import convert, detect_family, read_lora
 from training.lora_layouts import LAYOUTS, LayoutError, LoraPair, fuse, split
+from training.lora_merge import merge_lora
 
 # diffusers' kohya FLUX reader splits single blocks' linear1 at FLUX.1's widths (3072 x 3 +
 # 12288), so at tiny width only the double blocks go through it; TestFluxAtRealWidth covers
@@ -451,3 +452,25 @@ class TestMerge:
         difference = max_difference(sd15_call(merged), adapter)
         print("SD1.5 merged (UNet + text encoder) vs adapter:", difference)
         assert difference < TOLERANCE
+
+    def test_never_over_the_base_model_or_files_already_there(self, kontext, tmp_path):
+        base = kontext / "model"
+        weights = {p: p.read_bytes() for p in (base / "transformer").iterdir() if p.is_file()}
+        for out in (base, base / "transformer", kontext):
+            with pytest.raises(ValueError, match="base model's folder"):
+                merge_lora(kontext / "lora", base, out)
+        taken = tmp_path / "taken"
+        taken.mkdir()
+        (taken / "notes.txt").write_text("mine")
+        with pytest.raises(ValueError, match="already holds files"):
+            merge_lora(kontext / "lora", base, taken)
+        assert weights == {p: p.read_bytes() for p in weights}
+
+    def test_a_lora_of_another_model_family_is_refused(self, kontext, tmp_path):
+        flux = tiny_flux_kontext_pipeline()
+        add_random_lora(flux.transformer, list(FLUX_LORA_LAYERS), seed=2)
+        lora = save_random_lora(FluxKontextPipeline, {"transformer": flux.transformer}, tmp_path)
+        tiny_qwen_image_edit_pipeline().save_pretrained(tmp_path / "qwen")
+        with pytest.raises(ValueError, match=r"is a flux LoRA .* is a qwen-image model"):
+            merge_lora(lora, tmp_path / "qwen", tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()

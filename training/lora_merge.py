@@ -17,7 +17,13 @@ import diffusers
 import torch
 from safetensors import safe_open
 
-from training.lora_export import detect_family, diffusers_modules, model_index, read_lora
+from training.lora_export import (
+    detect_family,
+    diffusers_modules,
+    families_of_modules,
+    model_index,
+    read_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,30 @@ def stored_dtype(model: str | Path, component: str) -> torch.dtype:
         raise ValueError(f"{model}/{component}: no safetensors weights to merge into")
     with safe_open(files[0], "pt") as file:
         return file.get_tensor(next(iter(file.keys()))).dtype
+
+
+def _check_out(out: Path, model: Path) -> None:
+    """Refuse an ``--out`` that is (or holds, or lies in) the base model's folder, or holds
+    files already: a merge writes into an empty or new folder, never over weights."""
+    out_path, model_path = out.resolve(), model.resolve()
+    if model.exists() and (
+        out_path == model_path or model_path in out_path.parents or out_path in model_path.parents
+    ):
+        raise ValueError(
+            f"--out {out} is, holds or lies in the base model's folder {model}: merging would "
+            "overwrite its weights. Choose a new folder."
+        )
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} already holds files; choose an empty or new folder")
+
+
+def _has_module(pipe, name: str) -> bool:
+    component, _, path = name.partition(".")
+    try:
+        getattr(pipe, component).get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def merge_lora(
@@ -49,8 +79,15 @@ def merge_lora(
     ``dtype`` defaults to the one the first adapted component is stored in; ``family`` to the
     one ``model`` belongs to.
     """
+    _check_out(Path(out), Path(model))
     lora_file = read_lora(lora)
     family = detect_family(lora_file, family, model)
+    by_modules = families_of_modules(lora_file)
+    if len(by_modules) == 1 and by_modules[0] != family:
+        raise ValueError(
+            f"{lora_file.path} is a {by_modules[0]} LoRA (by its module names); {model} is a "
+            f"{family} model: nothing of it would merge as trained"
+        )
     modules = diffusers_modules(lora_file, family)
     components = sorted({name.split(".", 1)[0] for name in modules})
     index = model_index(model)
@@ -66,6 +103,12 @@ def merge_lora(
     pipeline_cls = getattr(diffusers, index["_class_name"])
     dtype = dtype or stored_dtype(model, components[0])
     pipe = pipeline_cls.from_pretrained(model, dtype=dtype, **skipped)
+    absent = [name for name in modules if not _has_module(pipe, name)]
+    if absent:
+        raise ValueError(
+            f"{len(absent)} of the {len(modules)} modules of {lora_file.path} are not in {model} "
+            f"(e.g. {absent[0]}): another model's LoRA? Nothing was written."
+        )
     # Loaded as a state dict, a LoRA carries no alphas: each scale goes into its down weights,
     # so diffusers' scale-1 default gives every module its own (alpha / r).
     baked = {}
