@@ -39,6 +39,29 @@ class DataError(ValueError):
     """Bad training data. The message names the file (or dataset row and column) and the fault."""
 
 
+# Pixels (times bands) an image may declare in its header; checked before anything is decoded,
+# so a small file declaring a huge image (a decompression bomb) never fills the memory.
+_LIMIT = {"pixels": 100_000_000}
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    """Set the limit :func:`check_pixels` applies (``--max_image_pixels``)."""
+    _LIMIT["pixels"] = pixels
+
+
+def check_pixels(label: str, width: int, height: int, bands: int = 1) -> None:
+    """Raise :class:`DataError` naming ``label`` when an image declares more pixels (times
+    bands) than the limit."""
+    count = width * height * bands
+    if count > _LIMIT["pixels"]:
+        layers = f" x {bands} bands" if bands > 1 else ""
+        raise DataError(
+            f"{label}: declares {width}x{height}{layers} = {count:,} pixels, over "
+            f"--max_image_pixels {_LIMIT['pixels']:,}. Training resizes it to about "
+            "--resolution² pixels anyway: downscale the file, or raise the limit."
+        )
+
+
 def _describe(source: ImageSource, what: str) -> str:
     if isinstance(source, (str, os.PathLike)):
         return f"{what} '{source}'"
@@ -74,11 +97,13 @@ def _open_lazily(source: ImageSource, what: str) -> Image.Image:
             raise DataError(f"{_describe(source, what)}: is not a regular file")
         stream = path
     try:
-        return Image.open(stream)
+        image = Image.open(stream)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(
             f"{_describe(source, what)}: cannot be read as an image ({error})"
         ) from error
+    check_pixels(_describe(source, what), *image.size)
+    return image
 
 
 def image_size(source: ImageSource, what: str) -> tuple[int, int]:

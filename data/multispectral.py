@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.images import DataError, image_size, mask_to_tensor, open_mask
+from data.images import DataError, check_pixels, image_size, mask_to_tensor, open_mask
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "F")
@@ -138,6 +138,7 @@ class LeafImage:
             bands, height, width = self._png_header()
         else:
             bands, height, width, _ = _tiff_layout(self.image)
+        check_pixels(f"'{self.image}'", width, height, bands)
         if self.mask is not None:
             mask_height, mask_width = image_size(self.mask, "mask")
             if (mask_height, mask_width) != (height, width):
@@ -156,7 +157,7 @@ class LeafImage:
             try:
                 with Image.open(path) as band:
                     mode, size = band.mode, band.size
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
                 raise DataError(f"'{path}': cannot be read as an image ({error})") from error
             if mode not in PNG_MODES:
                 raise DataError(f"'{path}': a band must be single-channel, got mode {mode}")

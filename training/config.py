@@ -84,6 +84,9 @@ class TrainConfig:
     """Folder with the training data in the script's folder format."""
     dataset_name: str | None = None
     """Hugging Face dataset: a folder written by `save_to_disk`, or a name in the local cache."""
+    max_image_pixels: int = bounded(100_000_000, low=1)
+    """Refuse, before anything is decoded, an image whose header declares more pixels (times
+    bands) than this: a small file can declare a huge image (a decompression bomb)."""
     allow_paths_outside_data: bool = False
     """Let metadata.jsonl name files outside --train_data_dir (absolute or ../ paths); by
     default such a row is refused, so a data set never trains on files it does not hold."""

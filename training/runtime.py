@@ -15,6 +15,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
+from data.images import set_max_image_pixels
 from training.checkpoint import resolve_checkpoint
 from training.config import TrainConfig
 from training.output_dir import OutputDirError, RunLock, check_output_dir, prepare_output_dir
@@ -37,6 +38,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     The LR scheduler is stepped by the loop once per optimizer step, not by accelerate once per
     process, so its state counts optimizer steps whatever the number of processes.
     """
+    set_max_image_pixels(config.max_image_pixels)
     try:
         check_output_dir(config.output_dir, [config.train_data_dir])
     except OutputDirError as error:

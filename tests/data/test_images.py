@@ -15,6 +15,7 @@ from data.images import (
     mask_to_tensor,
     open_image,
     open_mask,
+    set_max_image_pixels,
     to_model_range,
 )
 
@@ -198,3 +199,28 @@ def test_image_ref(tmp_path):
     path.unlink()
     with pytest.raises(DataError, match=r"c\.png"):
         ref.content()
+
+
+class TestDeclaredSize:
+    @pytest.fixture
+    def limit(self):
+        set_max_image_pixels(1000)
+        yield
+        set_max_image_pixels(100_000_000)
+
+    def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(self, tmp_path, limit):
+        path = _save(tmp_path / "big.png", Image.new("L", (40, 30)))
+        for read in (lambda: image_size(path, "image"), lambda: open_image(path, "image")):
+            with pytest.raises(DataError, match=r"big\.png': declares 40x30 = 1,200 pixels"):
+                read()
+        small = _save(tmp_path / "small.png", Image.new("L", (20, 20)))
+        assert image_size(small, "image") == (20, 20)
+
+    def test_a_multispectral_cube_counts_its_bands(self, tmp_path, limit):
+        from data.multispectral import LeafImage
+
+        tifffile = pytest.importorskip("tifffile")
+        path = tmp_path / "leaf.tif"
+        tifffile.imwrite(path, np.zeros((5, 16, 16), np.uint16), photometric="minisblack")
+        with pytest.raises(DataError, match=r"declares 16x16 x 5 bands = 1,280 pixels"):
+            LeafImage(path).header()
