@@ -68,9 +68,7 @@ def _describe(source: ImageSource, what: str) -> str:
     return what
 
 
-def _header_orientation(image: Image.Image) -> int:
-    """EXIF orientation from the header (1 = as stored); never decodes the pixels."""
-    raw = image.info.get("exif")
+def _orientation_of(raw: bytes | None) -> int:
     if not raw:
         return 1
     exif = Image.Exif()
@@ -79,6 +77,36 @@ def _header_orientation(image: Image.Image) -> int:
     except (OSError, ValueError, SyntaxError):
         return 1  # unreadable EXIF: use the pixels as stored, as other readers do
     return int(exif.get(ExifTags.Base.Orientation, 1))
+
+
+def _png_trailing_exif(image: Image.Image) -> bytes | None:
+    """A PNG's ``eXIf`` chunk when it comes after the image data (PIL reads it only while
+    decoding, diffusers' ``load_image`` applies it): found by walking the chunk headers, seeking
+    past their data, never decoding it."""
+    stream = getattr(image, "fp", None)
+    if image.format != "PNG" or stream is None:
+        return None
+    position = stream.tell()
+    try:
+        stream.seek(8)  # the signature
+        while header := stream.read(8):
+            if len(header) < 8:
+                return None
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                return stream.read(length)
+            if kind == b"IEND":
+                return None
+            stream.seek(length + 4, io.SEEK_CUR)  # data and CRC
+        return None
+    finally:
+        stream.seek(position)
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """EXIF orientation (1 = as stored) from the header, or a PNG's ``eXIf`` chunk after its
+    image data; never decodes the pixels."""
+    return _orientation_of(image.info.get("exif") or _png_trailing_exif(image))
 
 
 def _open_lazily(source: ImageSource, what: str) -> Image.Image:

@@ -2,6 +2,7 @@
 
 import io
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -224,3 +225,38 @@ class TestDeclaredSize:
         tifffile.imwrite(path, np.zeros((5, 16, 16), np.uint16), photometric="minisblack")
         with pytest.raises(DataError, match=r"declares 16x16 x 5 bands = 1,280 pixels"):
             LeafImage(path).header()
+
+
+def png_with_trailing_exif(path, image: Image.Image, orientation: int):
+    """``image`` as a PNG whose ``eXIf`` chunk comes after the image data, as some tools write
+    it (PIL reads such a chunk only while decoding)."""
+    image.save(path)
+    content = path.read_bytes()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    data = exif.tobytes()
+    chunk = len(data).to_bytes(4, "big") + b"eXIf" + data
+    chunk += zlib.crc32(b"eXIf" + data).to_bytes(4, "big")
+    end = content.rindex(b"IEND") - 4  # IEND's length field
+    path.write_bytes(content[:end] + chunk + content[end:])
+    return path
+
+
+class TestTrailingPngExif:
+    def test_size_and_pixels_follow_it_as_diffusers_load_image_does(self, tmp_path):
+        from diffusers.utils import load_image
+
+        pixels = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+        path = png_with_trailing_exif(tmp_path / "photo.png", Image.fromarray(pixels), 6)
+        assert "exif" not in Image.open(path).info  # not in the header
+        assert image_size(path, "image") == (10, 6)  # rotated: height 10, width 6
+        ours = np.asarray(open_image(path, "image"))
+        theirs = np.asarray(load_image(str(path)).convert("RGB"))
+        assert ours.shape == (10, 6, 3) and np.array_equal(ours, theirs)
+
+    def test_a_mask_turns_with_its_image(self, tmp_path):
+        mask = np.zeros((6, 10), np.uint8)
+        mask[:, :3] = 255
+        path = png_with_trailing_exif(tmp_path / "mask.png", Image.fromarray(mask), 3)
+        turned = np.asarray(open_mask(path, "mask"))
+        assert np.array_equal(turned, mask[::-1, ::-1])
