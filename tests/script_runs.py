@@ -239,6 +239,32 @@ def first_inpainting_batch(assets: Path, resolution: int) -> dict:
     return collate_items([dataset[0]])
 
 
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from training.output_dir import RunLock
+RunLock({folder!r}).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[int]:
+    """Inside the block another process holds the run lock on ``folder``; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER.format(root=str(ROOT), folder=str(folder))],
+        stdout=PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def inpainting_call(assets: Path, resolution: int) -> dict:
     """An inpainting pipeline's arguments for the first item of ``assets/data`` (2 steps)."""
     from training.validation import to_pil

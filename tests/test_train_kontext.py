@@ -23,6 +23,7 @@ from script_runs import (
     assert_same_tensors,
     first_call,
     listed,
+    lock_held_elsewhere,
     lora_tensors,
     model_card,
     pipeline_as_trained,
@@ -296,6 +297,17 @@ class TestOutputFolder:
         run(assets, out, max_train_steps=1, seed=1, overwrite_output_dir="true")
         assert (out / "notes.txt").read_text() == "mine"
         assert lora_tensors(out).keys() == finished.keys()
+
+    def test_a_folder_another_run_uses_is_refused_with_exit_2(
+        self, assets, tmp_path, fresh_accelerate, capsys
+    ):
+        out = tmp_path / "out"
+        with lock_held_elsewhere(out) as pid:
+            with pytest.raises(SystemExit) as stopped:
+                run(assets, out, max_train_steps=1)
+        assert stopped.value.code == 2
+        assert f"in use by another run: process {pid} on" in capsys.readouterr().err
+        assert listed(out) == []
 
     @pytest.mark.parametrize("where", ["empty", "data"])
     def test_no_name_or_the_data_folder_is_refused_before_loading(

@@ -4,10 +4,9 @@ overwritten, whatever ``--output_dir`` a user names."""
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
+from script_runs import lock_held_elsewhere
 
 from training.checkpoint import STATE_FILE
 from training.output_dir import (
@@ -132,34 +131,12 @@ class TestPrepare:
         assert (tmp_path / "checkpoint-6").is_dir()
 
 
-LOCKER = """
-import sys, time
-sys.path.insert(0, {root!r})
-from training.output_dir import RunLock
-RunLock({folder!r}).acquire()
-print("locked", flush=True)
-time.sleep(60)
-"""
-
-
 class TestRunLock:
     def test_a_second_run_is_refused_naming_the_first(self, tmp_path):
-        from script_runs import ROOT
-
-        holder = subprocess.Popen(
-            [sys.executable, "-c", LOCKER.format(root=str(ROOT), folder=str(tmp_path))],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert holder.stdout.readline().strip() == "locked"
+        with lock_held_elsewhere(tmp_path) as pid:
             with pytest.raises(OutputDirError) as refused:
                 RunLock(tmp_path).acquire()
-            message = str(refused.value)
-            assert f"process {holder.pid} on {socket.gethostname()}" in message
-        finally:
-            holder.kill()
-            holder.wait()
+            assert f"process {pid} on {socket.gethostname()}" in str(refused.value)
         # Its process gone, the lock is taken over.
         lock = RunLock(tmp_path)
         lock.acquire()
