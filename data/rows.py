@@ -363,6 +363,7 @@ class BucketedRowDataset(Dataset):
         self._file_digests: dict[Path, str] = {}
         self._keys: dict[int, str] = {}
         _warn_about_duplicates(rows)
+        _warn_about_uniform_masks(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -422,6 +423,34 @@ class BucketedRowDataset(Dataset):
         Filtered on 0..255 grey, then thresholded, so edges land where the image's do.
         """
         return mask_to_tensor(fit_to_bucket(ref.open_mask(), size, Image.Resampling.BILINEAR))
+
+
+# Masks read to tell a data set whose masks are all empty or all full (a sample, evenly spread).
+MASKS_CHECKED = 32
+
+
+def _warn_about_uniform_masks(rows: RowSource) -> None:
+    """Warn when every mask of a sample of the rows is empty, or every one full: the mask terms
+    then see no region (or nothing else), which is rarely meant (masks saved inverted, say)."""
+    refs = []
+    step = max(1, len(rows) // MASKS_CHECKED)
+    for index in range(0, len(rows), step):
+        row, _ = rows.parse(index)
+        if row is not None and "mask" in row.images:
+            refs.append(row.images["mask"])
+    if len(refs) < 2:
+        return
+    shares = [float(mask_to_tensor(ref.open_mask()).mean()) for ref in refs[:MASKS_CHECKED]]
+    for value, what in ((0.0, "empty"), (1.0, "full (white everywhere)")):
+        if all(share == value for share in shares):
+            logger.warning(
+                "%s: all %d masks checked are %s; the mask losses will see %s. Check how the "
+                "masks are stored (white is the region)",
+                rows.description,
+                len(shares),
+                what,
+                "no region" if value == 0 else "nothing outside the region",
+            )
 
 
 def _warn_about_duplicates(rows: RowSource) -> None:

@@ -140,6 +140,25 @@ class TestImages:
         mask = read(kind, tmp_path)[0]["mask"][0]
         assert torch.equal(mask, torch.from_numpy(inside).float())
 
+    @pytest.mark.parametrize("value,what", [(0, "empty"), (255, "full")])
+    def test_a_data_set_whose_masks_are_all_empty_or_all_full_warns(
+        self, kind, tmp_path, caplog, value, what
+    ):
+        write(kind, tmp_path, n=3)
+        rows = (tmp_path / "metadata.jsonl").read_text().splitlines()
+        masks = [json.loads(line).get("mask") for line in rows]
+        for index, name in enumerate(masks):
+            mask = tmp_path / (name or f"text_masks/{index:04d}_target.png")
+            Image.new("L", Image.open(mask).size, value).save(mask)
+        read(kind, tmp_path)
+        assert f"all 3 masks checked are {what}" in caplog.text
+        caplog.clear()
+        Image.new("L", Image.open(tmp_path / KINDS[kind][3]).size, 255 - value).save(
+            tmp_path / KINDS[kind][3]
+        )
+        read(kind, tmp_path)
+        assert "masks checked are" not in caplog.text
+
     @pytest.mark.parametrize("value", [0, 255])
     def test_empty_and_full_masks_are_items(self, kind, tmp_path, value):
         write(kind, tmp_path)

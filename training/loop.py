@@ -276,23 +276,29 @@ class Run:
 
     @contextmanager
     def checkpointed_on_data_error(self) -> Iterator[None]:
-        """A file that turns out bad mid-run (changed or damaged since the up-front check)
-        stops the run with its error, after a checkpoint of the last completed step, so that
-        the steps since the previous checkpoint are not lost. (On several ranks the others
-        cannot join the save: the previous checkpoint stays the one to resume from.)"""
+        """Around the steps: a file that turns out bad mid-run (changed or damaged since the
+        up-front check) stops the run with its error, after a checkpoint of the last completed
+        step, so that the steps since the previous checkpoint are not lost. (On several ranks
+        the others cannot join the save: the previous checkpoint stays the one to resume
+        from.) Any error puts the signal handlers back."""
         try:
             yield
-        except DataError:
-            step = self.progress.global_step
-            folder = Path(self.config.output_dir) / f"checkpoint-{step}"
-            if step > 0 and self.accelerator.num_processes == 1 and not folder.exists():
-                self.checkpointer.save(self.progress)
-                logger.error(
-                    "saved checkpoint-%d before stopping on the data error below; fix the file "
-                    "and resume with --resume_from_checkpoint latest",
-                    step,
-                )
+        except BaseException as error:
+            self.signals.close()  # the run ends here: SIGTERM and Ctrl+C act as usual again
+            if isinstance(error, DataError):
+                self._checkpoint_before_stopping()
             raise
+
+    def _checkpoint_before_stopping(self) -> None:
+        step = self.progress.global_step
+        folder = Path(self.config.output_dir) / f"checkpoint-{step}"
+        if step > 0 and self.accelerator.num_processes == 1 and not folder.exists():
+            self.checkpointer.save(self.progress)
+            logger.error(
+                "saved checkpoint-%d before stopping on the data error below; fix the file "
+                "and resume with --resume_from_checkpoint latest",
+                step,
+            )
 
     def _stop_requested(self) -> bool:
         """Whether any rank received a stop signal (ranks may receive it at different steps)."""

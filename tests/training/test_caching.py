@@ -122,12 +122,13 @@ class TestStopWhileCaching:
                 os.kill(os.getpid(), signal.SIGTERM)
             return encoder(batch)
 
+        before = signal.getsignal(signal.SIGTERM)
         with pytest.raises(SystemExit) as stopped:
             fill_cache(accelerator, dataset, cache, collate, encode)
         assert stopped.value.code == 128 + signal.SIGTERM
         assert [dataset.key(i) in cache for i in range(5)] == [True, True, False, False, False]
         assert "the 2 item(s) encoded so far are kept" in caplog.text
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+        assert signal.getsignal(signal.SIGTERM) is before  # put back
         again = CountingEncoder()
         fill_cache(accelerator, dataset, cache, collate, again)
         assert again.prompts == ["prompt 2", "prompt 3", "prompt 4"]
