@@ -382,7 +382,6 @@ RESUMABLE_CHANGES = frozenset(
         "report_to",
         "push_to_hub",
         "hub_model_id",
-        "hub_token",
         "hub_private",
         "dataloader_num_workers",
         "cache_latents",
@@ -399,12 +398,17 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# Flags the identity holds on their own (the base model and its quantization), and the token,
+# which no file should keep.
+_NOT_SETTINGS = frozenset({"pretrained_model_name_or_path", "quantize_base", "hub_token"})
+
+
 def run_settings(config) -> dict:
-    """Every flag of ``config`` as JSON values (nested blocks dotted), the token left out."""
+    """The flags of ``config`` as JSON values (nested blocks dotted), but :data:`_NOT_SETTINGS`."""
     settings = {}
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
-        if item.name == "hub_token":
+        if item.name in _NOT_SETTINGS:
             continue
         if dataclasses.is_dataclass(value):
             settings |= {f"{item.name}.{k}": v for k, v in dataclasses.asdict(value).items()}
@@ -470,9 +474,8 @@ def check_identity(saved: dict, current: dict, folder: Path) -> None:
     # Checkpoints from before settings were recorded resume as they always did.
     before, now = saved.get("settings", {}), current.get("settings", {})
     changed = sorted(name for name in before.keys() & now.keys() if before[name] != now[name])
-    defining = [name for name in changed if name.split(".")[0] not in RESUMABLE_CHANGES]
-    defining = [name for name in defining if name not in ("pretrained_model_name_or_path",)]
-    defining = [name for name in defining if name != "quantize_base"]  # said above
+    allowed = [name for name in changed if name.split(".")[0] in RESUMABLE_CHANGES]
+    defining = [name for name in changed if name not in allowed]
     if defining:
         problems.append(
             "settings differ: "
@@ -483,9 +486,8 @@ def check_identity(saved: dict, current: dict, folder: Path) -> None:
             f"{folder} belongs to another run: {'; '.join(problems)}. Resume with the settings "
             f"it was written with, or start a new run from its weights with --init_lora_weights."
         )
-    for name in changed:
-        if name not in defining and name.split(".")[0] in RESUMABLE_CHANGES:
-            logger.info("resuming with --%s %r (it was %r)", name, now[name], before[name])
+    for name in allowed:
+        logger.info("resuming with --%s %r (it was %r)", name, now[name], before[name])
 
 
 def read_checkpoint_state(folder: Path) -> dict:

@@ -232,11 +232,10 @@ class TrainConfig:
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
             )
         check_optimizer(self)
-        for tracker in self.trackers:
-            module = "tensorboard" if tracker == "tensorboard" else tracker
-            if importlib.util.find_spec(module) is None:
+        for tracker in self.trackers:  # accelerate's trackers are named as their packages
+            if importlib.util.find_spec(tracker) is None:
                 raise ValueError(
-                    f"--report_to {tracker} needs the {module} package, which is not installed: "
+                    f"--report_to {tracker} needs the {tracker} package, which is not installed: "
                     "pip install '.[tracking]' (or drop it from --report_to)"
                 )
 
@@ -268,12 +267,12 @@ class LowMemoryConfig:
         check_quantization(self)
         if self.offload_blocks != "all" and self.offload_blocks < 0:
             raise ValueError(f"--offload_blocks must be >= 0 or all, got {self.offload_blocks}")
-        if self.offload_blocks not in (0, "0") and not self.gradient_checkpointing:
+        if self.offload_blocks and not self.gradient_checkpointing:
             raise ValueError(
                 "--offload_blocks needs --gradient_checkpointing: without it the backward pass "
                 "keeps every block's weights on the device"
             )
-        if self.offload_blocks not in (0, "0") and self.compile:
+        if self.offload_blocks and self.compile:
             raise ValueError("--offload_blocks and --compile cannot be combined")
 
 

@@ -27,7 +27,7 @@ from transformers import AutoConfig
 
 from models.published import published_model
 from training.lora import LoraFormat, add_lora
-from training.offload import denoiser_blocks, tensor_bytes
+from training.offload import denoiser_blocks, offloaded_blocks, tensor_bytes
 from training.runtime import weight_dtype
 
 logger = logging.getLogger(__name__)
@@ -368,14 +368,6 @@ def meta_component(config, family: str, name: str, dtype: torch.dtype) -> torch.
         return cls(AutoConfig.from_pretrained(folder))
 
 
-def _offloaded(config, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
-    count = getattr(config, "offload_blocks", 0)
-    if count in (0, "0"):
-        return []
-    blocks = denoiser_blocks(denoiser)
-    return blocks if count == "all" else blocks[len(blocks) - min(int(count), len(blocks)) :]
-
-
 def plan_memory(config, spec: FamilyPlan) -> MemoryPlan:
     """The memory plan of a run of ``config`` for the family ``spec`` describes. Building the
     models draws random initial weights: the global random state is left as it was, so a run
@@ -396,7 +388,8 @@ def _plan(config, spec: FamilyPlan) -> MemoryPlan:
     lora = 4 * sum(math.prod(shape) for shape in shapes)
 
     weights = frozen_bytes(denoiser, quantized)
-    offloaded = [frozen_bytes(block, quantized) for block in _offloaded(config, denoiser)]
+    chosen = offloaded_blocks(denoiser, getattr(config, "offload_blocks", 0))
+    offloaded = [frozen_bytes(block, quantized) for block in chosen]
     # Two blocks' weights are on the device at a time: the one running, the one let go of.
     weights += sum(sorted(offloaded)[-2:]) - sum(offloaded)
 

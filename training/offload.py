@@ -124,21 +124,28 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def offloaded_blocks(model: torch.nn.Module, count: int | str) -> list[torch.nn.Module]:
+    """The blocks ``--offload_blocks count`` keeps on the CPU: the last ``count`` transformer
+    blocks of ``model``, all with ``"all"``, none with 0."""
+    if not count:
+        return []
+    blocks = denoiser_blocks(model)
+    return blocks if count == "all" else blocks[len(blocks) - min(count, len(blocks)) :]
+
+
 def offload_blocks(
     model: torch.nn.Module, count: int | str, device: torch.device | str
 ) -> BlockOffload | None:
-    """Keep the frozen weights of the last ``count`` transformer blocks of ``model`` (all with
-    ``"all"``) on the CPU; None when ``count`` is 0. Call before moving ``model`` to the device.
-    """
-    if count in (0, "0"):
+    """Keep the frozen weights of :func:`offloaded_blocks` on the CPU; None when there are
+    none. Call before moving ``model`` to the device."""
+    chosen = offloaded_blocks(model, count)
+    if not chosen:
         return None
-    blocks = denoiser_blocks(model)
-    chosen = blocks if count == "all" else blocks[len(blocks) - min(int(count), len(blocks)) :]
     offload = BlockOffload(chosen, device)
     logger.info(
         "--offload_blocks: frozen weights of %d of %d blocks (%.2f GB) stay on the CPU",
         len(chosen),
-        len(blocks),
+        len(denoiser_blocks(model)),
         offload.offloaded_bytes / 1e9,
     )
     return offload

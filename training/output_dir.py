@@ -27,6 +27,8 @@ import socket
 import time
 from pathlib import Path
 
+from training.checkpoint import complete_checkpoints
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".maskloom.lock"
@@ -48,7 +50,6 @@ RUN_OUTPUTS = (
 FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "multispectral_adapter")
 # The latent cache: keyed by content, valid for any run; kept by --overwrite_output_dir.
 CACHE = "cache"
-_CHECKPOINT = re.compile(r"checkpoint-\d+")
 _HIDDEN_CHECKPOINT = re.compile(r"\.checkpoint-\d+\.(partial|replaced)")
 
 
@@ -75,14 +76,12 @@ def owned(root: Path) -> set[str]:
     a manifest was written by a version that kept none: its run outputs are the suite's too."""
     manifest = root / MANIFEST_FILE
     names = set(_read_json(manifest).get("owned", []))
+    checkpoints = [folder.name for _, folder in complete_checkpoints(root)]
+    names |= set(checkpoints)
     if root.is_dir():
-        for path in root.iterdir():
-            if _HIDDEN_CHECKPOINT.fullmatch(path.name) or (
-                _CHECKPOINT.fullmatch(path.name) and (path / "training_state.json").is_file()
-            ):
-                names.add(path.name)
-        if not manifest.exists() and any(_CHECKPOINT.fullmatch(name) for name in names):
-            names |= {name for name in (*RUN_OUTPUTS, CACHE) if (root / name).exists()}
+        names |= {path.name for path in root.iterdir() if _HIDDEN_CHECKPOINT.fullmatch(path.name)}
+    if checkpoints and not manifest.exists():
+        names |= {name for name in (*RUN_OUTPUTS, CACHE) if (root / name).exists()}
     return names
 
 
@@ -138,7 +137,7 @@ def prepare_output_dir(
     """
     root = Path(output_dir)
     ours = owned(root)
-    checkpoints = sorted(n for n in ours if _CHECKPOINT.fullmatch(n))
+    checkpoints = [folder.name for _, folder in complete_checkpoints(root)]
     finished = [n for n in FINISHED_OUTPUTS if n in ours and (root / n).exists()]
     if not has_checkpoint_to_resume and (checkpoints or finished) and not overwrite:
         what = (

@@ -89,15 +89,14 @@ def run_main(main: Callable[[], None]) -> None:
     except ValueError as error:
         if "--debug" in sys.argv:
             raise
-        print(f"{Path(sys.argv[0]).name}: error: {error} (--debug shows where)", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(f"{error} (--debug shows where)")
 
 
-def refuse(error: Exception) -> None:
+def refuse(message: object) -> None:
     """End the program as argparse does for a bad flag: ``<script>: error: <message>`` on
     stderr, exit status 2, no traceback."""
-    print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 # Sharding engines an accelerate config can ask for: the variable `accelerate launch` sets.
