@@ -219,7 +219,7 @@ def open_mask(source: ImageSource, what: str) -> Image.Image:
         scale = 1 / 257
     else:
         raise DataError(f"{label}: mask values up to {top:g}; expected 0/1, 0..255 or 16-bit")
-    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    return _grey(values * scale)
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -233,7 +233,12 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
         scale = 255.0 if pixels.max(initial=0) <= 1 else 1.0
     else:  # 16-bit grey, or 32-bit integers holding 16-bit values
         scale = 1 / 257 if pixels.max(initial=0) > 255 or image.mode.startswith("I;16") else 1.0
-    return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), "L")
+    return _grey(pixels * scale)
+
+
+def _grey(levels: np.ndarray) -> Image.Image:
+    """Grey levels on the 0..255 scale as an 8-bit ("L") image, rounded and clipped."""
+    return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
 
 
 def mask_to_tensor(mask_image: Image.Image) -> torch.Tensor:

@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import FluxKontextPipeline
 from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict
+from script_runs import listed
 
 from data.images import DataError
 from models.tiny import tiny_flux_kontext_pipeline
@@ -34,17 +35,11 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora
 from training.optimizers import OPTIMIZERS, build_optimizer, scheduler_warmup_steps
-from training.output_dir import LOCK_FILE, MANIFEST_FILE
 from training.runtime import build_accelerator
 
 LAYERS = ("attn.to_q", "attn.to_k")
 KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")
 LAYOUT = BatchLayout(num_processes=1, train_batch_size=1, gradient_accumulation_steps=1)
-
-
-def listed(folder: Path) -> list[str]:
-    """The names in ``folder`` but the run's lock and the list of what the suite wrote."""
-    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, MANIFEST_FILE))
 
 
 @pytest.fixture
