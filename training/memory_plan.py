@@ -410,7 +410,7 @@ def _plan(config, spec: FamilyPlan) -> MemoryPlan:
     blocks = _checkpointed_blocks(denoiser)
     trace = trace_activations(denoiser, blocks, lambda: denoiser(**inputs))
     # torchao's weight-only linears keep each weight dequantized for their backward pass.
-    itemsize = torch.tensor([], dtype=dtype).element_size() if quantized in ("int8", "fp8") else 0
+    itemsize = dtype.itemsize if quantized in ("int8", "fp8") else 0
     with_checkpointing = trace.bytes(True, itemsize)
     without = trace.bytes(False, itemsize)
     return MemoryPlan(
