@@ -1,6 +1,7 @@
 """Train a FLUX.1 Kontext LoRA that inserts or replaces an object inside a known mask.
 
-Each example is (context image, target image, insertion mask, prompt[, overlay negative]). The
+Each example is (context image, target image, prompt[, insertion mask, overlay negative]); a row
+without a mask trains with flow matching alone. The data is checked before the model loads. The
 transformer sees exactly what ``FluxKontextPipeline`` feeds it: noisy target tokens followed by
 the context image's tokens (image ids with channel 0 set to 1), T5 and pooled CLIP prompt
 embeddings, the guidance embedding, and sigma as the timestep. The loss is
@@ -56,6 +57,7 @@ from training.flux import (
     flux_transformer_inputs,
     pack,
     planned_flux_conditioning,
+    vae_scale_factor,
 )
 from training.loop import TrainingParts, train
 from training.lora import LoraFormat, add_lora
@@ -222,6 +224,7 @@ class KontextEncoder:
             "pooled_prompt_embeds": pooled,
             "mask_latent": batch["mask_latent"],
             "signed_distance_map": batch["signed_distance_map"],
+            "has_mask": batch["has_mask"],
         }
         if self.needs_overlay and not self.needs_image_embeddings:
             # Only ever compared as latent tokens: pack it here, once per item.
@@ -231,6 +234,17 @@ class KontextEncoder:
             for name in ("target", "context", "overlay"):
                 encoded[f"{name}_embeds"] = self.embedder(batch[name])
         return encoded
+
+
+def rows_of(tensors: dict, rows: torch.Tensor) -> dict:
+    """The ``rows: [B]`` (bool) of every batch-first tensor in ``tensors``."""
+    size = rows.shape[0]
+    return {
+        name: value[rows]
+        if isinstance(value, torch.Tensor) and value.shape[:1] == (size,)
+        else value
+        for name, value in tensors.items()
+    }
 
 
 class KontextLoss:
@@ -279,23 +293,32 @@ class KontextLoss:
         flow_matching = masked_flow_matching_loss(
             velocity, target_velocity.float(), weighting=loss_weighting(config, sigmas)
         )
-        components = {"fm": flow_matching.detach()}
+        with_mask = encoded["has_mask"].bool()
+        components = {"fm": flow_matching.detach(), "masked_samples": with_mask.float().mean()}
+        total = config.flow_matching_weight * flow_matching
+        if not with_mask.any():
+            return total, components
         # Clean latents as tokens, from tensors already packed: x_t's tokens are the first part
         # of the transformer's input, and the velocities come packed (each 2x2 repacking copy
         # costs more than the losses on small latents).
         noisy_tokens = inputs["hidden_states"][:, :target_tokens].float()
-        predicted_tokens = predicted_x0(noisy_tokens, velocity, sigmas)
-        geometry, parts = self._geometry_losses(encoded, predicted_tokens, height, width)
-        components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
         tokens = {
-            "pred": predicted_tokens,
+            "pred": predicted_x0(noisy_tokens, velocity, sigmas),
             "target": predicted_x0(noisy_tokens, target_velocity.float(), sigmas),
             "context": inputs["hidden_states"][:, target_tokens:].float(),
         }
+        share = None
+        if not with_mask.all():
+            # The mask terms see only the rows with a mask, weighted by their share of the batch.
+            encoded, tokens = rows_of(encoded, with_mask), rows_of(tokens, with_mask)
+            share = with_mask.float().mean()
+        geometry, parts = self._geometry_losses(encoded, tokens["pred"], height, width)
+        components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
         embedding, parts = self._embedding_losses(encoded, tokens, height, width)
         components.update({f"emb_{name}": value.detach() for name, value in parts.items()})
-        total = config.flow_matching_weight * flow_matching + geometry + embedding
-        return total, components
+        if share is None:
+            return total + geometry + embedding, components
+        return total + share * (geometry + embedding), components
 
     def _geometry_losses(
         self, encoded: dict, predicted_tokens: torch.Tensor, height: int, width: int
@@ -400,6 +423,7 @@ class KontextValidation(EditValidation):
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(KontextConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
+    dataset = edit_pair_dataset(config, vae_scale_factor(config.pretrained_model_name_or_path))
     log_memory_plan(config, MEMORY_PLAN, accelerator)
 
     pipe = load_pipeline(FluxKontextPipeline, config, accelerator, FLUX_ENCODERS)
@@ -411,7 +435,6 @@ def main(argv: list[str] | None = None) -> None:
     if config.embedding_encoder:
         embedder = ImageEmbedder(config.embedding_encoder).to(accelerator.device)
 
-    dataset = edit_pair_dataset(config, pipe.vae_scale_factor)
     encoder = KontextEncoder(pipe, config, embedder)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
     place_denoiser(transformer, config, accelerator.device)

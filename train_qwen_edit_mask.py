@@ -1,25 +1,30 @@
 """Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss.
 
-Each example is (context image, target image, instruction[, text mask]). The transformer sees
-exactly what the checkpoint's pipeline feeds it, ``QwenImageEditPipeline`` (Qwen-Image-Edit) or
-``QwenImageEditPlusPipeline`` (Edit-2509/2511), chosen from ``model_index.json``: noisy target
-tokens followed by the condition image's tokens (VAE mode, normalised by the VAE's latent mean and
-std), ``img_shapes`` with one entry per image, the prompt embedded by the vision-language encoder
-with the pipeline's own template and image, ``encoder_hidden_states_mask`` as the pipeline passes
-it, and sigma as the timestep with the pipeline's resolution-dependent shift. The condition image
-is resized by the pipeline's own rule (:func:`condition_images`). The loss is flow matching on the
-target tokens, mixed with seed 000's text-region weighting when ``mask_loss.enabled``.
+Each example is (references, target image, instruction[, text mask]): one reference for
+Qwen-Image-Edit, one or more for Edit-2509/2511. The transformer sees exactly what the
+checkpoint's pipeline feeds it, ``QwenImageEditPipeline`` or ``QwenImageEditPlusPipeline``, chosen
+from ``model_index.json``: noisy target tokens followed by each reference's tokens (VAE mode,
+normalised by the VAE's latent mean and std), ``img_shapes`` with one entry per image, the prompt
+embedded by the vision-language encoder with the pipeline's own template (one picture
+placeholder per reference) and images, ``encoder_hidden_states_mask`` as the pipeline passes it,
+and sigma as the timestep with the pipeline's resolution-dependent shift. Each reference is
+resized by the pipeline's own rule (:func:`condition_images`). The loss is flow matching on the
+target tokens, mixed with seed 000's text-region weighting when ``mask_loss.enabled``. The data is
+checked before the model loads.
 
     accelerate launch train_qwen_edit_mask.py --config configs/qwen_edit.yaml \\
         --train_data_dir my_text_edits --output_dir out
 
-then ``QwenImageEditPipeline.from_pretrained(...).load_lora_weights("out")``.
+(or ``--control_dirs``, ``--train_data_file``: the layouts of :mod:`data.edit_sources`), then
+``QwenImageEditPipeline.from_pretrained(...).load_lora_weights("out")``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,9 +35,10 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_p
 from PIL import Image
 
 from data.cache import fingerprint
+from data.edit_sources import edit_rows
 from data.images import DataError
 from data.rows import collate_items
-from data.text_edits import TextEditDataset
+from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset
 from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
 from training.caching import encoded_items, encoder_weights, offload_after_caching
@@ -45,7 +51,7 @@ from training.config import (
     bounded,
     parse_config,
 )
-from training.datasets import bucket_sampler, edit_columns
+from training.datasets import bucket_sampler, edit_columns, edit_sources
 from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
 from training.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
@@ -85,23 +91,49 @@ def pipeline_class(name_or_path: str) -> type:
     return PIPELINES[name]
 
 
-def condition_images(pipe, context: Image.Image) -> tuple[Image.Image, torch.Tensor]:
-    """The pipeline's own resize rule for a condition image: ``(image the vision-language
-    encoder sees, pixels the VAE encodes [1, 3, 1, H, W] in [-1, 1])``.
-
-    Edit: both from the image resized to about 1024x1024 area in multiples of 32. Plus: the
-    encoder's at about 384x384 area, the VAE's at about 1024x1024, both from the original.
-    """
-    ratio = context.width / context.height
-    processor = pipe.image_processor
-    if isinstance(pipe, QwenImageEditPlusPipeline):
-        width, height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, ratio)
-        vl_image = processor.resize(context, height, width)
+def vae_size(plus: bool, height: int, width: int) -> tuple[int, int]:
+    """``(height, width)`` at which the pipeline VAE-encodes a reference of that size: about
+    1024x1024 area in multiples of 32 (Edit), or of 16 (Plus)."""
+    ratio = width / height
+    if plus:
         width, height = edit_plus.calculate_dimensions(edit_plus.VAE_IMAGE_SIZE, ratio)
-        return vl_image, processor.preprocess(context, height, width).unsqueeze(2)
-    width, height, _ = edit.calculate_dimensions(1024 * 1024, ratio)
-    vl_image = processor.resize(context, height, width)
-    return vl_image, processor.preprocess(vl_image, height, width).unsqueeze(2)
+    else:
+        width, height, _ = edit.calculate_dimensions(1024 * 1024, ratio)
+    return height, width
+
+
+def condition_grid(pipeline: type, size: tuple[int, int]) -> tuple[int, int]:
+    """The token grid of a reference of ``size = (height, width)`` in ``pipeline``'s
+    transformer input: the VAE size over 16."""
+    height, width = vae_size(pipeline is QwenImageEditPlusPipeline, *size)
+    return height // 16, width // 16
+
+
+def condition_images(
+    pipe, references: list[Image.Image]
+) -> tuple[list[Image.Image], list[torch.Tensor]]:
+    """The pipeline's own resize rule for each reference: ``(images the vision-language encoder
+    sees, pixels the VAE encodes [1, 3, 1, H_i, W_i] in [-1, 1])``.
+
+    Edit: both from the image resized to about 1024x1024 area. Plus: the encoder's at about
+    384x384 area, the VAE's at about 1024x1024, both from the original.
+    """
+    processor = pipe.image_processor
+    plus = isinstance(pipe, QwenImageEditPlusPipeline)
+    vl_images, pixels = [], []
+    for image in references:
+        height, width = vae_size(plus, image.height, image.width)
+        if plus:
+            ratio = image.width / image.height
+            vl_width, vl_height = edit_plus.calculate_dimensions(
+                edit_plus.CONDITION_IMAGE_SIZE, ratio
+            )
+            vl_images.append(processor.resize(image, vl_height, vl_width))
+            pixels.append(processor.preprocess(image, height, width).unsqueeze(2))
+        else:
+            vl_images.append(processor.resize(image, height, width))
+            pixels.append(processor.preprocess(vl_images[-1], height, width).unsqueeze(2))
+    return vl_images, pixels
 
 
 def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -119,24 +151,29 @@ def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor 
 
 def qwen_transformer_inputs(
     noisy_target: torch.Tensor,
-    condition_latents: torch.Tensor,
+    condition_tokens: torch.Tensor,
+    condition_shapes: torch.Tensor,
     prompt_embeds: torch.Tensor,
     prompt_embeds_mask: torch.Tensor | None,
     sigmas: torch.Tensor,
     pipe,
 ) -> dict:
-    """Transformer kwargs of one edit-pipeline step: ``noisy_target: [B, 16, h, w]`` and
-    ``condition_latents: [B, 16, hc, wc]`` (normalised) packed 2x2 and concatenated along the
-    sequence, target first; ``img_shapes`` one entry per image; ``sigmas: [B]`` the timestep."""
-    batch = noisy_target.shape[0]
-    shapes = [(1, s[-2] // 2, s[-1] // 2) for s in (noisy_target.shape, condition_latents.shape)]
+    """Transformer kwargs of one edit-pipeline step: ``noisy_target: [B, 16, h, w]`` packed 2x2,
+    followed along the sequence by ``condition_tokens: [B, L, 64]``, the references' packed
+    normalised latents one after another; ``img_shapes`` one entry per image, the references'
+    token grids from ``condition_shapes: [B, N, 2]``; ``sigmas: [B]`` the timestep."""
+    height, width = noisy_target.shape[-2:]
+    img_shapes = [
+        [(1, height // 2, width // 2)] + [(1, int(h), int(w)) for h, w in shapes.tolist()]
+        for shapes in condition_shapes
+    ]
     return {
-        "hidden_states": torch.cat([pack(pipe, noisy_target), pack(pipe, condition_latents)], 1),
+        "hidden_states": torch.cat([pack(pipe, noisy_target), condition_tokens], 1),
         "timestep": sigmas.to(noisy_target.dtype),
         "guidance": None,
         "encoder_hidden_states_mask": prompt_embeds_mask,
         "encoder_hidden_states": prompt_embeds,
-        "img_shapes": [shapes] * batch,
+        "img_shapes": img_shapes,
         "return_dict": False,
     }
 
@@ -145,15 +182,23 @@ def target_velocity(
     model,
     pipe,
     noisy_target: torch.Tensor,
-    condition_latents: torch.Tensor,
-    prompt_embeds: list[torch.Tensor],
+    encoded: dict,
     sigmas: torch.Tensor,
 ) -> torch.Tensor:
     """``model``'s packed velocity of the target tokens ``[B, h/2 * w/2, 64]`` at one edit-pipeline
-    step (inputs as :func:`qwen_transformer_inputs`; ``prompt_embeds`` ``[T_i, D]`` each); the
-    condition tokens after them are dropped, as the pipeline drops them."""
-    padded, mask = pad_prompts(prompt_embeds)
-    inputs = qwen_transformer_inputs(noisy_target, condition_latents, padded, mask, sigmas, pipe)
+    step (``encoded``: the encoder's ``condition_tokens``, ``condition_shapes`` and
+    ``prompt_embeds``, ``[T_i, D]`` each); the reference tokens after them are dropped, as the
+    pipeline drops them."""
+    padded, mask = pad_prompts(encoded["prompt_embeds"])
+    inputs = qwen_transformer_inputs(
+        noisy_target,
+        encoded["condition_tokens"],
+        encoded["condition_shapes"],
+        padded,
+        mask,
+        sigmas,
+        pipe,
+    )
     height, width = noisy_target.shape[-2:]
     return model(**inputs)[0][:, : (height // 2) * (width // 2)]
 
@@ -165,14 +210,30 @@ def normalised_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_condition(pipe, context: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One edit's condition as the pipeline encodes it: the prompt's embeddings ``[T, D]`` (the
-    context as the vision-language encoder sees it) and the normalised condition latents
-    ``[1, 16, h, w]``."""
-    vl_image, pixels = condition_images(pipe, context)
-    image = [vl_image] if isinstance(pipe, QwenImageEditPlusPipeline) else vl_image
+def encode_condition(pipe, references: list[Image.Image], prompt: str) -> dict[str, torch.Tensor]:
+    """One edit's condition as the pipeline encodes it: ``prompt_embeds: [T, D]`` (the prompt with
+    one picture placeholder per reference, the references as the vision-language encoder sees
+    them), ``condition_tokens: [1, L, 64]`` (the references' normalised latents, packed, one
+    after another) and ``condition_shapes: [1, N, 2]`` (each reference's token grid)."""
+    vl_images, pixels = condition_images(pipe, references)
+    image = vl_images if isinstance(pipe, QwenImageEditPlusPipeline) else vl_images[0]
     prompt_embeds, _ = pipe.encode_prompt(prompt=[prompt], image=image, device=pipe.vae.device)
-    return prompt_embeds[0], normalised_latents(pipe, pixels.to(pipe.vae.device))
+    latents = [normalised_latents(pipe, p.to(pipe.vae.device)) for p in pixels]
+    tokens, shapes = reference_tokens(pipe, latents)
+    return {
+        "prompt_embeds": prompt_embeds[0],
+        "condition_tokens": tokens,
+        "condition_shapes": shapes,
+    }
+
+
+def reference_tokens(pipe, latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The references' normalised latents ``[B, 16, h_i, w_i]`` each -> ``condition_tokens:
+    [B, sum_i h_i/2 * w_i/2, 64]`` (packed, one after another) and ``condition_shapes: [B, N,
+    2]`` (each reference's token grid)."""
+    shapes = [[z.shape[-2] // 2, z.shape[-1] // 2] for z in latents]
+    tokens = torch.cat([pack(pipe, latent) for latent in latents], 1)
+    return tokens, torch.tensor([shapes] * latents[0].shape[0], device=tokens.device)
 
 
 class QwenEditEncoder:
@@ -199,18 +260,15 @@ class QwenEditEncoder:
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         pipe = self.pipe
         # One item at a time: the Plus pipeline reads a list of images as one prompt's pictures.
-        embeds, conditions = zip(
-            *(
-                encode_condition(pipe, to_pil(context), prompt)
-                for context, prompt in zip(batch["context"], batch["prompt"], strict=True)
-            ),
-            strict=True,
-        )
-        target = normalised_latents(pipe, batch["target"][:, :, None])
+        conditions = [
+            encode_condition(pipe, [to_pil(image) for image in references], prompt)
+            for references, prompt in zip(batch["references"], batch["prompt"], strict=True)
+        ]
         return {
-            "prompt_embeds": list(embeds),
-            "condition_latents": torch.cat(conditions),
-            "target_latents": target,
+            "prompt_embeds": [condition["prompt_embeds"] for condition in conditions],
+            "condition_tokens": torch.cat([c["condition_tokens"] for c in conditions]),
+            "condition_shapes": torch.cat([c["condition_shapes"] for c in conditions]),
+            "target_latents": normalised_latents(pipe, batch["target"][:, :, None]),
             "mask_tokens": map_mask_to_latent(batch["mask"][:, 0], pipe.vae_scale_factor),
             "has_mask": batch["has_mask"],
         }
@@ -243,12 +301,7 @@ class QwenEditLoss:
             config, batch_size, (height // 2) * (width // 2), pipe.scheduler.config, generator
         )
         velocity = target_velocity(
-            model,
-            pipe,
-            noisy_latents(x0, noise, sigmas),
-            encoded["condition_latents"],
-            encoded["prompt_embeds"],
-            sigmas,
+            model, pipe, noisy_latents(x0, noise, sigmas), encoded, sigmas
         ).float()
         target = pack(pipe, noise - x0).float()
         weighting = loss_weighting(config, sigmas)
@@ -279,26 +332,29 @@ class QwenEditLoss:
         return loss, components
 
 
-def text_edit_dataset(config: QwenEditConfig) -> TextEditDataset:
-    """The edits of --train_data_dir or --dataset_name; with --strict_masks every row must have
-    a mask (a DataError lists those without)."""
-    settings = asdict(config.data)  # use_text_mask, mask_dir_name
-    if config.train_data_dir is not None:
-        dataset = TextEditDataset.from_folder(
-            config.train_data_dir,
-            resolution=config.resolution,
-            allow_paths_outside=config.allow_paths_outside_data,
-            **settings,
-        )
+def text_edit_dataset(config: QwenEditConfig, pipeline: type) -> TextEditDataset:
+    """The edits of --train_data_dir (metadata.jsonl, or target and control folders),
+    --train_data_file or --dataset_name for ``pipeline`` (the Edit pipeline reads one reference,
+    Plus several); with --strict_masks every row must have a mask (a DataError lists those
+    without). Reads image headers only: runs before any model loads."""
+    options = {
+        "resolution": config.resolution,
+        "use_text_mask": config.data.use_text_mask or config.text_mask_dir is not None,
+        "mask_dir_name": config.data.mask_dir_name,
+        "reference_grid": partial(condition_grid, pipeline),
+        "max_references": None
+        if pipeline is QwenImageEditPlusPipeline
+        else (1, f"{pipeline.__name__} (Qwen-Image-Edit; Edit-2509 and 2511 read several)"),
+    }
+    if config.dataset_name is None:
+        rows = edit_rows(TEXT_EDIT_FIELDS, **edit_sources(config, config.text_mask_dir))
+        root = Path(config.train_data_dir or Path(config.train_data_file).parent)
+        dataset = TextEditDataset.from_rows(rows, root, **options)
     else:
         dataset = TextEditDataset.from_hf(
-            config.dataset_name,
-            resolution=config.resolution,
-            split=config.dataset_split,
-            **edit_columns(config),
-            **settings,
+            config.dataset_name, split=config.dataset_split, **edit_columns(config), **options
         )
-    if config.data.use_text_mask:
+    if options["use_text_mask"]:
         missing = [i for i in range(len(dataset)) if "mask" not in dataset.rows[i].images]
         if missing and config.strict_masks:
             shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
@@ -329,7 +385,8 @@ def planned_step_inputs(transformer, config: QwenEditConfig, batch_size: int) ->
     width = transformer.config.joint_attention_dim
     return qwen_transformer_inputs(
         meta_tensor(transformer, batch_size, 16, target, target),
-        meta_tensor(transformer, batch_size, 16, condition, condition),
+        meta_tensor(transformer, batch_size, (condition // 2) ** 2, 64),
+        torch.tensor([[[condition // 2, condition // 2]]] * batch_size),
         meta_tensor(transformer, batch_size, PLANNED_PROMPT_TOKENS, width),
         None,
         meta_tensor(transformer, batch_size),
@@ -357,41 +414,51 @@ def card_info(config: QwenEditConfig, pipeline: str) -> ModelCardInfo:
     )
 
 
+class QwenEditValidation(EditValidation):
+    """The pipeline on an item's references: all of them for Plus, the one for Edit."""
+
+    def call_arguments(self, item: dict) -> dict:
+        references = [to_pil(image) for image in item["references"]]
+        image = references if isinstance(self.pipe, QwenImageEditPlusPipeline) else references[0]
+        return {**super().call_arguments(item), "image": image}
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(QwenEditConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
+    pipeline = pipeline_class(config.pretrained_model_name_or_path)
+    dataset = text_edit_dataset(config, pipeline)
     log_memory_plan(config, MEMORY_PLAN, accelerator)
     pipe = load_pipeline(
-        pipeline_class(config.pretrained_model_name_or_path),
+        pipeline,
         config,
         accelerator,
         QWEN_ENCODERS,
         processor=load_image_only_processor(config.pretrained_model_name_or_path),
     )
-    lora_format = LoraFormat(type(pipe), "transformer")
+    lora_format = LoraFormat(pipeline, "transformer")
     add_lora(pipe.transformer, config, LORA_LAYERS, lora_format)
     if config.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
 
-    dataset = text_edit_dataset(config)
     encoder = QwenEditEncoder(pipe, config)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
     place_denoiser(pipe.transformer, config, accelerator.device)
     parts = TrainingParts(
         model=pipe.transformer,
         dataset=items,
-        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        sampler=bucket_sampler(config, accelerator, dataset.batch_group_of_items),
         collate_fn=collate_encoded if config.cache_latents else collate_items,
         compute_loss=QwenEditLoss(pipe, config, encoder, config.cache_latents),
         save_lora=lora_format.save,
         load_lora=lora_format.load,
-        card=card_info(config, type(pipe).__name__),
+        card=card_info(config, pipeline.__name__),
         validate=offload_after_caching(
             config,
             [getattr(pipe, name) for name in QWEN_ENCODERS],
             accelerator.device,
             # No negative prompt: the pipeline's true cfg is off; say so rather than warn.
-            EditValidation(pipe, dataset, config, accelerator, {"true_cfg_scale": 1.0}),
+            QwenEditValidation(pipe, dataset, config, accelerator, {"true_cfg_scale": 1.0}),
         ),
     )
     train(accelerator, config, parts)

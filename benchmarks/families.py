@@ -104,7 +104,7 @@ def qwen_bench(folder: Path, resolution: int) -> FamilyBench:
         script="train_qwen_edit_mask.py",
         aux_terms="text-region mask loss",
         models={True: pipe.transformer, False: pipe.transformer},
-        dataset=qwen.text_edit_dataset(off),
+        dataset=qwen.text_edit_dataset(off, type(pipe)),
         collate=collate_items,
         loss=lambda aux, encoded: qwen.QwenEditLoss(pipe, on if aux else off, encoder, encoded),
         encoder=encoder,

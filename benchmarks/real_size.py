@@ -158,6 +158,7 @@ def kontext_encoded_batch(
         "signed_distance_map": signed_distance_map_from_mask(mask_latent > 0.5, normalize=True).to(
             device
         ),
+        "has_mask": torch.ones(batch, dtype=torch.bool, device=device),
     }
 
 
@@ -223,11 +224,14 @@ def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=No
     width = pipe.transformer.config.joint_attention_dim
     encoded = {
         "prompt_embeds": [torch.randn(tokens, width, generator=generator) for _ in range(batch)],
-        "condition_latents": torch.randn(batch, 16, latent, latent, generator=generator),
         "target_latents": torch.randn(batch, 16, latent, latent, generator=generator),
         "mask_tokens": map_mask_to_latent(mask),
         "has_mask": torch.ones(batch, dtype=torch.bool),
     }
+    condition = torch.randn(batch, 16, latent, latent, generator=generator)
+    encoded["condition_tokens"], encoded["condition_shapes"] = qwen.reference_tokens(
+        pipe, [condition]
+    )
     loss = qwen.QwenEditLoss(pipe, config, None, True)
     encoded = _to(encoded, device, dtype)
     return Case("Qwen-Image-Edit", resolution, pipe.transformer, loss, encoded, pipe.transformer)

@@ -107,28 +107,35 @@ def score(outputs: list[np.ndarray], edits: list[dict], prefix: str = "") -> dic
 
 @dataclass
 class EncodedEdits:
-    """Held-out edits encoded as the script encodes its training edits: ``prompt_embeds``
-    ``[T_i, D]`` each, normalised ``condition`` and ``target`` latents ``[N, 16, h, w]``."""
+    """Held-out edits encoded as the script encodes its training edits: ``condition`` holds
+    ``prompt_embeds`` (``[T_i, D]`` each), ``condition_tokens`` and ``condition_shapes``
+    (``train_qwen_edit_mask.encode_condition``); ``target``: normalised latents
+    ``[N, 16, h, w]``."""
 
-    prompt_embeds: list[torch.Tensor]
-    condition: torch.Tensor
+    condition: dict
     target: torch.Tensor
 
 
 @torch.no_grad()
 def encode_edits(pipe: QwenImageEditPipeline, edits: list[dict]) -> EncodedEdits:
     """Encode ``edits`` (see :func:`heldout_edits`) with the script's own encoders."""
-    embeds, conditions = zip(
-        *(train_qwen_edit_mask.encode_condition(pipe, e["context"], e["prompt"]) for e in edits),
-        strict=True,
-    )
+    conditions = [
+        train_qwen_edit_mask.encode_condition(pipe, [e["context"]], e["prompt"]) for e in edits
+    ]
     targets = [
         train_qwen_edit_mask.normalised_latents(
             pipe, pipe.image_processor.preprocess(edit["target"])[:, :, None]
         )
         for edit in edits
     ]
-    return EncodedEdits(list(embeds), torch.cat(conditions), torch.cat(targets))
+    return EncodedEdits(
+        {
+            "prompt_embeds": [c["prompt_embeds"] for c in conditions],
+            "condition_tokens": torch.cat([c["condition_tokens"] for c in conditions]),
+            "condition_shapes": torch.cat([c["condition_shapes"] for c in conditions]),
+        },
+        torch.cat(targets),
+    )
 
 
 @torch.no_grad()
@@ -156,7 +163,7 @@ def denoised_outputs(
     sigmas = torch.full((len(x0),), float(sigma))
     noisy = noisy_latents(x0, noise, sigmas)
     velocity = train_qwen_edit_mask.target_velocity(
-        pipe.transformer, pipe, noisy, encoded.condition, encoded.prompt_embeds, sigmas
+        pipe.transformer, pipe, noisy, encoded.condition, sigmas
     )
     height, width = (side * pipe.vae_scale_factor for side in x0.shape[-2:])
     velocity = pipe._unpack_latents(velocity, height, width, pipe.vae_scale_factor)

@@ -8,6 +8,9 @@
   :class:`BucketBatchSampler` (one bucket per batch; deterministic, sharded, resumable);
 - :mod:`data.rows`: rows of image datasets (folders with ``metadata.jsonl`` or Hugging Face
   datasets) validated up front, :class:`BucketedRowDataset` and :func:`collate_items`;
+- :mod:`data.edit_sources`: the edit layouts other trainers use, :class:`ControlFolderRows`
+  (targets and one folder per reference, ``.txt`` captions) and :class:`MusubiJsonlRows`
+  (musubi-tuner's JSON Lines), and :func:`edit_rows`, which picks the reader the flags describe;
 - :mod:`data.edit_pairs`: :class:`EditPairDataset` and :func:`composite_overlay`;
 - :mod:`data.inpainting`: :class:`InpaintingDataset` (seed 004's image/mask/prompt rows) and
   :func:`random_inpainting_mask`;
@@ -21,6 +24,7 @@
 
 from data.buckets import BucketBatchSampler, fit_to_bucket, make_buckets, nearest_bucket
 from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset, composite_overlay
+from data.edit_sources import ControlFolderRows, MusubiJsonlRows, edit_rows
 from data.fill_latents import (
     FillLatentDataset,
     VaeScaling,
@@ -67,6 +71,7 @@ __all__ = [
     "BandStatistics",
     "BucketBatchSampler",
     "BucketedRowDataset",
+    "ControlFolderRows",
     "DataError",
     "EditPairDataset",
     "FillLatentDataset",
@@ -77,6 +82,7 @@ __all__ = [
     "KontextExample",
     "LeafImage",
     "MultispectralDataset",
+    "MusubiJsonlRows",
     "Row",
     "RowFields",
     "RowSource",
@@ -84,6 +90,7 @@ __all__ = [
     "band_statistics",
     "collate_items",
     "composite_overlay",
+    "edit_rows",
     "find_leaf_images",
     "fit_to_bucket",
     "image_size",

@@ -5,10 +5,13 @@ A folder has a ``metadata.jsonl``, one JSON object per line::
     {"context": "images/0.png", "target": "images/0t.png", "mask": "masks/0.png",
      "prompt": "insert a red ball", "overlay": "images/0o.png"}
 
-with paths relative to the folder (``overlay`` optional); a Hugging Face dataset has one column
-per field (:mod:`data.rows`). Every row is validated before any training step. The per-item
-work, including the signed distance map the boundary loss needs, runs in ``__getitem__``, that is
-in the DataLoader workers, never in the training step.
+with paths relative to the folder (``mask`` and ``overlay`` optional); a Hugging Face dataset has
+one column per field (:mod:`data.rows`); control folders and musubi-tuner JSON Lines files are
+read by :mod:`data.edit_sources`. A context of another size than its target is scaled and
+centre-cropped to the target's bucket like the target. A row without a mask trains with flow
+matching alone. Every row is validated before any training step. The per-item work, including
+the signed distance map the boundary loss needs, runs in ``__getitem__``, that is in the
+DataLoader workers, never in the training step.
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ from typing import Any
 
 import torch
 
-from data.rows import BucketedRowDataset, FolderRows, HFRows, RowFields, RowSource
+from data.rows import AtMostSeveral, BucketedRowDataset, FolderRows, HFRows, RowFields, RowSource
 from losses import downsample_mask_area, signed_distance_map_from_mask
 
-EDIT_PAIR_FIELDS = RowFields("edit-pair", ("context", "target", "mask"), ("overlay",))
+EDIT_PAIR_FIELDS = RowFields(
+    "edit-pair",
+    ("context", "target"),
+    ("mask", "overlay"),
+    size_reference="target",
+    several="context",
+)
 
 
 def composite_overlay(
@@ -53,7 +62,7 @@ class EditPairDataset(BucketedRowDataset):
         DataError: listing every bad row found (up to ``data.rows.MAX_REPORTED_PROBLEMS``).
     """
 
-    key_version = "edit-pair/cover-crop/lanczos+bilinear-mask/v1"
+    key_version = "edit-pair/cover-crop/lanczos+bilinear-mask/optional-mask/v2"
 
     def __init__(
         self,
@@ -63,6 +72,7 @@ class EditPairDataset(BucketedRowDataset):
         max_aspect: float = 2.0,
         latent_factor: int = 8,
     ) -> None:
+        rows = AtMostSeveral(rows, 1, "FluxKontextPipeline")
         super().__init__(rows, resolution=resolution, max_aspect=max_aspect)
         self.latent_factor = latent_factor
 
@@ -122,17 +132,19 @@ class EditPairDataset(BucketedRowDataset):
 
         Returns:
             ``context``, ``target``, ``overlay``: ``[3, h, w]`` in [-1, 1]; ``mask``:
-            ``[1, h, w]`` in {0, 1}; ``mask_latent``: ``[1, h/f, w/f]`` area fractions in [0, 1]
-            (``f``: ``latent_factor``); ``signed_distance_map``: ``[1, h/f, w/f]`` of
-            ``mask_latent > 0.5``, normalised to [-1, 1]; ``prompt``: str; ``index``: int. (A
-            cache reads :meth:`key`, which hashes the files, on its own; items do not carry it,
-            so training without a cache never hashes anything.)
+            ``[1, h, w]`` in {0, 1} (zeros when the row has none); ``has_mask``: bool tensor;
+            ``mask_latent``: ``[1, h/f, w/f]`` area fractions in [0, 1] (``f``:
+            ``latent_factor``); ``signed_distance_map``: ``[1, h/f, w/f]`` of ``mask_latent >
+            0.5``, normalised to [-1, 1]; ``prompt``: str; ``index``: int. (A cache reads
+            :meth:`key`, which hashes the files, on its own; items do not carry it, so training
+            without a cache never hashes anything.)
         """
         row = self.rows[index]
         size = self.bucket_size(index)
         context = self.fitted_image(row.images["context"], size)
         target = self.fitted_image(row.images["target"], size)
-        mask = self.fitted_mask(row.images["mask"], size)
+        has_mask = "mask" in row.images
+        mask = self.fitted_mask(row.images["mask"], size) if has_mask else torch.zeros(1, *size)
         if "overlay" in row.images:
             overlay = self.fitted_image(row.images["overlay"], size)
         else:
@@ -145,6 +157,7 @@ class EditPairDataset(BucketedRowDataset):
             "target": target,
             "overlay": overlay,
             "mask": mask,
+            "has_mask": torch.tensor(has_mask),
             "mask_latent": mask_latent,
             "signed_distance_map": signed_distance_map,
             "prompt": row.prompt,

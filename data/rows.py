@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,25 @@ class RowFields:
     kind: str
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
+    size_reference: str | None = None
+    """The field every other image's size is checked against; default: the first required."""
+    several: str | None = None
+    """A field that may hold a list of images (references): its second and later images are
+    the fields ``<several>_2``, ``<several>_3``, ... (:meth:`numbered`), of any size."""
 
     @property
     def reference(self) -> str:
-        return self.required[0]
+        return self.size_reference or self.required[0]
+
+    def numbered(self, position: int) -> str:
+        """The field of the ``several`` field's image at ``position`` (0-based)."""
+        return self.several if position == 0 else f"{self.several}_{position + 1}"
+
+    def any_size(self, field: str) -> bool:
+        """Whether ``field`` may have another size than the reference: the ``several`` ones."""
+        return self.several is not None and (
+            field == self.several or field.startswith(f"{self.several}_")
+        )
 
     @property
     def all(self) -> tuple[str, ...]:
@@ -72,8 +87,15 @@ class Row:
     images: dict[str, ImageRef]
     prompt: str
 
+    def several(self, fields: RowFields) -> list[ImageRef]:
+        """The images of ``fields.several`` in order (the references of an edit)."""
+        found = []
+        while fields.numbered(len(found)) in self.images:
+            found.append(self.images[fields.numbered(len(found))])
+        return found
 
-def _prompt_problem(prompt: Any, where: str) -> str | None:
+
+def prompt_problem(prompt: Any, where: str) -> str | None:
     if isinstance(prompt, str) and prompt.strip():
         return None
     return f"{where}: prompt-less row (prompt is {prompt!r}); every row needs a non-empty prompt"
@@ -92,11 +114,80 @@ class RowSource(ABC):
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
         """Row ``index``, or ``None`` and the faults that make it unusable."""
 
+    def source_problems(self) -> list[str]:
+        """Faults of the source as a whole, not of one row (a file in only some folders)."""
+        return []
+
     def __getitem__(self, index: int) -> Row:
         row, problems = self.parse(index)
         if row is None:
             raise DataError("; ".join(problems))
         return row
+
+
+def json_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a JSON Lines file with their numbers, kept raw and parsed per item:
+    cheap, and picklable."""
+    lines = enumerate(path.read_bytes().splitlines(), start=1)
+    return [(number, line) for number, line in lines if line.strip()]
+
+
+def warn_about_unknown_keys(
+    description: str, lines: list[tuple[int, bytes]], known: Callable[[str], bool]
+) -> None:
+    """Warn once about every key of the JSON objects in ``lines`` that ``known`` does not
+    accept, naming the line it first appears on: a key misspelt or from another tool's layout is
+    never dropped silently. Malformed lines are left to row validation."""
+    unknown: dict[str, int] = {}
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            for key in record:
+                if not known(key):
+                    unknown.setdefault(key, number)
+    if unknown:
+        shown = ", ".join(f"'{key}' (first on line {line})" for key, line in unknown.items())
+        logger.warning("%s: keys not read, ignored: %s", description, shown)
+
+
+class RowFilter(RowSource):
+    """A row source that rewrites the rows of another (``parse``)."""
+
+    def __init__(self, rows: RowSource) -> None:
+        self.rows = rows
+        self.fields = rows.fields
+        self.description = rows.description
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def source_problems(self) -> list[str]:
+        return self.rows.source_problems()
+
+
+class AtMostSeveral(RowFilter):
+    """``rows`` with rows of more than ``limit`` images in the ``several`` field refused,
+    ``why`` saying which model reads no more."""
+
+    def __init__(self, rows: RowSource, limit: int, why: str) -> None:
+        super().__init__(rows)
+        self.limit = limit
+        self.why = why
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        row, problems = self.rows.parse(index)
+        if row is None:
+            return row, problems
+        several = row.several(self.fields)
+        if len(several) > self.limit:
+            return None, [
+                f"{several[0].label}: {len(several)} reference images; {self.why} reads at "
+                f"most {self.limit}"
+            ]
+        return row, problems
 
 
 class FolderRows(RowSource):
@@ -111,16 +202,20 @@ class FolderRows(RowSource):
         if not self.root.is_dir():
             raise DataError(f"{self.description}: not a directory")
         if not self.metadata.is_file():
+            other_layouts = (
+                " (or, for a folder of targets with a folder per reference, give --control_dirs; "
+                "for a musubi-tuner JSON Lines file, --train_data_file)"
+                if fields.several
+                else ""
+            )
             raise DataError(
                 f"'{self.metadata}': file does not exist; {_article(fields.kind)} {fields.kind} "
-                f"folder needs one JSON object per line: {fields.layout()}"
+                f"folder needs one JSON object per line: {fields.layout()}{other_layouts}"
             )
-        # Lines are kept raw (line number, bytes) and parsed per item: cheap, and picklable.
-        self._lines = [
-            (number, line)
-            for number, line in enumerate(self.metadata.read_bytes().splitlines(), start=1)
-            if line.strip()
-        ]
+        self._lines = json_lines(self.metadata)
+        warn_about_unknown_keys(
+            self.description, self._lines, lambda key: key in (*fields.all, "prompt")
+        )
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -136,29 +231,42 @@ class FolderRows(RowSource):
             return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
         problems = []
         refs: dict[str, ImageRef] = {}
-        for field in self.fields.all:
-            value = record.get(field)
+        for field, key, value in spread_several(self.fields, record):
             if value is None:
                 if field in self.fields.required:
                     problems.append(f"{where}: missing key '{field}'")
             elif not isinstance(value, str) or not value:
-                problems.append(f"{where}: '{field}' must be a relative path, got {value!r}")
-            elif not self.allow_outside and _leaves(self.root, value):
+                problems.append(f"{where}: '{key}' must be a relative path, got {value!r}")
+            elif not self.allow_outside and leaves(self.root, value):
                 problems.append(
-                    f"{where}: '{field}' {value!r} leaves the data folder; pass "
+                    f"{where}: '{key}' {value!r} leaves the data folder; pass "
                     "--allow_paths_outside_data to train on it"
                 )
             else:
-                refs[field] = ImageRef(self.root / value, f"{where}: {field}")
-        prompt_problem = _prompt_problem(record.get("prompt"), where)
-        if prompt_problem:
-            problems.append(prompt_problem)
+                refs[field] = ImageRef(self.root / value, f"{where}: {key}")
+        fault = prompt_problem(record.get("prompt"), where)
+        if fault:
+            problems.append(fault)
         if problems:
             return None, problems
         return Row(refs, record["prompt"]), []
 
 
-def _leaves(root: Path, relative: str) -> bool:
+def spread_several(fields: RowFields, record: dict) -> list[tuple[str, str, Any]]:
+    """``(field, key as written, value)`` of every image field of ``record`` (value None where
+    absent); a list in the ``several`` field is spread over its numbered fields, keyed
+    ``<field>[i]``."""
+    spread = []
+    for field in fields.all:
+        value = record.get(field)
+        if field == fields.several and isinstance(value, list) and value:
+            spread += [(fields.numbered(i), f"{field}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            spread.append((field, field, value))
+    return spread
+
+
+def leaves(root: Path, relative: str) -> bool:
     """Whether ``relative`` is absolute or climbs out of ``root`` (``../``), read as written:
     symbolic links inside the folder stay the user's business."""
     if Path(relative).is_absolute():
@@ -203,10 +311,14 @@ class HFRows(RowSource):
         } | {"prompt": columns["prompt"]}
         present = [column for column in columns.values() if column is not None]
         dataset = dataset.select_columns(present)
+        undecoded = datasets.Image(decode=False)
         for field, column in columns.items():
             if field != "prompt" and column is not None:
-                if isinstance(dataset.features[column], datasets.Image):
-                    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+                feature = dataset.features[column]
+                if isinstance(feature, datasets.Image):
+                    dataset = dataset.cast_column(column, undecoded)
+                elif isinstance(getattr(feature, "feature", None), datasets.Image):
+                    dataset = dataset.cast_column(column, datasets.List(undecoded))
         self.dataset = dataset
         self.columns = columns
         self.description = description
@@ -263,21 +375,22 @@ class HFRows(RowSource):
         record = self.dataset[index]
         problems = []
         refs: dict[str, ImageRef] = {}
-        for field in self.fields.all:
-            column = self.columns[field]
-            value = None if column is None else record[column]
+        values = {field: record[column] for field, column in self.columns.items() if column}
+        for field, key, value in spread_several(self.fields, values):
             if value is None and field in self.fields.optional:
                 continue
-            ref = self._image_ref(value, f"dataset row {index}, column '{column}'")
+            name, _, position = key.partition("[")
+            column = f"'{self.columns[name]}'" + (f"[{position}" if position else "")
+            ref = self._image_ref(value, f"dataset row {index}, column {column}")
             if isinstance(ref, str):
                 problems.append(ref)
             else:
                 refs[field] = ref
         prompt_column = self.columns["prompt"]
         prompt = record[prompt_column]
-        prompt_problem = _prompt_problem(prompt, f"dataset row {index}, column '{prompt_column}'")
-        if prompt_problem:
-            problems.append(prompt_problem)
+        fault = prompt_problem(prompt, f"dataset row {index}, column '{prompt_column}'")
+        if fault:
+            problems.append(fault)
         if problems:
             return None, problems
         return Row(refs, prompt), []
@@ -287,9 +400,10 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _size_problems(row: Row, reference: str) -> tuple[tuple[int, int] | None, list[str]]:
+def _size_problems(row: Row, fields: RowFields) -> tuple[tuple[int, int] | None, list[str]]:
     """The reference image's ``(height, width)`` and the faults of the row's images (headers
     only)."""
+    reference = fields.reference
     sizes, problems = {}, []
     for field, ref in row.images.items():
         try:
@@ -298,6 +412,8 @@ def _size_problems(row: Row, reference: str) -> tuple[tuple[int, int] | None, li
             problems.append(str(error))
     reference_size = sizes.get(reference)
     for field, size in sizes.items():
+        if fields.any_size(field):
+            continue
         if reference_size is not None and size != reference_size:
             source = row.images[reference].source
             named = f" '{source}'" if isinstance(source, Path) else ""
@@ -312,11 +428,11 @@ def _size_problems(row: Row, reference: str) -> tuple[tuple[int, int] | None, li
 def validated_sizes(rows: RowSource) -> list[tuple[int, int]]:
     """Every row's reference size; one :class:`DataError` listing the faults if any row has
     some."""
-    sizes, problems = [], []
+    sizes, problems = [], rows.source_problems()
     for index in range(len(rows)):
         row, row_problems = rows.parse(index)
         if row is not None:
-            size, row_problems = _size_problems(row, rows.fields.reference)
+            size, row_problems = _size_problems(row, rows.fields)
             sizes.append(size)
         problems += row_problems
         if len(problems) >= MAX_REPORTED_PROBLEMS:

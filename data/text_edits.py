@@ -1,7 +1,8 @@
 """The instruction-edit dataset of Qwen-Image-Edit: (context, target, prompt[, text mask]) rows.
 
-Rows are the edit-pair folder's (``metadata.jsonl`` with ``context``, ``target``, ``prompt`` and
-an optional ``mask``) or a Hugging Face dataset's. Seed 000 also keeps masks beside the data:
+Rows are the edit-pair folder's (``metadata.jsonl`` with ``context``, a path or a list of them for
+several references, ``target``, ``prompt`` and an optional ``mask``), a Hugging Face dataset's,
+or those of the layouts :mod:`data.edit_sources` reads. Seed 000 also keeps masks beside the data:
 with ``use_text_mask``, a row without a ``mask`` takes ``<dataset>/<mask_dir_name>/<target
 path>.png`` (or ``.jpg``; the target's path under the data set, or its stem alone when no other
 target shares it) when that file exists. Masks are white (255) on the text region, the
@@ -11,31 +12,31 @@ its item says so (``has_mask``) and the loss falls back to the plain one for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data.images import ImageRef
-from data.rows import BucketedRowDataset, FolderRows, HFRows, Row, RowFields, RowSource
+from data.images import ImageRef, to_model_range
+from data.rows import (
+    AtMostSeveral,
+    BucketedRowDataset,
+    FolderRows,
+    HFRows,
+    Row,
+    RowFields,
+    RowFilter,
+    RowSource,
+)
 
-TEXT_EDIT_FIELDS = RowFields("edit-pair", ("context", "target"), ("mask",))
+TEXT_EDIT_FIELDS = RowFields(
+    "edit-pair", ("context", "target"), ("mask",), size_reference="target", several="context"
+)
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class _RowFilter(RowSource):
-    """A row source that rewrites the rows of another (``parse``)."""
-
-    def __init__(self, rows: RowSource) -> None:
-        self.rows = rows
-        self.fields = rows.fields
-        self.description = rows.description
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-class ParallelMasks(_RowFilter):
+class ParallelMasks(RowFilter):
     """``rows`` with a missing ``mask`` taken from seed 000's parallel layout where such a file
     exists: ``folder/<target's path under root, without suffix>.<png|jpg>``, else
     ``folder/<target stem>.<png|jpg>`` when no other target shares that stem (a mask found by a
@@ -103,7 +104,7 @@ def text_edit_rows(rows: RowSource, root: Path, use_text_mask: bool, mask_dir_na
     return ParallelMasks(rows, root, root / mask_dir_name)
 
 
-class WithoutMasks(_RowFilter):
+class WithoutMasks(RowFilter):
     """``rows`` with every mask dropped: seed 000's ``use_text_mask: false`` loads none."""
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
@@ -115,49 +116,96 @@ class WithoutMasks(_RowFilter):
 
 
 class TextEditDataset(BucketedRowDataset):
-    """Instruction edits resized to aspect-ratio buckets (the target's bucket for both images).
+    """Instruction edits resized to aspect-ratio buckets, with one or more references.
+
+    The target takes its bucket. A reference of the target's size is scaled and cropped to the
+    same bucket, so it stays aligned with the target and its mask; a reference of another size is
+    kept as it is, for the pipeline's own resize rule. Batches group items whose references
+    reach the denoiser in the same shapes (:attr:`batch_group_of_items`).
 
     Args:
         rows: where the rows come from; prefer :meth:`from_folder` and :meth:`from_hf`.
         resolution: bucket area is about ``resolution**2``; a multiple of 16.
         max_aspect: the most elongated bucket's long/short side ratio.
+        reference_grid: ``(height, width)`` of a reference as handed over -> the shape it reaches
+            the denoiser in (the pipeline's resize rule), to group batches by; default: the
+            size itself.
     """
 
-    key_version = "text-edit/cover-crop/lanczos+bilinear-mask/v1"
+    key_version = "text-edit/cover-crop/lanczos+bilinear-mask/references/v2"
+
+    def __init__(
+        self,
+        rows: RowSource,
+        *,
+        resolution: int,
+        max_aspect: float = 2.0,
+        reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(rows, resolution=resolution, max_aspect=max_aspect)
+        grid = reference_grid or (lambda size: size)
+        groups: dict[tuple, int] = {}
+        self.batch_group_of_items = [
+            groups.setdefault(
+                (bucket, tuple(grid(size) for size in self.reference_sizes(index))), len(groups)
+            )
+            for index, bucket in enumerate(self.bucket_of_items)
+        ]
+
+    def reference_sizes(self, index: int) -> list[tuple[int, int]]:
+        """``(height, width)`` of each reference of item ``index`` as :meth:`__getitem__` hands
+        it over (headers only)."""
+        row = self.rows[index]
+        target, bucket = row.images["target"].size(), self.bucket_size(index)
+        return [
+            bucket if (size := ref.size()) == target else size
+            for ref in row.several(self.rows.fields)
+        ]
 
     @classmethod
-    def from_folder(
+    def from_rows(
         cls,
-        root: str | Path,
+        rows: RowSource,
+        root: Path,
         *,
         resolution: int,
         use_text_mask: bool = False,
         mask_dir_name: str = "text_masks",
-        allow_paths_outside: bool = False,
+        max_references: tuple[int, str] | None = None,
+        reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+    ) -> TextEditDataset:
+        """The edits of ``rows``, masks ignored unless ``use_text_mask`` (then missing ones looked
+        up in ``root/mask_dir_name``); ``max_references``: ``(limit, the model that reads no
+        more)``, rows with more refused."""
+        rows = text_edit_rows(rows, root, use_text_mask, mask_dir_name)
+        if max_references is not None:
+            rows = AtMostSeveral(rows, *max_references)
+        return cls(rows, resolution=resolution, reference_grid=reference_grid)
+
+    @classmethod
+    def from_folder(
+        cls, root: str | Path, *, allow_paths_outside: bool = False, **options
     ) -> TextEditDataset:
         """The edits listed in ``root/metadata.jsonl`` (paths inside ``root`` unless
-        ``allow_paths_outside``)."""
+        ``allow_paths_outside``); ``options`` as :meth:`from_rows`."""
         rows = FolderRows(root, TEXT_EDIT_FIELDS, allow_paths_outside)
-        return cls(
-            text_edit_rows(rows, Path(root), use_text_mask, mask_dir_name), resolution=resolution
-        )
+        return cls.from_rows(rows, Path(root), **options)
 
     @classmethod
     def from_hf(
         cls,
         name_or_path: str | Path,
         *,
-        resolution: int,
         split: str = "train",
         context_column: str = "context",
         target_column: str = "target",
         mask_column: str | None = "mask",
         prompt_column: str = "prompt",
-        use_text_mask: bool = False,
-        mask_dir_name: str = "text_masks",
+        **options,
     ) -> TextEditDataset:
-        """The edits of a Hugging Face dataset; the parallel mask folder is looked up beside a
-        ``save_to_disk`` folder, for rows whose target is a file path."""
+        """The edits of a Hugging Face dataset (``context_column`` may hold lists of images);
+        the parallel mask folder is looked up beside a ``save_to_disk`` folder, for rows whose
+        target is a file path; ``options`` as :meth:`from_rows`."""
         columns = {
             "context": context_column,
             "target": target_column,
@@ -165,17 +213,16 @@ class TextEditDataset(BucketedRowDataset):
             "prompt": prompt_column,
         }
         rows = HFRows.load(name_or_path, split=split, columns=columns, fields=TEXT_EDIT_FIELDS)
-        return cls(
-            text_edit_rows(rows, Path(name_or_path), use_text_mask, mask_dir_name),
-            resolution=resolution,
-        )
+        return cls.from_rows(rows, Path(name_or_path), **options)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One item at the bucket size ``(h, w)``.
 
         Returns:
-            ``context``, ``target``: ``[3, h, w]`` in [-1, 1]; ``mask``: ``[1, h, w]`` in
-            {0, 1} (zeros when the row has none); ``has_mask``: bool tensor; ``prompt``; ``index``.
+            ``context``, ``target``: ``[3, h, w]`` in [-1, 1] (the first reference in the target's
+            bucket); ``references``: list of ``[3, h_i, w_i]`` in [-1, 1] (:meth:`reference_sizes`);
+            ``mask``: ``[1, h, w]`` in {0, 1} (zeros when the row has none); ``has_mask``: bool
+            tensor; ``prompt``; ``index``.
         """
         row = self.rows[index]
         size = self.bucket_size(index)
@@ -184,9 +231,16 @@ class TextEditDataset(BucketedRowDataset):
             mask = self.fitted_mask(row.images["mask"], size)
         else:
             mask = torch.zeros(1, *size)
+        references = [
+            self.fitted_image(ref, size) if ref_size == size else to_model_range(ref.open("RGB"))
+            for ref, ref_size in zip(
+                row.several(self.rows.fields), self.reference_sizes(index), strict=True
+            )
+        ]
         return {
             "context": self.fitted_image(row.images["context"], size),
             "target": self.fitted_image(row.images["target"], size),
+            "references": references,
             "mask": mask,
             "has_mask": torch.tensor(has_mask),
             "prompt": row.prompt,

@@ -233,15 +233,20 @@ def train_qwen_base(
     Prompts are embedded once each with their context image, as the pipeline embeds them;
     sigmas uniform with the pipeline's resolution shift. Returns the loss per step."""
     # The Qwen script's own input builders: the base sees exactly what the LoRA later sees.
-    from train_qwen_edit_mask import condition_images, pad_prompts, qwen_transformer_inputs
+    from train_qwen_edit_mask import (
+        condition_images,
+        pad_prompts,
+        qwen_transformer_inputs,
+        reference_tokens,
+    )
     from training.flow_matching import noisy_latents, resolution_shift, shift_sigmas
     from training.flux import pack
 
     embeds = []
     with torch.no_grad():
         for context, prompt in zip(pretraining.contexts, pretraining.prompts, strict=True):
-            vl_image, _ = condition_images(pipe, pretraining.images[context])
-            prompt_embeds, _ = pipe.encode_prompt(prompt=[prompt], image=vl_image)
+            vl_images, _ = condition_images(pipe, [pretraining.images[context]])
+            prompt_embeds, _ = pipe.encode_prompt(prompt=[prompt], image=vl_images[0])
             embeds.append(prompt_embeds[0])
     contexts = torch.tensor(pretraining.contexts)
     targets = torch.tensor(pretraining.targets)
@@ -257,7 +262,7 @@ def train_qwen_base(
         prompt_embeds, prompt_mask = pad_prompts([embeds[i] for i in index.tolist()])
         inputs = qwen_transformer_inputs(
             noisy_latents(x0, noise, sigmas),
-            latents[contexts[index]],
+            *reference_tokens(pipe, [latents[contexts[index]]]),
             prompt_embeds,
             prompt_mask,
             sigmas,
@@ -321,7 +326,7 @@ def build_qwen_world(out: str | Path, settings: QwenWorldSettings = QwenWorldSet
         vae=vae, transformer=qwen_world_transformer(settings.seed), **components
     )
     # The pipeline's own condition pixels (for these squares, the image itself).
-    vae_pixels = torch.cat([condition_images(pipe, image)[1] for image in pretraining.images])
+    vae_pixels = torch.cat([condition_images(pipe, [image])[1][0] for image in pretraining.images])
     raw = posterior_means(vae, vae_pixels, chunk=4)
     fit_latent_statistics(vae, raw[:split])
     mean, std = latent_statistics(vae)

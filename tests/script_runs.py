@@ -189,10 +189,12 @@ class TrainScript:
     def config(self, assets: Path, **overrides):
         """The script's config for the assets, as its ``main`` would parse it."""
         return self.config_cls(
-            pretrained_model_name_or_path=str(assets / self.model),
-            train_data_dir=str(assets / "data"),
-            resolution=self.resolution,
-            **overrides,
+            **{
+                "pretrained_model_name_or_path": str(assets / self.model),
+                "train_data_dir": str(assets / "data"),
+                "resolution": self.resolution,
+                **overrides,
+            }
         )
 
 

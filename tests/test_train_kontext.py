@@ -117,8 +117,8 @@ class TestOneStep:
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             for name, p in module.named_parameters():
                 assert torch.equal(p, frozen_before[name]), name
-        expected = {"fm", "geo_mse", "geo_bg", "geo_dice", "geo_area", "geo_bnd"}
-        expected |= {"emb_identity", "emb_overlay"}  # emb_geometry: off on latent tokens
+        expected = {"fm", "masked_samples", "geo_mse", "geo_bg", "geo_dice", "geo_area"}
+        expected |= {"geo_bnd", "emb_identity", "emb_overlay"}  # emb_geometry: 0 on latents
         assert set(components) == expected
         assert all(torch.isfinite(v) for v in components.values())
 
@@ -325,6 +325,90 @@ class TestOutputFolder:
         assert (data / "README.md").read_text() == "the data set's card"
 
 
+def pairs_without_masks(root: Path) -> Path:
+    """Control folders of the synthetic pairs: targets/ with .txt captions and contexts/ at
+    twice the targets' size, and no masks."""
+    source = root / "source"
+    write_kontext_dataset(source, n=4, resolution=RESOLUTION, seed=0)
+    for index, line in enumerate((source / "metadata.jsonl").read_text().splitlines()):
+        row = json.loads(line)
+        for folder in ("targets", "contexts"):
+            (root / folder).mkdir(exist_ok=True)
+        Image.open(source / row["target"]).save(root / "targets" / f"{index}.png")
+        (root / "targets" / f"{index}.txt").write_text(row["prompt"])
+        context = Image.open(source / row["context"])
+        context.resize((context.width * 2, context.height * 2)).save(
+            root / "contexts" / f"{index}.png"
+        )
+    return root
+
+
+class TestWithoutMasks:
+    def loss_of(self, assets, items):
+        pipe = FluxKontextPipeline.from_pretrained(assets / "model")
+        config = kontext_config(assets)
+        loss_fn = kontext.KontextLoss(
+            pipe, config, kontext.KontextEncoder(pipe, config, None), None, False
+        )
+        with torch.no_grad():
+            return loss_fn(pipe.transformer, collate_items(items), torch.Generator().manual_seed(0))
+
+    def test_rows_without_a_mask_train_with_flow_matching_alone(self, assets):
+        dataset = EditPairDataset.from_folder(assets / "data", resolution=RESOLUTION)
+        first, second = dataset[0], dataset[1]
+        assert first["target"].shape == second["target"].shape  # one bucket
+        plain = {**second, "has_mask": torch.tensor(False)}
+        loss, parts = self.loss_of(assets, [plain, {**plain, "index": 0}])
+        assert set(parts) == {"fm", "masked_samples"} and parts["masked_samples"] == 0
+        assert loss == parts["fm"]
+        loss, parts = self.loss_of(assets, [first, plain])
+        assert parts["masked_samples"] == 0.5
+        # The mask terms (of the masked row alone) count by the masked rows' share of the batch.
+        weights = kontext_config(assets)
+        aux = sum(
+            getattr(weights, kontext.TERM_WEIGHT_FLAGS[name]) * value
+            for name, value in parts.items()
+            if name in kontext.TERM_WEIGHT_FLAGS
+        )
+        torch.testing.assert_close(loss, parts["fm"] + 0.5 * aux)
+
+    def test_control_folders_without_masks_and_larger_contexts_train(
+        self, assets, tmp_path, fresh_accelerate
+    ):
+        data = pairs_without_masks(tmp_path / "data")
+        out = run(
+            assets,
+            tmp_path / "out",
+            train_data_dir=data / "targets",
+            control_dirs=json.dumps([str(data / "contexts")]),
+            max_train_steps=2,
+        )
+        records = read_metrics(out)
+        assert [r["masked_samples"] for r in records] == [0.0, 0.0]
+        assert all("geo_mse" not in r for r in records)
+        assert (out / LORA_WEIGHTS_NAME).is_file()
+
+    def test_a_data_error_comes_before_the_model_loads(self, assets, tmp_path, fresh_accelerate):
+        # A model whose transformer cannot load: reaching the weights would fail on them.
+        broken = tmp_path / "model"
+        shutil.copytree(assets / "model", broken)
+        for weights in (broken / "transformer").glob("*.safetensors"):
+            weights.write_bytes(b"not weights")
+        data = pairs_without_masks(tmp_path / "data")
+        flags = {
+            "pretrained_model_name_or_path": broken,
+            "train_data_dir": data / "targets",
+            "control_dirs": json.dumps([str(data / "contexts")]),
+            "max_train_steps": 1,
+        }
+        with pytest.raises(Exception, match="transformer") as loading:
+            run(assets, tmp_path / "good", **flags)
+        assert not isinstance(loading.value, DataError)
+        (data / "targets" / "2.txt").unlink()
+        with pytest.raises(DataError, match=r"no caption file '2\.txt'"):
+            run(assets, tmp_path / "bad", **flags)
+
+
 class TestTrainingRun:
     def test_outputs_and_pipeline_loads_the_lora(self, assets, tmp_path, fresh_accelerate):
         out = run(
@@ -478,7 +562,7 @@ class TestEachTermAlone:
             **weights,
         )
         logged = read_metrics(out)
-        bookkeeping = {"step", "epoch", "lr", "loss", "nonfinite_skipped"}
+        bookkeeping = {"step", "epoch", "lr", "loss", "nonfinite_skipped", "masked_samples"}
         assert all(set(r) - bookkeeping == {"fm", term} for r in logged)
         after = evaluate_components(assets, out)
         assert after[term] < untrained_components[term]

@@ -138,7 +138,13 @@ class TestSameInputsAsThePipeline:
         encoded = qwen.QwenEditEncoder(pipe, config)(batch)
         prompt_embeds, prompt_mask = qwen.pad_prompts(encoded["prompt_embeds"])
         built = qwen.qwen_transformer_inputs(
-            noise, encoded["condition_latents"], prompt_embeds, prompt_mask, torch.ones(1), pipe
+            noise,
+            encoded["condition_tokens"],
+            encoded["condition_shapes"],
+            prompt_embeds,
+            prompt_mask,
+            torch.ones(1),
+            pipe,
         )
         # The condition at the pipeline's own size: about 1024x1024 area -> 64x64 tokens.
         assert expected["img_shapes"] == built["img_shapes"] == [[(1, 2, 2), (1, 64, 64)]]
@@ -148,6 +154,186 @@ class TestSameInputsAsThePipeline:
         assert expected["encoder_hidden_states_mask"] is None and prompt_mask is None
         assert expected["timestep"].tolist() == built["timestep"].tolist() == [1.0]
         assert expected["guidance"] is None and "txt_seq_lens" not in expected
+
+
+def write_reference_edits(root: Path) -> Path:
+    """Six edits with one or two references, in control folders and a musubi-style JSON Lines
+    file over the same images: 0, 1: a 32x32 target, its context and a 24x40 product image;
+    2, 3: a 32x32 target and its context; 4, 5: 48x32 (W x H) targets and their contexts."""
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(6):
+        size = (48, 32) if index >= 4 else (32, 32)
+        context = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        target = context.copy()
+        target[8:20, 8:20] = rng.integers(0, 255, 3)
+        stem = f"{index:02d}"
+        for folder, pixels in (("targets", target), ("contexts", context)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / folder / f"{stem}.png")
+        (root / "targets" / f"{stem}.txt").write_text(f"put the product on sign {index}")
+        record = {
+            "image_path": f"targets/{stem}.png",
+            "control_path_0": f"contexts/{stem}.png",
+            "caption": f"put the product on sign {index}",
+        }
+        if index < 2:
+            (root / "products").mkdir(exist_ok=True)
+            product = rng.integers(0, 255, (40, 24, 3), dtype=np.uint8)
+            Image.fromarray(product).save(root / "products" / f"{stem}.png")
+            record["control_path_1"] = f"products/{stem}.png"
+        records.append(json.dumps(record))
+    (root / "edits.jsonl").write_text("\n".join(records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Control folders of the two-reference edits (targets/, contexts/, products/) and the
+    musubi file of all six."""
+    root = write_reference_edits(tmp_path_factory.mktemp("references"))
+    two = root / "two"
+    for folder in ("targets", "contexts", "products"):
+        (two / folder).mkdir(parents=True)
+        for stem in ("00", "01"):
+            for suffix in (".png", ".txt"):
+                source = root / folder / f"{stem}{suffix}"
+                if source.exists():
+                    (two / folder / source.name).write_bytes(source.read_bytes())
+    return root
+
+
+def control_folder_flags(references: Path) -> dict:
+    two = references / "two"
+    return {
+        "train_data_dir": two / "targets",
+        "control_dirs": json.dumps([str(two / "contexts"), str(two / "products")]),
+    }
+
+
+def plus_dataset(references: Path) -> TextEditDataset:
+    """The two-reference control folders as the script reads them for the Plus pipeline."""
+    two = references / "two"
+    config = SCRIPT.config(
+        references,
+        train_data_dir=str(two / "targets"),
+        control_dirs=[str(two / "contexts"), str(two / "products")],
+    )
+    return qwen.text_edit_dataset(config, QwenImageEditPlusPipeline)
+
+
+class TestSeveralReferences:
+    @pytest.mark.parametrize("count", [2, 3])
+    def test_first_denoising_step(self, assets, references, count):
+        pipe = load(assets, "plus")
+        dataset = plus_dataset(references)
+        batch = collate_items([dataset[0]])
+        # A third reference of yet another shape: the target itself at 32x24.
+        if count == 3:
+            third = batch["target"][0][:, :24]
+            batch["references"][0] = [*batch["references"][0], third]
+        images = [to_pil(image) for image in batch["references"][0]]
+        assert np.array_equal(
+            np.asarray(images[1]), np.asarray(Image.open(references / "products" / "00.png"))
+        )
+        noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+        with first_call(pipe.transformer) as seen:
+            pipe(
+                image=images,
+                prompt=batch["prompt"][0],
+                latents=pipe._pack_latents(noise, 1, 16, 4, 4),
+                height=RESOLUTION,
+                width=RESOLUTION,
+                num_inference_steps=2,
+                true_cfg_scale=1.0,
+                output_type="latent",
+            )
+        expected = seen["kwargs"]
+        encoded = qwen.QwenEditEncoder(pipe, SCRIPT.config(assets))(batch)
+        prompt_embeds, prompt_mask = qwen.pad_prompts(encoded["prompt_embeds"])
+        built = qwen.qwen_transformer_inputs(
+            noise,
+            encoded["condition_tokens"],
+            encoded["condition_shapes"],
+            prompt_embeds,
+            prompt_mask,
+            torch.ones(1),
+            pipe,
+        )
+        # Each reference at about 1024x1024 area in its own aspect, sides multiples of 32
+        # (W x H: 24x40 -> 800x1312, 32x24 -> 1184x896), in 16-pixel tokens.
+        shapes = [(1, 2, 2), (1, 64, 64), (1, 82, 50)] + ([(1, 56, 74)] if count == 3 else [])
+        assert expected["img_shapes"] == built["img_shapes"] == [shapes]
+        assert torch.equal(built["hidden_states"], expected["hidden_states"])
+        # One picture placeholder per reference in the prompt the encoder reads.
+        assert torch.equal(built["encoder_hidden_states"], expected["encoder_hidden_states"])
+        assert expected["encoder_hidden_states_mask"] is None and prompt_mask is None
+
+    def test_the_edit_pipeline_refuses_two_naming_the_row(self, assets, references, tmp_path):
+        with pytest.raises(
+            DataError,
+            match=r"contexts/00.png.*2 reference images; QwenImageEditPipeline .*reads at most 1",
+        ):
+            SCRIPT.run(assets, tmp_path / "out", **control_folder_flags(references))
+
+    def test_trains_from_control_folders_resumes_exactly_and_changes_a_two_image_edit(
+        self, assets, references, tmp_path, cache
+    ):
+        flags = {
+            **control_folder_flags(references),
+            "pretrained_model_name_or_path": assets / "plus",
+            "cache_latents": "true",
+            "cache_dir": cache,
+            "checkpointing_steps": 2,
+        }
+        straight = SCRIPT.run(assets, tmp_path / "straight", **flags, max_train_steps=3)
+        resumed = SCRIPT.run(assets, tmp_path / "resumed", **flags, max_train_steps=2)
+        SCRIPT.run(assets, resumed, **flags, max_train_steps=3, resume_from_checkpoint="latest")
+        assert_same_tensors(lora_tensors(straight), lora_tensors(resumed))
+        pipe = load(assets, "plus")
+        item = plus_dataset(references)[0]
+        call = {
+            "image": [to_pil(image) for image in item["references"]],
+            "prompt": item["prompt"],
+            "height": RESOLUTION,
+            "width": RESOLUTION,
+            "num_inference_steps": 2,
+            "true_cfg_scale": 1.0,
+            "output_type": "np",
+        }
+        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        pipe.load_lora_weights(straight)
+        adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        assert np.isfinite(adapted).all() and not np.allclose(plain, adapted)
+
+    def test_musubi_file_mixing_counts_and_sizes_trains_at_batch_2(
+        self, assets, references, tmp_path, cache
+    ):
+        out = SCRIPT.run(
+            assets,
+            tmp_path / "out",
+            pretrained_model_name_or_path=assets / "plus",
+            train_data_dir=None,
+            train_data_file=references / "edits.jsonl",
+            train_batch_size=2,
+            max_train_steps=3,
+            resolution=64,  # buckets of two shapes: 64x64 and 80x48 (W x H)
+            cache_latents="true",
+            cache_dir=cache,
+        )
+        assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+        dataset = qwen.text_edit_dataset(
+            SCRIPT.config(
+                references,
+                train_data_dir=None,
+                train_data_file=str(references / "edits.jsonl"),
+                resolution=64,
+            ),
+            QwenImageEditPlusPipeline,
+        )
+        # Two references of the same grids, one reference, the wider targets: three groups.
+        assert dataset.batch_group_of_items == [0, 0, 1, 1, 2, 2]
+        assert dataset.bucket_size(0) == (64, 64) and dataset.bucket_size(4) == (48, 80)
 
 
 class TestLoss:
@@ -203,7 +389,8 @@ class TestLoss:
         sigma = sigmas.view(-1, 1, 1, 1)
         inputs = qwen.qwen_transformer_inputs(
             (1 - sigma) * x0 + sigma * noise,
-            encoded["condition_latents"],
+            encoded["condition_tokens"],
+            encoded["condition_shapes"],
             embeds,
             mask,
             sigmas,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 import typing
 from collections.abc import Sequence
@@ -208,8 +209,10 @@ class TrainConfig:
         if self.resolution % 16:
             raise ValueError(f"--resolution must be a multiple of 16, got {self.resolution}")
         check_bounds(self)
-        if (self.train_data_dir is None) == (self.dataset_name is None):
-            raise ValueError("give exactly one of --train_data_dir and --dataset_name")
+        sources = self.data_sources()
+        if sum(getattr(self, name) is not None for name in sources) != 1:
+            listed = ", ".join(f"--{name}" for name in sources)
+            raise ValueError(f"give exactly one of {listed}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "num_train_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -238,6 +241,11 @@ class TrainConfig:
                     f"--report_to {tracker} needs the {tracker} package, which is not installed: "
                     "pip install '.[tracking]' (or drop it from --report_to)"
                 )
+
+    @classmethod
+    def data_sources(cls) -> tuple[str, ...]:
+        """The flags that each name the whole training data; a run gives exactly one."""
+        return ("train_data_dir", "dataset_name")
 
     @property
     def trackers(self) -> list[str]:
@@ -349,10 +357,21 @@ class TextMaskSettings:
 
 @dataclass(kw_only=True)
 class ImagePairDataConfig:
-    """Column names of a Hugging Face dataset of (context, target, mask, prompt) rows."""
+    """Edit data in any of the layouts of ``data.edit_sources``, or a Hugging Face dataset of
+    (context, target, mask, prompt) rows."""
 
+    train_data_file: str | None = None
+    """A musubi-tuner style JSON Lines file (instead of --train_data_dir): image_path,
+    control_path or control_path_0..N, caption, optional mask_path; paths relative to its folder."""
+    control_dirs: list[str] | None = None
+    """Folders of reference images, each named as its target in --train_data_dir (which then
+    holds the target images, with captions in <name>.txt beside them)."""
+    caption: str | None = None
+    """With --control_dirs: one caption for every example instead of the .txt files."""
+    caption_extension: str = ".txt"
+    """With --control_dirs: the suffix of the caption file beside each target."""
     context_column: str = "context"
-    """Column with the context (source) image."""
+    """Column with the context (source) image, or a list of them (several references)."""
     target_column: str = "target"
     """Column with the target (edited) image."""
     mask_column: str = "mask"
@@ -362,6 +381,15 @@ class ImagePairDataConfig:
     dataset_split: str = "train"
     """Split of the Hugging Face dataset."""
 
+    @classmethod
+    def data_sources(cls) -> tuple[str, ...]:
+        return (*super().data_sources(), "train_data_file")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.control_dirs and self.train_data_dir is None:
+            raise ValueError("--control_dirs needs --train_data_dir, the folder of target images")
+
 
 @dataclass(kw_only=True)
 class EditPairDataConfig(ImagePairDataConfig):
@@ -369,6 +397,8 @@ class EditPairDataConfig(ImagePairDataConfig):
 
     overlay_column: str | None = "overlay"
     """Optional column with an overlay negative; composited from source and target when absent."""
+    mask_dir: str | None = None
+    """With --control_dirs: the folder of edit masks, each named as its target."""
 
 
 @dataclass(kw_only=True)
@@ -379,6 +409,9 @@ class TextEditDataConfig(ImagePairDataConfig):
     """Seed 000's data block: use_text_mask, mask_dir_name (YAML: nested, init_args allowed)."""
     strict_masks: bool = False
     """With data.use_text_mask, refuse rows without a mask instead of training them plainly."""
+    text_mask_dir: str | None = None
+    """With --control_dirs: the folder of text masks, each named as its target (reads masks
+    without data.use_text_mask)."""
 
 
 def _bool_fields(cls: type, prefix: str = "") -> set[str]:
@@ -393,9 +426,22 @@ def _bool_fields(cls: type, prefix: str = "") -> set[str]:
     return names
 
 
-def _normalise_argv(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
-    """Let ``--flag`` alone mean ``--flag true`` and move ``--config FILE`` first, so that every
-    flag on the command line overrides the file."""
+def _list_fields(cls: type) -> set[str]:
+    """Names of the top-level flags of dataclass ``cls`` that take a list of strings."""
+    hints = typing.get_type_hints(cls)
+    return {
+        item.name
+        for item in dataclasses.fields(cls)
+        if list[str] in (hints[item.name], *typing.get_args(hints[item.name]))
+    }
+
+
+def _normalise_argv(
+    argv: Sequence[str], bool_flags: set[str], list_flags: set[str] = frozenset()
+) -> list[str]:
+    """Let ``--flag`` alone mean ``--flag true``, ``--list_flag a b`` mean the list ``[a, b]``,
+    and move ``--config FILE`` first, so that every flag on the command line overrides the
+    file."""
     args = list(argv)
     out: list[str] = []
     configs: list[str] = []
@@ -409,6 +455,17 @@ def _normalise_argv(argv: Sequence[str], bool_flags: set[str]) -> list[str]:
         if token == "--config" and i + 1 < len(args):
             configs += ["--config", _without_init_args(args[i + 1])]
             i += 2
+            continue
+        if token.startswith("--") and token[2:] in list_flags:
+            values = []
+            while i + 1 < len(args) and not args[i + 1].startswith("--"):
+                values.append(args[i + 1])
+                i += 1
+            if len(values) == 1 and values[0].lstrip().startswith("["):
+                out += [token, values[0]]  # already a list, as YAML or JSON
+            else:
+                out += [token, json.dumps(values)]
+            i += 1
             continue
         out.append(token)
         if token.startswith("--") and token[2:] in bool_flags:
@@ -456,7 +513,9 @@ def parse_config(
     """
     parser = build_parser(cls, prog=sys.argv[0], description=description)
     namespace = parser.parse_args(
-        _normalise_argv(sys.argv[1:] if argv is None else argv, _bool_fields(cls))
+        _normalise_argv(
+            sys.argv[1:] if argv is None else argv, _bool_fields(cls), _list_fields(cls)
+        )
     )
     values = parser.instantiate(namespace).as_dict()
     values.pop("config", None)
@@ -479,6 +538,7 @@ class InpaintingDataConfig:
     """Column with the prompt."""
     dataset_split: str = "train"
     """Split of the Hugging Face dataset."""
+
     random_masks: bool = False
     """Draw strokes and boxes (5-50% coverage) for rows without a mask, fixed per item by --seed
     and the item's index, so they repeat on resume and in the latent cache."""

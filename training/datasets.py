@@ -5,7 +5,8 @@ from __future__ import annotations
 from accelerate import Accelerator
 
 from data.buckets import BucketBatchSampler
-from data.edit_pairs import EditPairDataset
+from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset
+from data.edit_sources import edit_rows
 from data.inpainting import InpaintingDataset
 from training.config import TrainConfig
 
@@ -17,18 +18,32 @@ def edit_columns(config) -> dict[str, str | None]:
     return {name: getattr(config, name) for name in names}
 
 
+def edit_sources(config, mask_dir: str | None) -> dict:
+    """The arguments of ``data.edit_sources.edit_rows`` the flags give (``config`` inherits
+    ``ImagePairDataConfig``; ``mask_dir``: the script's mask folder flag)."""
+    return {
+        "train_data_dir": config.train_data_dir,
+        "train_data_file": config.train_data_file,
+        "control_dirs": config.control_dirs,
+        "caption": config.caption,
+        "caption_extension": config.caption_extension,
+        "mask_dir": mask_dir,
+        "allow_paths_outside": config.allow_paths_outside_data,
+    }
+
+
 def edit_pair_dataset(config, latent_factor: int) -> EditPairDataset:
-    """The edit pairs of --train_data_dir (metadata.jsonl) or --dataset_name (HF dataset), their
-    masks downsampled by ``latent_factor`` (the pipeline's ``vae_scale_factor``).
+    """The edit pairs of --train_data_dir (metadata.jsonl, or target and control folders),
+    --train_data_file or --dataset_name (HF dataset), their masks downsampled by
+    ``latent_factor`` (the VAE's ``vae_scale_factor``).
 
     ``config`` is a script config inheriting ``TrainConfig`` and ``EditPairDataConfig``.
     """
-    if config.train_data_dir is not None:
-        return EditPairDataset.from_folder(
-            config.train_data_dir,
+    if config.dataset_name is None:
+        return EditPairDataset(
+            edit_rows(EDIT_PAIR_FIELDS, **edit_sources(config, config.mask_dir)),
             resolution=config.resolution,
             latent_factor=latent_factor,
-            allow_paths_outside=config.allow_paths_outside_data,
         )
     return EditPairDataset.from_hf(
         config.dataset_name,

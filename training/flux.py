@@ -9,6 +9,7 @@ mask channels along the features).
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderKL
 
 from data.cache import fingerprint
 from training.caching import encoder_weights
@@ -109,6 +110,13 @@ def flux_image_ids(pipe, height: int, width: int, like: torch.Tensor) -> torch.T
     return pipe._prepare_latent_image_ids(
         like.shape[0], height // 2, width // 2, like.device, like.dtype
     )
+
+
+def vae_scale_factor(name_or_path: str) -> int:
+    """Pixels per latent cell of the pipeline's VAE, from its config alone (no weights load):
+    ``2 ** (len(block_out_channels) - 1)``, as the FLUX pipelines compute it."""
+    config = AutoencoderKL.load_config(name_or_path, subfolder="vae")
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def pack(pipe, latents: torch.Tensor) -> torch.Tensor:

@@ -192,7 +192,7 @@ class TestValidation:
         write_metadata(tmp_path, [write_pair(tmp_path, "a", mask_size=(30, 24))])
         message = load_error(tmp_path)
         assert "a_m.png" in message and "30x24" in message and "32x24" in message
-        assert "a_c.png" in message
+        assert "a_t.png" in message
 
     def test_target_and_overlay_sizes_are_checked(self, tmp_path):
         row = write_pair(tmp_path, "a")
@@ -233,12 +233,42 @@ class TestValidation:
 
     def test_missing_key_and_wrong_types(self, tmp_path):
         row = write_pair(tmp_path, "a")
-        no_mask = {key: value for key, value in row.items() if key != "mask"}
-        write_metadata(tmp_path, [no_mask, {**row, "overlay": 5}, "[1, 2]"])
+        no_target = {key: value for key, value in row.items() if key != "target"}
+        write_metadata(tmp_path, [no_target, {**row, "overlay": 5}, "[1, 2]"])
         message = load_error(tmp_path)
-        assert "line 1: missing key 'mask'" in message
+        assert "line 1: missing key 'target'" in message
         assert "line 2: 'overlay' must be a relative path" in message
         assert "line 3: expected a JSON object" in message
+
+    def test_a_row_without_a_mask_has_none(self, tmp_path):
+        row = write_pair(tmp_path, "a")
+        write_metadata(tmp_path, [{k: v for k, v in row.items() if k != "mask"}, row])
+        dataset = EditPairDataset.from_folder(tmp_path, resolution=32)
+        plain, masked = dataset[0], dataset[1]
+        assert not plain["has_mask"] and not plain["mask"].any() and masked["has_mask"]
+        # The overlay negative of a row without a region is the context itself.
+        assert torch.equal(plain["overlay"], plain["context"])
+
+    def test_a_context_of_another_size_is_fitted_to_the_targets_bucket(self, tmp_path):
+        row = write_pair(tmp_path, "a", size=(32, 32))
+        # 64x32 (W x H): red left half, blue right half; cover-cropped to the 32x32 bucket it
+        # keeps columns 16..48, half red and half blue.
+        halves = np.zeros((32, 64, 3), dtype=np.uint8)
+        halves[:, :32, 0] = 255
+        halves[:, 32:, 2] = 255
+        Image.fromarray(halves).save(tmp_path / "a_c.png")
+        write_metadata(tmp_path, [row])
+        context = EditPairDataset.from_folder(tmp_path, resolution=32)[0]["context"]
+        assert context.shape == (3, 32, 32)
+        red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])
+        torch.testing.assert_close(context[:, :, :12], red[:, None, None].expand(3, 32, 12))
+        torch.testing.assert_close(context[:, :, 20:], blue[:, None, None].expand(3, 32, 12))
+
+    def test_several_contexts_are_refused_naming_the_row(self, tmp_path):
+        row = write_pair(tmp_path, "a")
+        write_metadata(tmp_path, [{**row, "context": ["a_c.png", "a_t.png"]}])
+        message = load_error(tmp_path)
+        assert "line 1: context[0]" in message and "FluxKontextPipeline reads at most 1" in message
 
     def test_all_problems_in_one_report(self, tmp_path):
         good = write_pair(tmp_path, "a")
@@ -345,9 +375,14 @@ class TestHuggingFace:
         assert "dataset row 1, column 'prompt': prompt-less row" in message
 
     def test_missing_column(self, synthetic_folder, tmp_path):
-        hf_dataset(synthetic_folder).remove_columns("mask").save_to_disk(tmp_path / "hf")
-        with pytest.raises(DataError, match=r"no column 'mask' \(for mask\)"):
+        hf_dataset(synthetic_folder).remove_columns("target").save_to_disk(tmp_path / "hf")
+        with pytest.raises(DataError, match=r"no column 'target' \(for target\)"):
             EditPairDataset.from_hf(tmp_path / "hf", resolution=128)
+
+    def test_without_a_mask_column_no_row_has_a_mask(self, synthetic_folder, tmp_path):
+        hf_dataset(synthetic_folder).remove_columns("mask").save_to_disk(tmp_path / "hf")
+        item = EditPairDataset.from_hf(tmp_path / "hf", resolution=128)[0]
+        assert not item["has_mask"] and not item["mask"].any()
 
     def test_unknown_name_offline(self):
         with pytest.raises(DataError, match="dataset 'no-such-user/no-such-set'"):
