@@ -20,7 +20,6 @@ about JSON keys it does not read instead of dropping them silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -29,13 +28,12 @@ from pathlib import Path
 from data.images import DataError, ImageRef
 from data.rows import (
     FolderRows,
+    JsonLinesRows,
     Row,
     RowFields,
     RowSource,
-    json_lines,
     leaves,
     prompt_problem,
-    warn_about_unknown_keys,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,33 +159,28 @@ class ControlFolderRows(RowSource):
 MUSUBI_CONTROL = re.compile(r"control_path(?:_(\d+))?$")
 
 
-class MusubiJsonlRows(RowSource):
+class MusubiJsonlRows(JsonLinesRows):
     """The rows of a musubi-tuner style JSON Lines file: ``image_path`` (target), ``control_path``
     or ``control_path_0..N`` (references, in number order), ``caption``, optional ``mask_path``;
     relative paths are relative to the file's folder, and absolute ones or ones leaving it need
     ``allow_outside``."""
 
     def __init__(self, path: str | Path, fields: RowFields, allow_outside: bool = False) -> None:
-        self.path = Path(path)
-        self.root = self.path.parent
+        path = Path(path)
+        self.root = path.parent
         self.fields = fields
         self.allow_outside = allow_outside
-        self.description = f"{fields.kind} file '{self.path}'"
-        if not self.path.is_file():
+        self.description = f"{fields.kind} file '{path}'"
+        if not path.is_file():
             raise DataError(
-                f"'{self.path}': file does not exist; a JSON Lines data file holds one object per "
+                f"'{path}': file does not exist; a JSON Lines data file holds one object per "
                 'line: {"image_path", "control_path" or "control_path_0".., "caption", '
                 '"mask_path"?}'
             )
-        self._lines = json_lines(self.path)
-        warn_about_unknown_keys(
-            self.description,
-            self._lines,
+        super().__init__(
+            path,
             lambda key: key in ("image_path", "caption", "mask_path") or MUSUBI_CONTROL.match(key),
         )
-
-    def __len__(self) -> int:
-        return len(self._lines)
 
     def _ref(self, value, key: str, where: str) -> ImageRef | str:
         if not isinstance(value, str) or not value:
@@ -200,20 +193,14 @@ class MusubiJsonlRows(RowSource):
         return ImageRef(self.root / value, f"{where}: {key}")
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
-        number, line = self._lines[index]
-        where = f"'{self.path}' line {number}"
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return None, [f"{where}: malformed JSON ({error})"]
-        if not isinstance(record, dict):
-            return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
+        where, record, problems = self.record(index)
+        if record is None:
+            return None, problems
         controls = sorted(
             (int(match.group(1) or 0), key)
             for key in record
             if (match := MUSUBI_CONTROL.match(key))
         )
-        problems = []
         if not controls:
             problems.append(f"{where}: no 'control_path' (or 'control_path_0', ...)")
         keys = [("target", "image_path")] + [

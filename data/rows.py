@@ -125,11 +125,32 @@ class RowSource(ABC):
         return row
 
 
-def json_lines(path: Path) -> list[tuple[int, bytes]]:
-    """The non-blank lines of a JSON Lines file with their numbers, kept raw and parsed per item:
-    cheap, and picklable."""
-    lines = enumerate(path.read_bytes().splitlines(), start=1)
-    return [(number, line) for number, line in lines if line.strip()]
+class JsonLinesRows(RowSource):
+    """Rows read from the JSON objects of a JSON Lines file, one per non-blank line; lines are
+    kept raw (number, bytes) and parsed per item: cheap, and picklable. Keys that ``known`` does
+    not accept are warned about once (:func:`warn_about_unknown_keys`)."""
+
+    def __init__(self, path: Path, known: Callable[[str], bool]) -> None:
+        self.path = path
+        lines = enumerate(path.read_bytes().splitlines(), start=1)
+        self._lines = [(number, line) for number, line in lines if line.strip()]
+        warn_about_unknown_keys(self.description, self._lines, known)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def record(self, index: int) -> tuple[str, dict | None, list[str]]:
+        """Row ``index``'s place for messages (``'file' line N``), its JSON object, or None and
+        why it is not one."""
+        number, line = self._lines[index]
+        where = f"'{self.path}' line {number}"
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return where, None, [f"{where}: malformed JSON ({error})"]
+        if not isinstance(record, dict):
+            return where, None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
+        return where, record, []
 
 
 def warn_about_unknown_keys(
@@ -190,7 +211,7 @@ class AtMostSeveral(RowFilter):
         return row, problems
 
 
-class FolderRows(RowSource):
+class FolderRows(JsonLinesRows):
     """Rows of ``root/metadata.jsonl``; paths in it are relative to ``root``."""
 
     def __init__(self, root: str | Path, fields: RowFields, allow_outside: bool = False) -> None:
@@ -212,23 +233,12 @@ class FolderRows(RowSource):
                 f"'{self.metadata}': file does not exist; {_article(fields.kind)} {fields.kind} "
                 f"folder needs one JSON object per line: {fields.layout()}{other_layouts}"
             )
-        self._lines = json_lines(self.metadata)
-        warn_about_unknown_keys(
-            self.description, self._lines, lambda key: key in (*fields.all, "prompt")
-        )
-
-    def __len__(self) -> int:
-        return len(self._lines)
+        super().__init__(self.metadata, lambda key: key in (*fields.all, "prompt"))
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
-        number, line = self._lines[index]
-        where = f"'{self.metadata}' line {number}"
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return None, [f"{where}: malformed JSON ({error})"]
-        if not isinstance(record, dict):
-            return None, [f"{where}: expected a JSON object, got {type(record).__name__}"]
+        where, record, problems = self.record(index)
+        if record is None:
+            return None, problems
         problems = []
         refs: dict[str, ImageRef] = {}
         for field, key, value in spread_several(self.fields, record):

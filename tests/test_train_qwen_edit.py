@@ -85,13 +85,18 @@ def load(assets: Path, name: str = "model", quantized: str = "none"):
     )
 
 
-def base_and_adapted(assets: Path, lora: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The unquantized pipeline's output on the first example, without and with ``lora``."""
-    pipe = load(assets)
-    batch = batch_of(assets)
+def base_and_adapted(
+    assets: Path, lora: Path, name: str = "model", image=None, prompt: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The unquantized pipeline ``name``'s output without and with ``lora``, on ``image`` (one
+    or a list) and ``prompt``, by default the first example's."""
+    pipe = load(assets, name)
+    if image is None:
+        batch = batch_of(assets)
+        image, prompt = to_pil(batch["context"][0]), batch["prompt"][0]
     call = {
-        "image": to_pil(batch["context"][0]),
-        "prompt": batch["prompt"][0],
+        "image": image,
+        "prompt": prompt,
         "height": RESOLUTION,
         "width": RESOLUTION,
         "num_inference_steps": 2,
@@ -108,6 +113,36 @@ def batch_of(assets: Path, index: int = 0, **flags) -> dict:
     return collate_items([dataset[index]])
 
 
+def first_step_inputs(assets: Path, pipe, batch: dict, image) -> tuple[dict, dict]:
+    """The transformer's kwargs at the pipeline's first step on ``image`` (one image or a list)
+    and the first item of ``batch``'s prompt, and those training builds from ``batch`` for the
+    same noise at sigma 1."""
+    noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    with first_call(pipe.transformer) as seen:
+        pipe(
+            image=image,
+            prompt=batch["prompt"][0],
+            latents=pipe._pack_latents(noise, 1, 16, 4, 4),
+            height=RESOLUTION,
+            width=RESOLUTION,
+            num_inference_steps=2,
+            true_cfg_scale=1.0,
+            output_type="latent",
+        )
+    encoded = qwen.QwenEditEncoder(pipe, SCRIPT.config(assets))(batch)
+    prompt_embeds, prompt_mask = qwen.pad_prompts(encoded["prompt_embeds"])
+    built = qwen.qwen_transformer_inputs(
+        noise,
+        encoded["condition_tokens"],
+        encoded["condition_shapes"],
+        prompt_embeds,
+        prompt_mask,
+        torch.ones(1),
+        pipe,
+    )
+    return seen["kwargs"], built
+
+
 class TestSameInputsAsThePipeline:
     @pytest.mark.parametrize(
         "name,cls,quantized",
@@ -121,37 +156,14 @@ class TestSameInputsAsThePipeline:
         pipe = load(assets, name, quantized)
         assert type(pipe) is cls
         batch = batch_of(assets)
-        noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-        with first_call(pipe.transformer) as seen:
-            pipe(
-                image=to_pil(batch["context"][0]),
-                prompt=batch["prompt"][0],
-                latents=pipe._pack_latents(noise, 1, 16, 4, 4),
-                height=RESOLUTION,
-                width=RESOLUTION,
-                num_inference_steps=2,
-                true_cfg_scale=1.0,
-                output_type="latent",
-            )
-        expected = seen["kwargs"]
-        config = SCRIPT.config(assets)
-        encoded = qwen.QwenEditEncoder(pipe, config)(batch)
-        prompt_embeds, prompt_mask = qwen.pad_prompts(encoded["prompt_embeds"])
-        built = qwen.qwen_transformer_inputs(
-            noise,
-            encoded["condition_tokens"],
-            encoded["condition_shapes"],
-            prompt_embeds,
-            prompt_mask,
-            torch.ones(1),
-            pipe,
-        )
+        expected, built = first_step_inputs(assets, pipe, batch, to_pil(batch["context"][0]))
         # The condition at the pipeline's own size: about 1024x1024 area -> 64x64 tokens.
         assert expected["img_shapes"] == built["img_shapes"] == [[(1, 2, 2), (1, 64, 64)]]
         assert expected["hidden_states"].shape == built["hidden_states"].shape == (1, 4100, 64)
         assert torch.equal(built["hidden_states"], expected["hidden_states"])
         assert torch.equal(built["encoder_hidden_states"], expected["encoder_hidden_states"])
-        assert expected["encoder_hidden_states_mask"] is None and prompt_mask is None
+        assert expected["encoder_hidden_states_mask"] is None
+        assert built["encoder_hidden_states_mask"] is None
         assert expected["timestep"].tolist() == built["timestep"].tolist() == [1.0]
         assert expected["guidance"] is None and "txt_seq_lens" not in expected
 
@@ -236,30 +248,7 @@ class TestSeveralReferences:
         assert np.array_equal(
             np.asarray(images[1]), np.asarray(Image.open(references / "products" / "00.png"))
         )
-        noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-        with first_call(pipe.transformer) as seen:
-            pipe(
-                image=images,
-                prompt=batch["prompt"][0],
-                latents=pipe._pack_latents(noise, 1, 16, 4, 4),
-                height=RESOLUTION,
-                width=RESOLUTION,
-                num_inference_steps=2,
-                true_cfg_scale=1.0,
-                output_type="latent",
-            )
-        expected = seen["kwargs"]
-        encoded = qwen.QwenEditEncoder(pipe, SCRIPT.config(assets))(batch)
-        prompt_embeds, prompt_mask = qwen.pad_prompts(encoded["prompt_embeds"])
-        built = qwen.qwen_transformer_inputs(
-            noise,
-            encoded["condition_tokens"],
-            encoded["condition_shapes"],
-            prompt_embeds,
-            prompt_mask,
-            torch.ones(1),
-            pipe,
-        )
+        expected, built = first_step_inputs(assets, pipe, batch, images)
         # Each reference at about 1024x1024 area in its own aspect, sides multiples of 32
         # (W x H: 24x40 -> 800x1312, 32x24 -> 1184x896), in 16-pixel tokens.
         shapes = [(1, 2, 2), (1, 64, 64), (1, 82, 50)] + ([(1, 56, 74)] if count == 3 else [])
@@ -267,7 +256,8 @@ class TestSeveralReferences:
         assert torch.equal(built["hidden_states"], expected["hidden_states"])
         # One picture placeholder per reference in the prompt the encoder reads.
         assert torch.equal(built["encoder_hidden_states"], expected["encoder_hidden_states"])
-        assert expected["encoder_hidden_states_mask"] is None and prompt_mask is None
+        assert expected["encoder_hidden_states_mask"] is None
+        assert built["encoder_hidden_states_mask"] is None
 
     def test_the_edit_pipeline_refuses_two_naming_the_row(self, assets, references, tmp_path):
         with pytest.raises(
@@ -290,20 +280,9 @@ class TestSeveralReferences:
         resumed = SCRIPT.run(assets, tmp_path / "resumed", **flags, max_train_steps=2)
         SCRIPT.run(assets, resumed, **flags, max_train_steps=3, resume_from_checkpoint="latest")
         assert_same_tensors(lora_tensors(straight), lora_tensors(resumed))
-        pipe = load(assets, "plus")
         item = plus_dataset(references)[0]
-        call = {
-            "image": [to_pil(image) for image in item["references"]],
-            "prompt": item["prompt"],
-            "height": RESOLUTION,
-            "width": RESOLUTION,
-            "num_inference_steps": 2,
-            "true_cfg_scale": 1.0,
-            "output_type": "np",
-        }
-        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-        pipe.load_lora_weights(straight)
-        adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        images = [to_pil(image) for image in item["references"]]
+        plain, adapted = base_and_adapted(assets, straight, "plus", images, item["prompt"])
         assert np.isfinite(adapted).all() and not np.allclose(plain, adapted)
 
     def test_musubi_file_mixing_counts_and_sizes_trains_at_batch_2(
