@@ -316,3 +316,12 @@ def first_call(module: torch.nn.Module) -> Iterator[dict]:
         yield seen
     finally:
         hook.remove()
+
+
+def unloadable_copy(model: Path, out: Path, component: str = "transformer") -> Path:
+    """A copy of the pipeline folder ``model`` whose ``component`` weights are not safetensors:
+    a run that reaches them fails on loading, so an error it gives first comes before loading."""
+    shutil.copytree(model, out)
+    for weights in (out / component).glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    return out

@@ -29,6 +29,7 @@ from script_runs import (
     pipeline_as_trained,
     reset_accelerate,
     resume_copy,
+    unloadable_copy,
 )
 from script_runs import help_text as script_help
 
@@ -389,11 +390,7 @@ class TestWithoutMasks:
         assert (out / LORA_WEIGHTS_NAME).is_file()
 
     def test_a_data_error_comes_before_the_model_loads(self, assets, tmp_path, fresh_accelerate):
-        # A model whose transformer cannot load: reaching the weights would fail on them.
-        broken = tmp_path / "model"
-        shutil.copytree(assets / "model", broken)
-        for weights in (broken / "transformer").glob("*.safetensors"):
-            weights.write_bytes(b"not weights")
+        broken = unloadable_copy(assets / "model", tmp_path / "model")
         data = pairs_without_masks(tmp_path / "data")
         flags = {
             "pretrained_model_name_or_path": broken,

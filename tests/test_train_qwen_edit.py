@@ -28,6 +28,7 @@ from script_runs import (
     lora_tensors,
     model_card,
     pipeline_as_trained,
+    unloadable_copy,
 )
 
 import train_qwen_edit_mask as qwen
@@ -259,12 +260,16 @@ class TestSeveralReferences:
         assert expected["encoder_hidden_states_mask"] is None
         assert built["encoder_hidden_states_mask"] is None
 
-    def test_the_edit_pipeline_refuses_two_naming_the_row(self, assets, references, tmp_path):
+    def test_the_edit_pipeline_refuses_two_naming_the_row_before_loading(
+        self, assets, references, tmp_path
+    ):
+        broken = unloadable_copy(assets / "model", tmp_path / "model")
+        flags = {**control_folder_flags(references), "pretrained_model_name_or_path": broken}
         with pytest.raises(
             DataError,
             match=r"contexts/00.png.*2 reference images; QwenImageEditPipeline .*reads at most 1",
         ):
-            SCRIPT.run(assets, tmp_path / "out", **control_folder_flags(references))
+            SCRIPT.run(assets, tmp_path / "out", **flags)
 
     def test_trains_from_control_folders_resumes_exactly_and_changes_a_two_image_edit(
         self, assets, references, tmp_path, cache
