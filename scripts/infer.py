@@ -22,7 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from training.inference import FAMILIES, load_examples, load_family_pipeline, run_with_and_without
+from training.inference import (
+    FAMILIES,
+    check_references,
+    family_pipeline,
+    load_examples,
+    load_family_pipeline,
+    run_with_and_without,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     family = FAMILIES[args.family]
     try:
         examples = load_examples(family, args.input, args.mask, args.prompt, args.resolution)
+        check_references(family, family_pipeline(args.family, args.model), examples)
         pipe = load_family_pipeline(args.family, args.model, dtype, device)
         kwargs = {"num_inference_steps": args.num_inference_steps}
         if args.guidance_scale is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from diffusers import (
     FluxFillPipeline,
     FluxKontextPipeline,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     StableDiffusionInpaintPipeline,
 )
 from lora_helpers import (
@@ -32,6 +34,7 @@ from models.tiny import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
     tiny_qwen_image_edit_pipeline,
+    tiny_qwen_image_edit_plus_pipeline,
     tiny_sd15_inpaint_pipeline,
 )
 from scripts import export_lora, infer
@@ -165,6 +168,45 @@ class TestInfer:
         assert base.shape == adapted.shape == (SIZE, SIZE, 3)
         assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0
         assert Image.open(out / "grid.png").size == (3 * SIZE, 14 + SIZE)
+
+
+class TestSeveralReferences:
+    @staticmethod
+    def folder(root: Path) -> Path:
+        """One edit with two references, the second 24x40 (W x H), in a metadata.jsonl folder."""
+        data = root / "data"
+        data.mkdir()
+        sample_image().save(data / "person.png")
+        sample_image(size=40).crop((0, 0, 24, 40)).save(data / "product.png")
+        row = {"context": ["person.png", "product.png"], "prompt": "she holds it"}
+        (data / "metadata.jsonl").write_text(json.dumps(row))
+        return data
+
+    def test_the_plus_pipeline_gets_every_reference(self, tmp_path):
+        pipe = tiny_qwen_image_edit_plus_pipeline()
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.transformer, ["attn.to_q", "attn.to_k", "attn.to_v"], seed=5)
+        save_random_lora(QwenImageEditPlusPipeline, {"transformer": pipe.transformer}, tmp_path)
+        data = self.folder(tmp_path)
+        out = tmp_path / "inference"
+        args = ["--family", "qwen-edit", "--model", tmp_path / "model", "--lora", tmp_path]
+        run_infer(*args, "--input", data, "--output_dir", out, "--num_inference_steps", STEPS)
+        (example,) = load_examples(FAMILIES["qwen-edit"], [data])
+        assert [image.size for image in example.references] == [(24, 40)]
+        arguments = FAMILIES["qwen-edit"].call_arguments(example)
+        assert [image.size for image in arguments["image"]] == [(SIZE, SIZE), (24, 40)]
+        base, adapted = saved(out, "000_person_base"), saved(out, "000_person_lora")
+        assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0
+
+    def test_a_pipeline_that_reads_one_refuses_before_loading(self, tmp_path, capsys):
+        tiny_qwen_image_edit_pipeline().save_pretrained(tmp_path / "model")
+        for weights in (tmp_path / "model" / "transformer").glob("*.safetensors"):
+            weights.write_bytes(b"not weights")  # loading would fail on them
+        args = ["--family", "qwen-edit", "--model", tmp_path / "model", "--lora", tmp_path]
+        with pytest.raises(SystemExit):
+            run_infer(*args, "--input", self.folder(tmp_path), "--output_dir", tmp_path / "out")
+        error = capsys.readouterr().err
+        assert "000_person: several reference images; QwenImageEditPipeline reads one" in error
 
 
 class TestInputs:

@@ -1,8 +1,9 @@
 """A trained LoRA run by its family's diffusers pipeline, beside the base model, on given inputs.
 
 Inputs are a folder in the training layout (``metadata.jsonl`` rows: ``{"context", "prompt"}``
-for the edit families, ``{"image", "mask", "prompt"}`` for the inpainting ones; other keys are
-ignored) or image files with their prompts (and masks). Each example is fitted to a size the
+for the edit families, ``context`` a list of references for the pipelines that read several,
+``{"image", "mask", "prompt"}`` for the inpainting ones; other keys are ignored) or image files
+with their prompts (and masks). Each example is fitted to a size the
 pipelines take (``--resolution``'s nearest aspect-ratio bucket, or its own size cropped to
 multiples of 16), masks binarised as in training, and run twice from the same seed, the LoRA
 off and on; both results and a grid of every example (input | mask | without LoRA | with LoRA)
@@ -43,12 +44,15 @@ GRID_FILE = "grid.png"
 @dataclass(frozen=True)
 class Example:
     """One input: ``image`` (RGB), its ``mask`` (L, 0/255, 255 = region) for inpainting, the
-    ``prompt``, and a ``name`` for its output files."""
+    ``prompt``, a ``name`` for its output files, and more ``references`` for the pipelines that
+    read several."""
 
     name: str
     image: Image.Image
     prompt: str
     mask: Image.Image | None = None
+    references: tuple[Image.Image, ...] = ()
+    """Further references after ``image``, at their own size (the pipeline resizes each)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,14 @@ class InferenceFamily:
     takes_mask: bool
     fixed: dict[str, Any] = field(default_factory=dict)
     image_only_processor: bool = False
+    several_references: tuple[str, ...] = ()
+    """The pipelines among ``pipelines`` that take a list of reference images."""
 
     def call_arguments(self, example: Example) -> dict[str, Any]:
         """The pipeline's arguments for ``example``, at the example's size."""
         width, height = example.image.size
-        arguments = {"prompt": example.prompt, "image": example.image}
+        image = [example.image, *example.references] if example.references else example.image
+        arguments = {"prompt": example.prompt, "image": image}
         arguments |= {"height": height, "width": width, **self.fixed}
         if self.takes_mask:
             arguments["mask_image"] = example.mask
@@ -87,21 +94,29 @@ FAMILIES = {
         False,
         {"true_cfg_scale": 1.0},
         image_only_processor=True,
+        several_references=("QwenImageEditPlusPipeline",),
     ),
     "flux-fill": InferenceFamily(("FluxFillPipeline",), "image", True),
     "sd15-inpaint": InferenceFamily(("StableDiffusionInpaintPipeline",), "image", True),
 }
 
-# (input image, mask or None, prompt from the folder or "")
-_Source = tuple[ImageRef, ImageRef | None, str]
+# (input images, the first the one shown, mask or None, prompt from the folder or "")
+_Source = tuple[list[ImageRef], ImageRef | None, str]
 
 
 def _folder_sources(family: InferenceFamily, root: Path) -> list[_Source]:
-    required = (family.input_field, "mask") if family.takes_mask else (family.input_field,)
-    rows = FolderRows(root, RowFields("inference", required))
+    if family.takes_mask:
+        fields = RowFields("inference", (family.input_field, "mask"))
+    else:
+        fields = RowFields("inference", (family.input_field,), several=family.input_field)
+    rows = FolderRows(root, fields)
     validated_sizes(rows)  # every bad row in one error, before a pipeline is loaded
     return [
-        (rows[i].images[family.input_field], rows[i].images.get("mask"), rows[i].prompt)
+        (
+            rows[i].several(fields) or [rows[i].images[family.input_field]],
+            rows[i].images.get("mask"),
+            rows[i].prompt,
+        )
         for i in range(len(rows))
     ]
 
@@ -118,7 +133,7 @@ def _file_sources(
     for image, mask in zip(images, mask_refs, strict=True):
         if mask is not None and mask.size() != image.size():
             raise DataError(f"{mask.label}: its size differs from {image.label}'s")
-    return [(image, mask, "") for image, mask in zip(images, mask_refs, strict=True)]
+    return [([image], mask, "") for image, mask in zip(images, mask_refs, strict=True)]
 
 
 def load_examples(
@@ -142,7 +157,7 @@ def load_examples(
     if prompts and len(prompts) not in (1, len(sources)):
         raise DataError(f"--prompt: one, or one per example ({len(sources)}), not {len(prompts)}")
     examples = []
-    for index, (image_ref, mask_ref, prompt) in enumerate(sources):
+    for index, ([image_ref, *reference_refs], mask_ref, prompt) in enumerate(sources):
         image = image_ref.open("RGB")
         if resolution is None:
             size = (image.height // 16 * 16, image.width // 16 * 16)
@@ -159,13 +174,15 @@ def load_examples(
                 image=fit_to_bucket(image, size),
                 prompt=prompts[index % len(prompts)] if prompts else prompt,
                 mask=mask,
+                references=tuple(ref.open("RGB") for ref in reference_refs),
             )
         )
     return examples
 
 
-def load_family_pipeline(family_name: str, model: str | Path, dtype: torch.dtype, device: str):
-    """The family's pipeline from ``model`` (a folder or Hub id), checked against the family."""
+def family_pipeline(family_name: str, model: str | Path) -> str:
+    """The class name of ``model``'s pipeline (a folder or Hub id), checked against the
+    family."""
     family = FAMILIES[family_name]
     pipeline = diffusers.DiffusionPipeline.load_config(str(model))["_class_name"]
     if pipeline not in family.pipelines:
@@ -173,6 +190,24 @@ def load_family_pipeline(family_name: str, model: str | Path, dtype: torch.dtype
             f"{model} holds a {pipeline}; --family {family_name} runs "
             f"{' or '.join(family.pipelines)}"
         )
+    return pipeline
+
+
+def check_references(family: InferenceFamily, pipeline: str, examples: Sequence[Example]) -> None:
+    """Refuse examples with several references for a pipeline that reads one, naming them."""
+    several = [example.name for example in examples if example.references]
+    if several and pipeline not in family.several_references:
+        readers = " and ".join(family.several_references) or "no pipeline of this family"
+        raise DataError(
+            f"{', '.join(several)}: several reference images; {pipeline} reads one ({readers} "
+            "reads several)"
+        )
+
+
+def load_family_pipeline(family_name: str, model: str | Path, dtype: torch.dtype, device: str):
+    """The family's pipeline from ``model`` (a folder or Hub id), checked against the family."""
+    family = FAMILIES[family_name]
+    pipeline = family_pipeline(family_name, model)
     extra = {}
     if family.image_only_processor:  # no torchvision needed (models.qwen_processor)
         extra["processor"] = load_image_only_processor(str(model))
