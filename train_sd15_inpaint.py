@@ -252,6 +252,19 @@ class SD15Loss:
         return weights / snr
 
 
+def sampling_scheduler(scheduler) -> DDIMScheduler:
+    """DDIM on the pipeline's noise schedule that treats the predicted x0 as the pipeline's own
+    ``scheduler`` does: clipped or thresholded only where that scheduler's config says so
+    (``DDIMScheduler`` alone would clip to [-1, 1] whenever the key is missing, and latents are
+    not images)."""
+    config = scheduler.config
+    return DDIMScheduler.from_config(
+        config,
+        clip_sample=config.get("clip_sample", False),
+        thresholding=config.get("thresholding", False),
+    )
+
+
 class SD15Policy:
     """SD1.5 inpainting as a GRPO policy (``training.grpo.GRPOPolicy``): DDIM at --eta on the
     model's noise schedule, the pipeline's 9-channel input, classifier-free guidance at
@@ -264,21 +277,23 @@ class SD15Policy:
         config: SD15InpaintConfig,
         encoder: SD15Encoder,
         encoded: bool,
+        device: torch.device,
     ) -> None:
         self.pipe = pipe
         self.config = config
         self.encoder = encoder
         self.batches_are_encoded = encoded
         self.dtype = weight_dtype(config)
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = sampling_scheduler(pipe.scheduler)
         self.guided = config.guidance_scale > 1
-        device = pipe.text_encoder.device
+        # Built where the text encoder is now, kept where training runs: with
+        # --offload_encoders the encoder leaves for the CPU after caching.
         if config.train_text_encoder:
-            self.unconditional = {"input_ids": tokenize(pipe, [""])}
+            self.unconditional = {"input_ids": tokenize(pipe, [""]).to(device)}
         else:
             with torch.no_grad():
-                embeds = pipe.encode_prompt([""], device, 1, True)[1]
-            self.unconditional = {"encoder_hidden_states": embeds}
+                embeds = pipe.encode_prompt([""], pipe.text_encoder.device, 1, True)[1]
+            self.unconditional = {"encoder_hidden_states": embeds.to(device)}
 
     def start(self, batch: dict, generations: int, steps: int, generator: torch.Generator):
         encoded = batch if self.batches_are_encoded else self.encoder(batch)
@@ -418,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     encoder = SD15Encoder(pipe, config)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
     place_denoiser(pipe.unet, config, accelerator.device)
+    # Before the encoders may leave for the CPU: the empty prompt is encoded where they are.
+    policy = SD15Policy(pipe, config, encoder, config.cache_latents, accelerator.device)
     parts = TrainingParts(
         model=InpaintDenoiser(pipe.unet, text_encoder),
         dataset=items,
@@ -438,7 +455,6 @@ def main(argv: list[str] | None = None) -> None:
             ),
         ),
     )
-    policy = SD15Policy(pipe, config, encoder, config.cache_latents)
     train_objective(accelerator, config, parts, dataset, policy)
 
 

@@ -87,7 +87,12 @@ def sd15_parts(args):
     }
     batch["prompt_embeds"] = torch.randn(args.batch, 77, pipe.text_encoder.config.hidden_size)
     model = sd15.InpaintDenoiser(pipe.unet, None)
-    return model, sd15.SD15Policy(pipe, config, None, encoded=True), config, batch
+    return (
+        model,
+        sd15.SD15Policy(pipe, config, None, encoded=True, device=pipe.unet.device),
+        config,
+        batch,
+    )
 
 
 def phases(accelerator, model, policy, config, batch, rewards) -> dict:

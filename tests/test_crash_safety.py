@@ -1,4 +1,5 @@
-"""Killed, preempted and interrupted runs lose nothing: train_kontext_lora.py on the tiny model.
+"""Killed, preempted and interrupted runs lose nothing: train_kontext_lora.py on the tiny model,
+and GRPO runs of the inpainting scripts killed at a random moment.
 
 A child process trains and dies by SIGKILL at a chosen point (the point is chosen by wrapping
 one of our own functions in the child, so that it kills the process from inside: while a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,9 +24,15 @@ import pytest
 from safetensors.torch import load_file
 from script_runs import ROOT, TrainScript, assert_same_tensors, lora_tensors, script_args
 
+import train_flux_fill as fill
 import train_kontext_lora as kontext
-from data.synthetic import write_kontext_dataset
-from models.tiny import tiny_flux_kontext_pipeline
+import train_sd15_inpaint as sd15
+from data.synthetic import write_inpainting_dataset, write_kontext_dataset
+from models.tiny import (
+    tiny_flux_fill_pipeline,
+    tiny_flux_kontext_pipeline,
+    tiny_sd15_inpaint_pipeline,
+)
 from training.checkpoint import complete_checkpoints
 from training.lora import LORA_WEIGHTS_NAME
 from training.metrics import read_metrics
@@ -191,3 +199,56 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(assets, tmp_path):
     assert_same_tensors(lora_tensors(straight), lora_tensors(out))
     assert [r["step"] for r in read_metrics(out)] == list(range(1, total + 1))
     assert read_metrics(out) == read_metrics(straight)
+
+
+# GRPO runs of both inpainting scripts, small enough for a step of a fraction of a second.
+GRPO_FLAGS = {
+    "objective": "grpo",
+    "num_generations": 2,
+    "sampling_steps": 3,
+    "seed": 3,
+    "max_train_steps": 12,
+    "checkpointing_steps": 2,
+}
+GRPO_SCRIPTS = {
+    "flux-fill": (
+        TrainScript(fill, fill.FillConfig, 32, max_sequence_length=16, **GRPO_FLAGS),
+        tiny_flux_fill_pipeline,
+    ),
+    "sd15": (
+        TrainScript(sd15, sd15.SD15InpaintConfig, 32, **GRPO_FLAGS),
+        tiny_sd15_inpaint_pipeline,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(GRPO_SCRIPTS))
+def test_grpo_killed_at_a_random_moment_resumes_as_an_uninterrupted_run(tmp_path, family):
+    """SIGKILL from outside at a moment drawn at random after the first checkpoint (sampling,
+    scoring, updating or saving: wherever the run is), then a resume: the LoRA and every
+    metrics line of the uninterrupted run."""
+    script, pipeline = GRPO_SCRIPTS[family]
+    pipeline(seed=0).save_pretrained(tmp_path / "model")
+    write_inpainting_dataset(tmp_path / "data", n=2, resolution=32, seed=0)
+    uninterrupted = script.run(tmp_path, tmp_path / "uninterrupted")
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / script.file), *script_args(script.values(tmp_path, out))],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (out.is_dir() and complete_checkpoints(out)):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.5))
+    process.kill()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended first: {stderr[-2000:]}"
+    script.run(tmp_path, out, resume_from_checkpoint="latest")
+    assert_same_tensors(lora_tensors(uninterrupted), lora_tensors(out))
+    assert read_metrics(out) == read_metrics(uninterrupted)

@@ -410,7 +410,7 @@ class TestCommandLine:
         assert real.objective == tiny.objective == "grpo"
         assert real.mixed_precision == "bf16" and tiny.mixed_precision == "no"
         assert real.guidance_scale == tiny.guidance_scale == 30.0
-        assert real.reward == "background:1,seam:0.5" and real.num_generations == 8
+        assert real.reward == "background:1,seam:0.5,fill:1" and real.num_generations == 8
         assert real.noise_level == 0.7 and real.max_sequence_length == 512
         assert tiny.resolution == 16 and tiny.max_train_steps == 50
 
@@ -590,7 +590,7 @@ class TestGRPORun:
             torch.testing.assert_close(lora_tensors(two)[name], value, rtol=1e-4, atol=1e-5)
 
     def test_a_short_run_raises_the_mean_reward(self, assets, tmp_path):
-        """Background consistency on the tiny random model: 4 groups of 8 per step at 16 px.
+        """The default rewards on the tiny random model: 4 groups of 8 per step at 16 px.
         The first and last tenth of the run are what the README reports."""
         out = run(
             assets,
@@ -603,7 +603,7 @@ class TestGRPORun:
         )
         rewards = [r["reward"] for r in read_metrics(out)]
         first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-        print(f"mean background reward: first tenth {first:.5f}, last tenth {last:.5f}")
+        print(f"mean reward: first tenth {first:.5f}, last tenth {last:.5f}")
         assert last > first + 0.001, (first, last)
 
     def test_precomputed_folder_is_refused(self, assets, tmp_path):

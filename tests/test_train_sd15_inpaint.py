@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+)
 from grpo_checks import assert_ratios_are_one_on_policy
 from PIL import Image
 from script_runs import (
@@ -38,6 +44,7 @@ from training.grpo import sample_rollout, transition
 from training.lora import add_lora
 from training.metrics import read_metrics
 from training.rewards import RewardOptions, Rewards
+from training.sde import ddim_step
 from training.validation import to_pil
 
 RESOLUTION = 64
@@ -243,7 +250,7 @@ class TestCommandLine:
         parsed = parse_config(sd15.SD15InpaintConfig, [*flags, "--train_data_dir", "data"])
         assert parsed.objective == "grpo" and parsed.mixed_precision == "fp16"
         assert parsed.eta == 1.0 and parsed.guidance_scale == 7.5
-        assert parsed.num_generations == 8 and parsed.reward == "background:1,seam:0.5"
+        assert parsed.num_generations == 8 and parsed.reward == "background:1,seam:0.5,fill:1"
 
 
 GRPO_RESOLUTION = 32
@@ -277,7 +284,12 @@ def grpo(assets):
                     param.normal_(0, 0.05, generator=generator)
     denoiser = sd15.InpaintDenoiser(pipe.unet, pipe.text_encoder)
     encoder = sd15.SD15Encoder(pipe, grpo_config)
-    return pipe, grpo_config, denoiser, sd15.SD15Policy(pipe, grpo_config, encoder, False)
+    return (
+        pipe,
+        grpo_config,
+        denoiser,
+        sd15.SD15Policy(pipe, grpo_config, encoder, False, pipe.unet.device),
+    )
 
 
 def grpo_batch(assets, count: int = 2) -> dict:
@@ -300,7 +312,8 @@ class TestGRPOPolicy:
                     denoiser, latents, step, conditioning, stochastic=False
                 )[0]
             images = policy.decode(latents, conditioning)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            # DDIM as the pipeline's own scheduler treats x0: never clipped in latent space.
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
             expected = pipe(
                 prompt=batch["prompt"][0],
                 image=to_pil(batch["image"][0]),
@@ -316,6 +329,39 @@ class TestGRPOPolicy:
             ).images
         assert expected.shape == images.shape == (1, 3, GRPO_RESOLUTION, GRPO_RESOLUTION)
         torch.testing.assert_close(images, expected, rtol=0, atol=1e-4)
+
+    def test_the_sampler_clips_x0_only_where_the_pipeline_does(self, assets):
+        """The tiny pipeline's PNDM config has no clip_sample (DDIM's default would clip to
+        [-1, 1]): a step whose x0 lies far outside is DDIM's formula, unclipped."""
+        pndm = PNDMScheduler.from_pretrained(assets / "model", subfolder="scheduler")
+        assert "clip_sample" not in pndm.config
+        scheduler = sd15.sampling_scheduler(pndm)
+        scheduler.set_timesteps(4)
+        t = scheduler.timesteps[0]
+        latents, eps = torch.full((1, 4, 2, 2), 3.0), torch.full((1, 4, 2, 2), -2.0)
+        mean, std = ddim_step(scheduler, eps, t, latents, eta=1.0)
+        a, a_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t - 250]
+        variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        x0 = (latents - (1 - a) ** 0.5 * eps) / a**0.5
+        assert x0.min() > 3  # far outside [-1, 1]
+        expected = a_prev**0.5 * x0 + (1 - a_prev - variance) ** 0.5 * eps
+        torch.testing.assert_close(mean, expected)
+        torch.testing.assert_close(std, variance**0.5)
+        clipping = DDIMScheduler.from_config(pndm.config)  # what a bare from_config gives
+        clipping.set_timesteps(4)
+        assert not torch.allclose(ddim_step(clipping, eps, t, latents, eta=1.0)[0], mean)
+        asked = sd15.sampling_scheduler(DDIMScheduler(clip_sample=True, thresholding=False))
+        assert asked.config.clip_sample
+
+    def test_the_empty_prompt_lives_where_training_runs(self, assets, grpo):
+        """Encoded where the text encoder is, kept on the training device: with
+        --offload_encoders the encoder is on the CPU while the batch is on the GPU."""
+        pipe, grpo_config, _, _ = grpo
+        config = dataclasses.replace(grpo_config, train_text_encoder=False)
+        policy = sd15.SD15Policy(pipe, config, None, True, torch.device("meta"))
+        assert policy.unconditional["encoder_hidden_states"].device.type == "meta"
+        with_encoder = sd15.SD15Policy(pipe, grpo_config, None, True, torch.device("meta"))
+        assert with_encoder.unconditional["input_ids"].device.type == "meta"
 
     def test_step_log_density_is_the_gaussian_of_the_ddim_step(self, assets, grpo):
         """The guided prediction on the 9-channel input, diffusers' DDIM step and variance, and

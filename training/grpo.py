@@ -30,12 +30,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from training.lora import lora_disabled
 from training.metrics import mean_across_ranks
-from training.rewards import Rewards, parse_reward_spec
+from training.rewards import DEFAULT_REWARD, MODEL_REWARDS, Rewards, parse_reward_spec
 from training.sde import gaussian_kl, gaussian_log_prob
 
-# Added to a group's reward spread before dividing (as Flow-GRPO and DanceGRPO do), so that a
-# group of equal rewards gets zero advantages, not a division by zero.
-ADVANTAGE_EPS = 1e-4
+# A group whose reward spread is at most this share of its largest reward counts as tied
+# (zero advantages): a guard in the rewards' own units, so scaling a reward changes nothing,
+# unlike the fixed epsilon Flow-GRPO and DanceGRPO add, which is the size of some rewards'
+# whole spread. 1e-6 is a few float32 roundings.
+TIED_REWARDS = 1e-6
 
 
 @dataclass(kw_only=True)
@@ -58,22 +60,34 @@ class GRPOConfig:
     """GRPO: only this many consecutive steps, at a position drawn per micro-batch, are
     stochastic and trained, the others deterministic (the Flow-GRPO-Fast / MixGRPO saving).
     None: every step."""
-    reward: str = "background"
+    reward: str = DEFAULT_REWARD
     """GRPO: comma-separated name[:weight] terms. Built in: background (keep the source outside
-    the mask), seam (no visible edge at the mask border), clip (CLIP score of the prompt on the
-    mask's box, needs --clip_reward_model); module:function[:weight] for your own."""
+    the mask), seam (the mask's edge as busy as the source around it), fill (the fill's colour
+    and texture like the source around the mask), clip (CLIP score of the prompt on the mask's
+    box, needs --clip_reward_model), preference (a PickScore-style preference score of the whole
+    image, needs --preference_reward_model); module:function[:weight] for your own."""
     clip_reward_model: str | None = None
     """GRPO: local folder of a CLIP model (transformers) for the clip reward."""
+    preference_reward_model: str | None = None
+    """GRPO: local folder of a CLIP-architecture preference model (PickScore's weights with its
+    processor, saved with save_pretrained) for the preference reward."""
     seam_band: int = 4
     """GRPO: half-width in pixels of the band around the mask edge that the seam reward
     measures."""
+    fill_ring: int = 16
+    """GRPO: width in pixels of the ring of source around the mask that the fill reward compares
+    the fill with."""
     clip_range: float = 1e-4
     """GRPO: the ratio of new to old step probability (per latent element) is clipped to
     1 +- this."""
     adv_clip_max: float = 5.0
     """GRPO: advantages are clipped to +- this."""
     kl_beta: float = 0.0
-    """GRPO: weight of the KL divergence to the base model (the LoRA switched off); 0: none."""
+    """GRPO: weight of the KL divergence to the base model (the LoRA switched off), the exact
+    KL of each step's Gaussians, averaged over latent elements; 0: none. Flow-GRPO's KL term is
+    this times |dt| (the step's sigma decrement), so a beta b taken from it acts here 1/|dt|
+    times stronger (6 to 29 times on a shifted 10-step schedule): use about b * |dt|, b / 10
+    for 10 even steps."""
     num_inner_epochs: int = 1
     """GRPO: optimizer steps per set of samples, each a pass over all of them; the first has
     ratio 1, later ones are off-policy and clipped. --max_train_steps, --checkpointing_steps and
@@ -90,6 +104,7 @@ class GRPOConfig:
             "kl_beta": self.kl_beta >= 0,
             "num_inner_epochs": self.num_inner_epochs >= 1,
             "seam_band": self.seam_band >= 1,
+            "fill_ring": self.fill_ring >= 1,
             "sde_window": self.sde_window is None or 1 <= self.sde_window <= self.sampling_steps,
         }
         rules = {
@@ -101,14 +116,17 @@ class GRPOConfig:
             "kl_beta": ">= 0",
             "num_inner_epochs": ">= 1",
             "seam_band": ">= 1",
+            "fill_ring": ">= 1",
             "sde_window": f"in [1, --sampling_steps {self.sampling_steps}]",
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"--{name} must be {rules[name]}, got {getattr(self, name)}")
         terms = parse_reward_spec(self.reward)
-        if any(term.target == "clip" for term in terms) and self.clip_reward_model is None:
-            raise ValueError("--reward clip needs --clip_reward_model (a local CLIP folder)")
+        for term in terms:
+            flag = MODEL_REWARDS.get(term.target)
+            if flag is not None and getattr(self, flag) is None:
+                raise ValueError(f"--reward {term.target} needs --{flag} (a local model folder)")
         if self.objective != "grpo":
             return
         if self.lora_dropout:
@@ -127,12 +145,15 @@ class GRPOConfig:
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
     """``rewards: [B * G]`` (groups of ``G = group_size`` consecutive samples) -> advantages
-    ``[B * G]``: ``(r - mean) / (std + ADVANTAGE_EPS)`` within each group (population std),
-    clipped to ``[-clip, clip]``."""
+    ``[B * G]``: ``(r - mean) / std`` within each group (population std), clipped to
+    ``[-clip, clip]``; 0 for a tied group (spread at most :data:`TIED_REWARDS` of its largest
+    absolute reward). Scaling the rewards leaves the advantages unchanged."""
     grouped = rewards.float().view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=False)
-    return ((grouped - mean) / (std + ADVANTAGE_EPS)).clamp(-clip, clip).flatten()
+    tied = std <= TIED_REWARDS * grouped.abs().amax(dim=1, keepdim=True)
+    advantages = (grouped - mean) / torch.where(tied, torch.ones_like(std), std)
+    return torch.where(tied, 0.0, advantages).clamp(-clip, clip).flatten()
 
 
 @dataclass

@@ -188,7 +188,12 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
 
 def build_rewards(config: GRPOConfig, device) -> Rewards:
     """The --reward terms, their models (the clip reward's CLIP) loaded on ``device``."""
-    options = RewardOptions(clip_model=config.clip_reward_model, seam_half_width=config.seam_band)
+    options = RewardOptions(
+        clip_model=config.clip_reward_model,
+        preference_model=config.preference_reward_model,
+        seam_half_width=config.seam_band,
+        fill_ring_width=config.fill_ring,
+    )
     return Rewards(config.reward, options, device)
 
 

@@ -10,7 +10,7 @@ A reward is a callable ``reward(images, prompts, masks, sources) -> scores``:
 
 ``--reward`` lists them, comma-separated, each ``name[:weight]``: a built-in name
 (:data:`BUILTIN_REWARDS`) or ``module:function`` (importable from the checkout or the Python
-path), e.g. ``background:1,seam:0.5,my_rewards:pickscore:2``. A reward that raises, or returns
+path), e.g. ``background:1,seam:0.5,fill,my_rewards:pickscore:2``. A reward that raises, or returns
 anything but ``N`` finite scores, stops training with an error naming it: a failure is never
 scored as 0.
 """
@@ -56,14 +56,22 @@ def gradient_magnitude(images: torch.Tensor) -> torch.Tensor:
     return (dx**2 + dy**2).sqrt().mean(dim=1, keepdim=True)
 
 
+def dilated(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """``masks: [N, 1, H, W]`` grown by ``radius`` pixels (square neighbourhoods)."""
+    return F.max_pool2d(masks.float(), 2 * radius + 1, stride=1, padding=radius)
+
+
 def edge_band(masks: torch.Tensor, half_width: int) -> torch.Tensor:
     """``[N, 1, H, W]`` in {0, 1}: pixels within ``half_width`` of the mask's edge (the mask
     dilated minus the mask eroded, square neighbourhoods). Empty for empty and full masks."""
-    masks = masks.float()
-    size = 2 * half_width + 1
-    dilated = F.max_pool2d(masks, size, stride=1, padding=half_width)
-    eroded = 1 - F.max_pool2d(1 - masks, size, stride=1, padding=half_width)
-    return dilated - eroded
+    eroded = 1 - dilated(1 - masks.float(), half_width)
+    return dilated(masks, half_width) - eroded
+
+
+def region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``values: [N, C, H, W]`` averaged over ``region: [N, 1, H, W]`` (0/1) per channel:
+    ``[N, C]`` (0 for an empty region)."""
+    return (values * region).sum(dim=(2, 3)) / region.sum(dim=(2, 3)).clamp_min(1)
 
 
 def seam_smoothness(
@@ -73,20 +81,54 @@ def seam_smoothness(
     sources: torch.Tensor,
     half_width: int = 4,
 ) -> torch.Tensor:
-    """How much smoother the mask's edge is than the rest of the image: ``[N]``.
+    """Whether the mask's edge is as busy as the source around it: ``[N]``, at most 0.
 
-    Minus (mean gradient magnitude in a band of ``half_width`` pixels each side of the mask's
-    edge - mean gradient magnitude elsewhere): a visible seam makes the band busier than the
-    image around it and scores below 0; a fill that continues the image scores about 0. No edge
-    (an empty or full mask) scores 0.
+    Minus |mean gradient magnitude of the image in a band of ``half_width`` pixels each side of
+    the mask's edge - mean gradient magnitude of the *source* in the ring of the same width just
+    outside that band|. A visible seam or noise at the edge makes the band busier, a blurred or
+    flat fill makes it calmer: both score below 0, and a fill that continues the source scores
+    about 0. The fill is compared with the source only, never with itself, so a busier fill
+    cannot raise it. No edge (an empty or full mask) scores 0.
     """
     band = edge_band(masks, half_width)
-    rest = 1 - band
-    gradient = gradient_magnitude(images)
-    in_band = (gradient * band).sum(dim=(1, 2, 3)) / band.sum(dim=(1, 2, 3)).clamp_min(1)
-    elsewhere = (gradient * rest).sum(dim=(1, 2, 3)) / rest.sum(dim=(1, 2, 3)).clamp_min(1)
-    has_edge = band.flatten(1).any(dim=1)
-    return torch.where(has_edge, elsewhere - in_band, torch.zeros_like(in_band))
+    ring = dilated(masks, 2 * half_width) - dilated(masks, half_width)
+    in_band = region_mean(gradient_magnitude(images), band)[:, 0]
+    around = region_mean(gradient_magnitude(sources), ring)[:, 0]
+    has_edge = band.flatten(1).any(dim=1) & ring.flatten(1).any(dim=1)
+    return torch.where(has_edge, -(in_band - around).abs(), torch.zeros_like(in_band))
+
+
+def fill_statistics(
+    images: torch.Tensor,
+    prompts: list[str],
+    masks: torch.Tensor,
+    sources: torch.Tensor,
+    ring_width: int = 16,
+) -> torch.Tensor:
+    """Whether the fill has the colour and texture of the source around it: ``[N]``, at most 0.
+
+    Minus the squared distance between two summaries, per colour channel: the fill's (the image
+    inside the mask) mean, standard deviation and mean gradient magnitude, and the same of the
+    source in a ring ``ring_width`` pixels wide around the mask. A grey hole, a flat fill of the
+    mean colour and a blurred fill lack the ring's spread and texture; noise has too much of
+    both; all score below a fill that continues the source. It judges continuation, not the
+    prompt: for fills that should differ from their surroundings (an inserted object), pair it
+    with a prompt-aware reward (``clip``, or your own). No fill or no ring (an empty or full
+    mask) scores 0.
+    """
+    inside = masks.float()
+    ring = dilated(masks, ring_width) - inside
+
+    def summary(pixels: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.float()
+        mean = region_mean(pixels, region)
+        variance = region_mean((pixels - mean[..., None, None]) ** 2, region)
+        texture = region_mean(gradient_magnitude(pixels), region)
+        return torch.cat([mean, variance.sqrt(), texture], dim=1)
+
+    distance = ((summary(images, inside) - summary(sources, ring)) ** 2).sum(dim=1)
+    present = inside.flatten(1).any(dim=1) & ring.flatten(1).any(dim=1)
+    return torch.where(present, -distance, torch.zeros_like(distance))
 
 
 def mask_box_crops(
@@ -108,9 +150,21 @@ def mask_box_crops(
 class ClipCropScore:
     """CLIP's cosine similarity between the prompt and the mask's bounding-box crop: ``[N]`` in
     [-1, 1]. The model, its tokenizer and image processor settings come from a local folder
-    (``from_pretrained``), e.g. a saved ``openai/clip-vit-large-patch14``."""
+    (``from_pretrained``), e.g. a saved ``openai/clip-vit-large-patch14``.
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+    With ``whole_image`` and ``logit_scaled`` it is a preference score of the PickScore kind (a
+    CLIP fine-tuned on human preferences): the model's logit scale times the cosine similarity
+    of the prompt and the whole image.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        *,
+        whole_image: bool = False,
+        logit_scaled: bool = False,
+    ) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
@@ -121,12 +175,15 @@ class ClipCropScore:
         self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
         self.device = device
+        self.whole_image = whole_image
+        self.logit_scaled = logit_scaled
 
     @torch.no_grad()
     def __call__(
         self, images: torch.Tensor, prompts: list[str], masks: torch.Tensor, sources: torch.Tensor
     ) -> torch.Tensor:
-        crops = mask_box_crops(images.to(self.device), masks.to(self.device) > 0.5, self.size)
+        regions = torch.zeros_like(masks) if self.whole_image else masks  # empty: whole image
+        crops = mask_box_crops(images.to(self.device), regions.to(self.device) > 0.5, self.size)
         pixels = ((crops - self.mean) / self.std).to(self.model.dtype)
         tokens = self.tokenizer(
             prompts,
@@ -137,7 +194,10 @@ class ClipCropScore:
         ).to(self.device)
         image_features = self.model.get_image_features(pixel_values=pixels).pooler_output
         text_features = self.model.get_text_features(**tokens).pooler_output
-        return F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+        similarity = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+        return (
+            self.model.logit_scale.exp().float() * similarity if self.logit_scaled else similarity
+        )
 
 
 @dataclass(frozen=True)
@@ -146,14 +206,28 @@ class RewardOptions:
 
     clip_model: str | None = None
     """Local CLIP folder for ``clip``."""
+    preference_model: str | None = None
+    """Local folder of a CLIP-architecture preference model (PickScore, say) for
+    ``preference``."""
     seam_half_width: int = 4
     """Half-width, in pixels, of ``seam``'s band around the mask edge."""
+    fill_ring_width: int = 16
+    """Width, in pixels, of the ring of source around the mask that ``fill`` compares with."""
 
 
 def _clip(options: RewardOptions, device) -> RewardFn:
     if options.clip_model is None:
         raise ValueError("the 'clip' reward needs --clip_reward_model (a local CLIP folder)")
     return ClipCropScore(options.clip_model, device)
+
+
+def _preference(options: RewardOptions, device) -> RewardFn:
+    if options.preference_model is None:
+        raise ValueError(
+            "the 'preference' reward needs --preference_reward_model (a local folder of a "
+            "CLIP-architecture preference model such as PickScore)"
+        )
+    return ClipCropScore(options.preference_model, device, whole_image=True, logit_scaled=True)
 
 
 def _seam(options: RewardOptions, device) -> RewardFn:
@@ -163,12 +237,26 @@ def _seam(options: RewardOptions, device) -> RewardFn:
     return seam
 
 
+def _fill(options: RewardOptions, device) -> RewardFn:
+    def fill(images, prompts, masks, sources):
+        return fill_statistics(images, prompts, masks, sources, options.fill_ring_width)
+
+    return fill
+
+
 # Built-in name -> factory(options, device) -> reward.
 BUILTIN_REWARDS: dict[str, Callable[[RewardOptions, object], RewardFn]] = {
     "background": lambda options, device: background_consistency,
     "seam": _seam,
+    "fill": _fill,
     "clip": _clip,
+    "preference": _preference,
 }
+# Built-ins that load a model from a local folder: reward name -> the flag naming the folder.
+MODEL_REWARDS = {"clip": "clip_reward_model", "preference": "preference_reward_model"}
+# What --reward is when not given: every built-in that needs no model, so that the fill itself
+# is judged (background alone scores a grey hole as high as a perfect fill).
+DEFAULT_REWARD = "background,seam:0.5,fill"
 
 
 @dataclass(frozen=True)

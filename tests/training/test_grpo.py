@@ -13,7 +13,6 @@ from torch.distributions import Normal, kl_divergence
 
 from training.config import TrainConfig
 from training.grpo import (
-    ADVANTAGE_EPS,
     GRPOConfig,
     clipped_objective,
     group_advantages,
@@ -124,8 +123,21 @@ class TestAdvantages:
     def test_z_scored_within_each_group(self):
         rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
         spread = math.sqrt(2 / 3)  # population std of 1, 2, 3
-        expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (spread + ADVANTAGE_EPS)
+        expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / spread
         torch.testing.assert_close(group_advantages(rewards, 3, clip=5.0), expected)
+
+    @pytest.mark.parametrize("scale", [1e-6, 1e-4, 1.0, 1e4])
+    def test_the_rewards_units_do_not_matter(self, scale):
+        """A spread the size of the built-in rewards' (1e-4) is z-scored like any other."""
+        rewards = torch.tensor([-3.0, -1.0, -2.0, -2.5])
+        expected = group_advantages(rewards, 4, clip=5.0)
+        torch.testing.assert_close(group_advantages(rewards * scale, 4, clip=5.0), expected)
+        assert expected.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-5)
+
+    def test_tied_groups_get_zero(self):
+        """Equal rewards, or a spread of float rounding alone, carry no preference."""
+        rewards = torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 1.0, 1.0 + 1e-8, 1.0])
+        assert torch.equal(group_advantages(rewards, 3, clip=5.0), torch.zeros(9))
 
     def test_clipped_to_the_bound(self):
         # mean 0.25, std sqrt(3)/4: the odd one out is at +sqrt(3), the others at -1/sqrt(3).
@@ -162,7 +174,7 @@ class TestClippedObjective:
 
 class TestConfig:
     def test_defaults_are_valid(self):
-        assert grpo_config().reward == "background"
+        assert grpo_config().reward == "background,seam:0.5,fill"
 
     @pytest.mark.parametrize(
         "overrides,message",
@@ -172,6 +184,7 @@ class TestConfig:
             ({"sde_window": 11}, r"sde_window must be in \[1, --sampling_steps 10\]"),
             ({"reward": "background,sharpness"}, "unknown reward 'sharpness'"),
             ({"reward": "clip"}, "needs --clip_reward_model"),
+            ({"reward": "fill,preference"}, "needs --preference_reward_model"),
             ({"lora_dropout": 0.1}, "needs --lora_dropout 0"),
             ({"num_inner_epochs": 2, "checkpointing_steps": 5}, "checkpointing_steps 5 must be"),
         ],

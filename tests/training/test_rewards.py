@@ -2,13 +2,18 @@
 failures that stop training naming the reward, and the CLIP crop score on a tiny random CLIP
 saved and loaded with ``from_pretrained``."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from models.tiny import tiny_clip_tokenizer
+from training.grpo import group_advantages
 from training.rewards import (
+    DEFAULT_REWARD,
     ClipCropScore,
     RewardError,
     RewardOptions,
@@ -16,6 +21,7 @@ from training.rewards import (
     RewardTerm,
     background_consistency,
     edge_band,
+    fill_statistics,
     mask_box_crops,
     parse_reward_spec,
     seam_smoothness,
@@ -82,6 +88,113 @@ class TestSeamSmoothness:
             assert torch.equal(seam_smoothness(noisy, ["", ""], mask, noisy), torch.zeros(2))
 
 
+def texture(size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``[1, 3, size, size]`` in [0, 1]: a stationary texture (random waves of 3 to 10 pixels
+    plus a little pixel noise), alike in every part of the image, as a background to fill."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    image = torch.full((3, size, size), 0.5)
+    for _ in range(6):
+        period = 3 + 7 * torch.rand(1, generator=g)
+        angle, phase = 3.1416 * torch.rand(2, generator=g)
+        wave = torch.sin(2 * 3.1416 * (x * angle.cos() + y * angle.sin()) / period + 6 * phase)
+        image = image + 0.06 * torch.rand(3, 1, 1, generator=g) * wave
+    image = image + 0.02 * torch.randn(3, size, size, generator=g)
+    return image.clamp(0, 1)[None]
+
+
+def fills(source: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The source with its masked square filled in the ways GRPO must not prefer to it."""
+    g = torch.Generator().manual_seed(1)
+    inside = mask.bool().expand_as(source)
+
+    def filled(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(inside, values, source)
+
+    mean_colour = (source * mask).sum(dim=(2, 3), keepdim=True) / mask.sum()
+    return {
+        "perfect": source,
+        "grey hole": filled(torch.full_like(source, 0.5)),
+        "noise": filled((source + 0.2 * (torch.rand(source.shape, generator=g) - 0.5)).clamp(0, 1)),
+        "blur": filled(F.avg_pool2d(source, 7, stride=1, padding=3, count_include_pad=False)),
+        "flat mean colour": filled(mean_colour.expand_as(source)),
+    }
+
+
+def shipped_reward_mixes() -> set[str]:
+    """--reward of every shipped GRPO config, and the flag's default."""
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    mixes = {yaml.safe_load(path.read_text())["reward"] for path in configs.glob("*grpo*.yaml")}
+    return mixes | {DEFAULT_REWARD}
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A 64x64 texture, a 24x24 square mask in its middle, and the candidate fills."""
+    source = texture()
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 20:44, 20:44] = 1
+    return source, mask, fills(source, mask)
+
+
+class TestTheFillIsJudged:
+    """Constructed fills of a square hole in a stationary texture: every shipped mix of rewards
+    ranks the true continuation above a grey hole, noise, a blur and a flat fill."""
+
+    @pytest.mark.parametrize("mix", sorted(shipped_reward_mixes()))
+    def test_every_shipped_mix_prefers_the_true_fill(self, case, mix):
+        source, mask, candidates = case
+        rewards = Rewards(mix, RewardOptions(), "cpu")
+        scores = {
+            name: float(rewards(image, ["fill the hole"], mask, source)[0])
+            for name, image in candidates.items()
+        }
+        worse = {name: score for name, score in scores.items() if name != "perfect"}
+        assert all(score < scores["perfect"] for score in worse.values()), scores
+
+    @pytest.mark.parametrize("reward", ["seam", "fill"])
+    def test_each_fill_reward_alone_prefers_the_true_fill(self, case, reward):
+        source, mask, candidates = case
+        score = {
+            name: float(Rewards(reward, RewardOptions(), "cpu")(image, [""], mask, source)[0])
+            for name, image in candidates.items()
+        }
+        assert max(score, key=score.get) == "perfect", score
+
+    def test_more_noise_in_the_fill_gets_lower_advantages(self, case):
+        """A group differing only in the fill's noise amplitude (0, 0.05, 0.1, 0.2): the
+        advantages fall as the noise grows (the old seam reward rose with it)."""
+        source, mask, _ = case
+        g = torch.Generator().manual_seed(2)
+        noise = torch.rand(source.shape, generator=g) - 0.5
+        group = torch.cat([(source + a * noise * mask).clamp(0, 1) for a in (0.0, 0.05, 0.1, 0.2)])
+        total, _ = Rewards(DEFAULT_REWARD, RewardOptions(), "cpu")(
+            group, [""] * 4, mask.expand(4, -1, -1, -1), source.expand(4, -1, -1, -1)
+        )
+        advantages = group_advantages(total, 4, clip=5.0)
+        assert (advantages.diff() < 0).all(), advantages
+
+    def test_fill_statistics_known_values(self):
+        """Ring and fill of constant colours: the distance of the means alone, per channel."""
+        source = torch.full((1, 3, 16, 16), 0.2)
+        mask = torch.zeros(1, 1, 16, 16)
+        mask[..., 6:10, 6:10] = 1
+        image = torch.where(mask.bool(), 0.5, source)
+        score = fill_statistics(image, [""], mask, source, ring_width=2)
+        # Means differ by 0.3 in 3 channels; flat regions, but the fill's edge pixels see the
+        # step to the source in their forward differences: 2 of 4 columns and rows.
+        gradient = torch.zeros(1, 1, 16, 16)
+        gradient[..., 6:10, 9] = 0.3
+        gradient[..., 9, 6:10] = 0.3
+        gradient[..., 9, 9] = 0.3 * 2**0.5
+        texture_of_fill = float((gradient * mask).sum() / mask.sum())
+        expected = -(3 * 0.3**2 + texture_of_fill**2)
+        torch.testing.assert_close(score, torch.tensor([expected]))
+        empty, full = torch.zeros_like(mask), torch.ones_like(mask)
+        for other in (empty, full):
+            assert fill_statistics(image, [""], other, source).item() == 0
+
+
 class TestParse:
     def test_names_weights_and_user_functions(self):
         terms = parse_reward_spec("background, seam:0.5,my_rewards.pick:score:2")
@@ -97,7 +210,10 @@ class TestParse:
         [
             ("", "empty item"),
             ("background,,seam", "empty item"),
-            ("sharpness", "unknown reward 'sharpness'; built in: background, seam, clip"),
+            (
+                "sharpness",
+                "unknown reward 'sharpness'; built in: background, seam, fill, clip, preference",
+            ),
             ("a:b:c:d", "expected name"),
             ("background:inf", "weight must be finite"),
             ("seam,seam:2", "seam given more than once"),
@@ -262,3 +378,22 @@ class TestClipCropScore:
         assert terms["clip"][0] != terms["clip"][1]
         with pytest.raises(ValueError, match="needs --clip_reward_model"):
             Rewards("clip", RewardOptions(), "cpu")
+
+
+class TestPreferenceScore:
+    def test_logit_scale_times_the_whole_images_clip_similarity(self, tiny_clip):
+        """A PickScore-style folder (CLIP weights and processor): the whole image is scored,
+        whatever the mask, at the model's logit scale."""
+        images = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(3))
+        prompts = ["a red ball", "a blue box"]
+        masks = torch.zeros(2, 1, 48, 40)
+        masks[..., 5:9, 5:9] = 1
+        options = RewardOptions(preference_model=str(tiny_clip))
+        total, terms = Rewards("preference", options, "cpu")(images, prompts, masks, images)
+        model = CLIPModel.from_pretrained(tiny_clip).eval()
+        whole = ClipCropScore(tiny_clip)(images, prompts, torch.zeros_like(masks), images)
+        expected = model.logit_scale.exp().item() * whole
+        torch.testing.assert_close(terms["preference"], expected)
+        torch.testing.assert_close(total, expected)
+        with pytest.raises(ValueError, match="needs --preference_reward_model"):
+            Rewards("preference", RewardOptions(), "cpu")
