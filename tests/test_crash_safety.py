@@ -130,6 +130,27 @@ def run_child(assets: Path, out: Path, point: str) -> subprocess.CompletedProces
     )
 
 
+def start_script(file: str, args: list[str]) -> subprocess.Popen:
+    """The train script ``file`` in a child process, offline and on the CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / file), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(process: subprocess.Popen, ready, seconds: float = 240) -> None:
+    """Poll ``ready()`` while ``process`` runs; fail if it ends or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def assert_intact_checkpoints(out: Path, uninterrupted: Path) -> None:
     """Every complete checkpoint holds the LoRA the uninterrupted run had at its step."""
     for step, folder in complete_checkpoints(out):
@@ -171,20 +192,8 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(assets, tmp_path):
     final LoRA (the run is not finished); the resumed run ends as an uninterrupted one."""
     out = tmp_path / "out"
     values = SCRIPT.values(assets, out, max_train_steps=10_000, checkpointing_steps=10_000)
-    args = script_args(values)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train_kontext_lora.py"), *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 2:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    process = start_script(SCRIPT.file, script_args(values))
+    wait_until(process, lambda: (out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= 2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
@@ -232,19 +241,8 @@ def test_grpo_killed_at_a_random_moment_resumes_as_an_uninterrupted_run(tmp_path
     write_inpainting_dataset(tmp_path / "data", n=2, resolution=32, seed=0)
     uninterrupted = script.run(tmp_path, tmp_path / "uninterrupted")
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / script.file), *script_args(script.values(tmp_path, out))],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not (out.is_dir() and complete_checkpoints(out)):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_script(script.file, script_args(script.values(tmp_path, out)))
+    wait_until(process, lambda: out.is_dir() and bool(complete_checkpoints(out)))
     time.sleep(random.uniform(0, 0.5))
     process.kill()
     _, stderr = process.communicate(timeout=60)
