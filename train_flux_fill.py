@@ -49,6 +49,7 @@ from training.config import (
     FlowMatchingConfig,
     FluxConfig,
     InpaintingDataConfig,
+    LoraFileConfig,
     LowMemoryConfig,
     RegionLossConfig,
     TrainConfig,
@@ -105,6 +106,7 @@ class FillConfig(
     InpaintingDataConfig,
     FlowMatchingConfig,
     FluxConfig,
+    LoraFileConfig,
     LowMemoryConfig,
     TrainConfig,
 ):

@@ -40,6 +40,7 @@ from training.config import (
     EditPairDataConfig,
     FlowMatchingConfig,
     FluxConfig,
+    LoraFileConfig,
     LowMemoryConfig,
     TrainConfig,
     bounded,
@@ -87,7 +88,7 @@ TERM_WEIGHT_FLAGS = {
 
 @dataclass(kw_only=True)
 class KontextConfig(
-    EditPairDataConfig, FlowMatchingConfig, FluxConfig, LowMemoryConfig, TrainConfig
+    EditPairDataConfig, FlowMatchingConfig, FluxConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
 ):
     """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
 

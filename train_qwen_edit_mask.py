@@ -44,6 +44,7 @@ from models.qwen_processor import load_image_only_processor
 from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     FlowMatchingConfig,
+    LoraFileConfig,
     LowMemoryConfig,
     RegionLossConfig,
     TextEditDataConfig,
@@ -74,7 +75,12 @@ LORA_LAYERS = tuple(layer for layer in FLUX_LORA_LAYERS if layer != "attn.to_add
 
 @dataclass(kw_only=True)
 class QwenEditConfig(
-    RegionLossConfig, TextEditDataConfig, FlowMatchingConfig, LowMemoryConfig, TrainConfig
+    RegionLossConfig,
+    TextEditDataConfig,
+    FlowMatchingConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    TrainConfig,
 ):
     """Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss."""
 

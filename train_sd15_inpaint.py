@@ -39,6 +39,7 @@ from losses import downsample_mask_area, masked_flow_matching_loss
 from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     InpaintingDataConfig,
+    LoraFileConfig,
     LowMemoryConfig,
     RegionLossConfig,
     TrainConfig,
@@ -75,7 +76,7 @@ TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # bases (training.config's names, such as MaskLossSettings).
 @dataclass(kw_only=True)
 class SD15InpaintConfig(
-    RegionLossConfig, GRPOConfig, InpaintingDataConfig, LowMemoryConfig, TrainConfig
+    RegionLossConfig, GRPOConfig, InpaintingDataConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
 ):
     """Train a Stable Diffusion 1.5 inpainting LoRA: supervised, with optional min-SNR and region
     weighting, or with GRPO on a reward."""

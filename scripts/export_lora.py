@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from training.lora import cast_lora_file
 from training.lora_export import (
     DIFFUSERS,
     FAMILIES,
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
-        help="--merge: dtype of the merged weights; default: the base component's",
+        help="dtype of the written weights; default: with --to, the LoRA's own (a fp32 LoRA "
+        "in bfloat16 is half the size), with --merge, the base component's",
     )
     parser.add_argument(
         "--max_shard_size",
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.merge and args.model is None:
         parser.error("--merge needs --model BASE")
-    if not args.merge and (args.scale != 1.0 or args.dtype):
-        parser.error("--scale and --dtype apply to --merge only")
+    if not args.merge and args.scale != 1.0:
+        parser.error("--scale applies to --merge only")
     try:
         if args.merge:
             dtype = DTYPES[args.dtype] if args.dtype else None
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         lora = read_lora(args.lora)
         conversion = convert(lora, args.to, detect_family(lora, args.family, args.model))
         print("\n".join(conversion.report()))
-        print(f"wrote {write_conversion(conversion, args.out)}")
+        written = write_conversion(conversion, args.out)
+        if args.dtype:
+            cast_lora_file(written, DTYPES[args.dtype])
+        print(f"wrote {written}" + (f" in {args.dtype}" if args.dtype else ""))
     except ValueError as error:  # includes LayoutError: a clear message, no traceback
         parser.exit(1, f"error: {error}\n")
 

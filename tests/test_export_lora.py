@@ -148,6 +148,34 @@ class TestKohyaExport:
         export(kohya, "--to", "diffusers", "--out", back)
         assert_round_trip(kontext / "lora", back)
 
+    def test_in_bfloat16_half_the_size_with_exact_alphas(self, kontext, tmp_path):
+        full, half = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
+        export(kontext / "lora", "--to", "kohya", "--out", full, "--model", kontext / "model")
+        report = export(
+            kontext / "lora",
+            "--to",
+            "kohya",
+            "--out",
+            half,
+            "--model",
+            kontext / "model",
+            "--dtype",
+            "bfloat16",
+        )
+        assert f"wrote {half} in bfloat16" in report
+        wide, narrow = load_file(full), load_file(half)
+        assert wide.keys() == narrow.keys()
+        for name, tensor in wide.items():
+            if name.endswith(".alpha"):  # scalars stay as written: alpha keeps its value
+                assert narrow[name].dtype == torch.float32 and torch.equal(narrow[name], tensor)
+            else:
+                assert narrow[name].dtype == torch.bfloat16
+                assert torch.equal(narrow[name], tensor.to(torch.bfloat16))
+        with safe_open(half, "pt") as narrow_file, safe_open(full, "pt") as wide_file:
+            assert narrow_file.metadata() == wide_file.metadata()
+        weights = [t for n, t in wide.items() if not n.endswith(".alpha")]
+        assert half.stat().st_size < 0.6 * full.stat().st_size and weights
+
     def test_qwen_image_edit(self, tmp_path):
         pipe = tiny_qwen_image_edit_pipeline()
         layers = [layer for layer in FLUX_LORA_LAYERS if layer != "attn.to_add_out"]

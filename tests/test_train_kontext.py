@@ -433,6 +433,19 @@ class TestTrainingRun:
         assert plain.shape == adapted.shape == (1, RESOLUTION, RESOLUTION, 3)
         assert not torch.allclose(plain, adapted)
 
+    def test_the_final_lora_in_bf16_checkpoints_in_fp32(self, assets, tmp_path, fresh_accelerate):
+        common = {"max_train_steps": 2, "checkpointing_steps": 2}
+        full = run(assets, tmp_path / "fp32", **common)
+        half = run(assets, tmp_path / "bf16", save_dtype="bf16", **common)
+        wide, narrow = lora_tensors(full), lora_tensors(half)
+        assert wide.keys() == narrow.keys()
+        assert all(narrow[name].dtype == torch.bfloat16 for name in narrow)
+        assert_same_tensors({n: t.to(torch.bfloat16) for n, t in wide.items()}, narrow)
+        checkpoint = load_file(half / "checkpoint-2" / LORA_WEIGHTS_NAME)
+        assert all(t.dtype == torch.float32 for t in checkpoint.values())
+        plain, adapted = base_and_adapted(assets, half)  # loads, LoRA config read back
+        assert not torch.allclose(plain, adapted)
+
     def test_exact_resume_skips_half_written_checkpoints(self, assets, tmp_path, fresh_accelerate):
         common = {"gradient_accumulation_steps": 2, "checkpointing_steps": 3}
         straight = run(assets, tmp_path / "straight", max_train_steps=6, **common)

@@ -374,6 +374,7 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir",
         "save_on_signal",
         "max_nonfinite_steps",
+        "save_dtype",
         "validation_steps",
         "validation_prompt",
         "num_validation_images",

@@ -254,6 +254,15 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class LoraFileConfig:
+    """How the final LoRA file is written (the scripts that train a LoRA)."""
+
+    save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the final LoRA file: bf16 or fp16 halve it, as most shared LoRAs are.
+    Checkpoints keep fp32, so a resume stays exact."""
+
+
+@dataclass(kw_only=True)
 class LowMemoryConfig:
     """What fits a large frozen base on a smaller GPU (the denoiser scripts). Put it before
     ``TrainConfig`` among a script config's bases: its checks run after TrainConfig's."""

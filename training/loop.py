@@ -31,7 +31,8 @@ from training.checkpoint import (
     run_identity,
 )
 from training.compiling import compile_repeated_blocks
-from training.config import TrainConfig
+from training.config import LoraFileConfig, TrainConfig
+from training.lora import LORA_WEIGHTS_NAME, SAVE_DTYPES, cast_lora_file
 from training.metrics import MetricsLog, mean_across_ranks
 from training.model_card import ModelCardInfo, publish_run
 from training.optimizers import (
@@ -321,6 +322,9 @@ class Run:
             with whole_trainable_parameters(accelerator.unwrap_model(self.model)) as model:
                 if accelerator.is_main_process:
                     self.parts.save_lora(model, Path(self.config.output_dir))
+                    if isinstance(self.config, LoraFileConfig) and self.config.save_dtype != "fp32":
+                        lora = Path(self.config.output_dir) / LORA_WEIGHTS_NAME
+                        cast_lora_file(lora, SAVE_DTYPES[self.config.save_dtype])
                     logger.info("saved the LoRA to %s", self.config.output_dir)
         # Every rank tears the process group down together, after the last file is written.
         accelerator.wait_for_everyone()

@@ -21,7 +21,8 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from training.config import TrainConfig
 
@@ -116,6 +117,25 @@ class LoraFormat:
                 f"LoRA file {lora_file.path} has {len(unexpected)} weights the adapter lacks, "
                 f"e.g. {unexpected[0]}; check --lora_layers and the base model"
             )
+
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_lora_file(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite the LoRA file ``path`` (one the suite wrote) with its floating weights in
+    ``dtype``, scalars (kohya's alphas) and metadata (each component's LoRA config) as they
+    are; the new file replaces the old in one rename."""
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    cast = {
+        name: tensor.to(dtype) if tensor.is_floating_point() and tensor.dim() else tensor
+        for name, tensor in tensors.items()
+    }
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(cast, partial, metadata=metadata)
+    partial.replace(path)
 
 
 def save_lora_components(
