@@ -360,6 +360,11 @@ def fill_dataset(config: FillConfig, pipe: FluxFillPipeline):
                 f"{config.train_data_dir} is a precomputed folder: --objective grpo scores "
                 "sampled images against the source pixels, which it lacks; give the raw folder"
             )
+        if config.trigger_word:
+            raise ValueError(
+                f"{config.train_data_dir} is a precomputed folder: its prompts are already "
+                "encoded, so --trigger_word cannot reach them; give the raw folder"
+            )
         vae = pipe.vae.config
         scaling = VaeScaling(vae.scaling_factor, vae.shift_factor or 0.0)
         return FillLatentDataset(config.train_data_dir, scaling, require_latents=True)

@@ -348,6 +348,7 @@ def text_edit_dataset(config: QwenEditConfig, pipeline: type) -> TextEditDataset
         "use_text_mask": config.data.use_text_mask or config.text_mask_dir is not None,
         "mask_dir_name": config.data.mask_dir_name,
         "reference_grid": partial(condition_grid, pipeline),
+        "trigger_word": config.trigger_word,
         "max_references": None
         if pipeline is QwenImageEditPlusPipeline
         else (1, f"{pipeline.__name__} (Qwen-Image-Edit; Edit-2509 and 2511 read several)"),

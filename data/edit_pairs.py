@@ -71,9 +71,12 @@ class EditPairDataset(BucketedRowDataset):
         resolution: int,
         max_aspect: float = 2.0,
         latent_factor: int = 8,
+        trigger_word: str | None = None,
     ) -> None:
         rows = AtMostSeveral(rows, 1, "FluxKontextPipeline")
-        super().__init__(rows, resolution=resolution, max_aspect=max_aspect)
+        super().__init__(
+            rows, resolution=resolution, max_aspect=max_aspect, trigger_word=trigger_word
+        )
         self.latent_factor = latent_factor
 
     @classmethod
@@ -110,6 +113,7 @@ class EditPairDataset(BucketedRowDataset):
         cache_dir: str | None = None,
         max_aspect: float = 2.0,
         latent_factor: int = 8,
+        trigger_word: str | None = None,
     ) -> EditPairDataset:
         """The edit pairs of a Hugging Face dataset (``save_to_disk`` folder or hub name).
 
@@ -125,7 +129,13 @@ class EditPairDataset(BucketedRowDataset):
         rows = HFRows.load(
             name_or_path, split=split, columns=columns, fields=EDIT_PAIR_FIELDS, cache_dir=cache_dir
         )
-        return cls(rows, resolution=resolution, max_aspect=max_aspect, latent_factor=latent_factor)
+        return cls(
+            rows,
+            resolution=resolution,
+            max_aspect=max_aspect,
+            latent_factor=latent_factor,
+            trigger_word=trigger_word,
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One item at its bucket size ``(h, w)``.

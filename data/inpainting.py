@@ -92,8 +92,11 @@ class InpaintingDataset(BucketedRowDataset):
         random_masks: bool = False,
         seed: int = 0,
         max_aspect: float = 2.0,
+        trigger_word: str | None = None,
     ) -> None:
-        super().__init__(rows, resolution=resolution, max_aspect=max_aspect)
+        super().__init__(
+            rows, resolution=resolution, max_aspect=max_aspect, trigger_word=trigger_word
+        )
         self.random_masks = random_masks
         self.seed = seed
 
@@ -110,11 +113,18 @@ class InpaintingDataset(BucketedRowDataset):
         random_masks: bool = False,
         seed: int = 0,
         allow_paths_outside: bool = False,
+        trigger_word: str | None = None,
     ) -> InpaintingDataset:
         """The examples listed in ``root/metadata.jsonl`` (paths inside ``root`` unless
         ``allow_paths_outside``)."""
         rows = FolderRows(root, cls.fields(random_masks), allow_paths_outside)
-        return cls(rows, resolution=resolution, random_masks=random_masks, seed=seed)
+        return cls(
+            rows,
+            resolution=resolution,
+            random_masks=random_masks,
+            seed=seed,
+            trigger_word=trigger_word,
+        )
 
     @classmethod
     def from_hf(
@@ -129,6 +139,7 @@ class InpaintingDataset(BucketedRowDataset):
         random_masks: bool = False,
         seed: int = 0,
         cache_dir: str | None = None,
+        trigger_word: str | None = None,
     ) -> InpaintingDataset:
         """The examples of a Hugging Face dataset (``save_to_disk`` folder or hub name)."""
         columns = {"image": image_column, "mask": mask_column, "prompt": prompt_column}
@@ -139,7 +150,13 @@ class InpaintingDataset(BucketedRowDataset):
             fields=cls.fields(random_masks),
             cache_dir=cache_dir,
         )
-        return cls(rows, resolution=resolution, random_masks=random_masks, seed=seed)
+        return cls(
+            rows,
+            resolution=resolution,
+            random_masks=random_masks,
+            seed=seed,
+            trigger_word=trigger_word,
+        )
 
     def key_parts(self, index: int) -> dict[str, Any]:
         if "mask" in self.rows[index].images:

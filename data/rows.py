@@ -189,6 +189,28 @@ class RowFilter(RowSource):
         return self.rows.source_problems()
 
 
+TRIGGER_TOKEN = "[trigger]"
+
+
+class WithTriggerWord(RowFilter):
+    """``rows`` with ``word`` in every prompt: in place of each ``[trigger]`` token, or before
+    the prompt (``"<word> <prompt>"``) when it has none."""
+
+    def __init__(self, rows: RowSource, word: str) -> None:
+        super().__init__(rows)
+        self.word = word
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        row, problems = self.rows.parse(index)
+        if row is None:
+            return row, problems
+        if TRIGGER_TOKEN in row.prompt:
+            prompt = row.prompt.replace(TRIGGER_TOKEN, self.word)
+        else:
+            prompt = f"{self.word} {row.prompt}"
+        return Row(row.images, prompt), problems
+
+
 class AtMostSeveral(RowFilter):
     """``rows`` with rows of more than ``limit`` images in the ``several`` field refused,
     ``why`` saying which model reads no more."""
@@ -466,6 +488,7 @@ class BucketedRowDataset(Dataset):
         rows: where the rows come from (:class:`FolderRows`, :class:`HFRows`).
         resolution: bucket area is about ``resolution**2``; a multiple of 16.
         max_aspect: the most elongated bucket's long/short side ratio.
+        trigger_word: put in every prompt (:class:`WithTriggerWord`); None: prompts as written.
 
     Raises:
         DataError: listing every bad row found (up to :data:`MAX_REPORTED_PROBLEMS`).
@@ -479,9 +502,16 @@ class BucketedRowDataset(Dataset):
     # keys are never reused for differently prepared pixels.
     key_version: str
 
-    def __init__(self, rows: RowSource, *, resolution: int, max_aspect: float = 2.0) -> None:
+    def __init__(
+        self,
+        rows: RowSource,
+        *,
+        resolution: int,
+        max_aspect: float = 2.0,
+        trigger_word: str | None = None,
+    ) -> None:
         self.buckets = make_buckets(resolution, max_aspect=max_aspect)
-        self.rows = rows
+        self.rows = WithTriggerWord(rows, trigger_word) if trigger_word else rows
         self.bucket_of_items = [
             self.buckets.index(nearest_bucket(height, width, self.buckets))
             for height, width in validated_sizes(rows)

@@ -141,8 +141,11 @@ class TextEditDataset(BucketedRowDataset):
         resolution: int,
         max_aspect: float = 2.0,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+        trigger_word: str | None = None,
     ) -> None:
-        super().__init__(rows, resolution=resolution, max_aspect=max_aspect)
+        super().__init__(
+            rows, resolution=resolution, max_aspect=max_aspect, trigger_word=trigger_word
+        )
         grid = reference_grid or (lambda size: size)
         groups: dict[tuple, int] = {}
         self.batch_group_of_items = [
@@ -173,6 +176,7 @@ class TextEditDataset(BucketedRowDataset):
         mask_dir_name: str = "text_masks",
         max_references: tuple[int, str] | None = None,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+        trigger_word: str | None = None,
     ) -> TextEditDataset:
         """The edits of ``rows``, masks ignored unless ``use_text_mask`` (then missing ones looked
         up in ``root/mask_dir_name``); ``max_references``: ``(limit, the model that reads no
@@ -180,7 +184,9 @@ class TextEditDataset(BucketedRowDataset):
         rows = text_edit_rows(rows, root, use_text_mask, mask_dir_name)
         if max_references is not None:
             rows = AtMostSeveral(rows, *max_references)
-        return cls(rows, resolution=resolution, reference_grid=reference_grid)
+        return cls(
+            rows, resolution=resolution, reference_grid=reference_grid, trigger_word=trigger_word
+        )
 
     @classmethod
     def from_folder(

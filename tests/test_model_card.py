@@ -89,6 +89,21 @@ class TestModelCard:
         assert "At step 2" in text and "| loss | 0.625 |" in text and "| geo_dice | 0.25 |" in text
         assert "![validation](validation/step-000002.png)" in text
 
+    @pytest.mark.parametrize(
+        "layout,expected",
+        [
+            ({"train_data_dir": None, "train_data_file": "edits.jsonl"}, "the file `edits.jsonl`"),
+            (
+                {"control_dirs": ["people", "products"]},
+                "the targets in `my_pairs` with references in `people`, `products`",
+            ),
+        ],
+    )
+    def test_the_data_layout_and_the_trigger_word(self, finished_run, layout, expected):
+        card = publish(kontext_config(finished_run, trigger_word="ohwx", **layout))
+        assert f"10 examples from {expected}, at `--resolution 512`" in card.text
+        assert "held the trigger word `ohwx`: put it in yours" in card.text
+
     def test_a_local_base_model_has_no_hub_metadata(self, finished_run, tmp_path):
         card = publish(kontext_config(finished_run, pretrained_model_name_or_path=str(tmp_path)))
         assert card.data.base_model is None and card.data.license is None

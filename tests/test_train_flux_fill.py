@@ -606,6 +606,13 @@ class TestGRPORun:
         print(f"mean reward: first tenth {first:.5f}, last tenth {last:.5f}")
         assert last > first + 0.001, (first, last)
 
+    def test_a_trigger_word_cannot_reach_precomputed_prompts(self, assets, tmp_path):
+        encoded = tmp_path / "encoded"
+        encoded.mkdir()
+        (encoded / MANIFEST_FILE).write_text("[]")
+        with pytest.raises(ValueError, match="precomputed folder: its prompts are already"):
+            run(assets, tmp_path / "out", train_data_dir=encoded, trigger_word="ohwx")
+
     def test_precomputed_folder_is_refused(self, assets, tmp_path):
         encoded = tmp_path / "encoded"
         encoded.mkdir()

@@ -365,7 +365,16 @@ class TextMaskSettings:
 
 
 @dataclass(kw_only=True)
-class ImagePairDataConfig:
+class PromptConfig:
+    """What every prompt of the data gets (the scripts whose data has prompts)."""
+
+    trigger_word: str | None = None
+    """A word put in every training prompt: in place of each [trigger] in a prompt, or before
+    the prompt when it has none; then in yours at inference."""
+
+
+@dataclass(kw_only=True)
+class ImagePairDataConfig(PromptConfig):
     """Edit data in any of the layouts of ``data.edit_sources``, or a Hugging Face dataset of
     (context, target, mask, prompt) rows."""
 
@@ -536,7 +545,7 @@ def parse_config(
 
 
 @dataclass(kw_only=True)
-class InpaintingDataConfig:
+class InpaintingDataConfig(PromptConfig):
     """Inpainting data: columns of a Hugging Face dataset (--dataset_name), random masks."""
 
     image_column: str = "image"

@@ -44,11 +44,13 @@ def edit_pair_dataset(config, latent_factor: int) -> EditPairDataset:
             edit_rows(EDIT_PAIR_FIELDS, **edit_sources(config, config.mask_dir)),
             resolution=config.resolution,
             latent_factor=latent_factor,
+            trigger_word=config.trigger_word,
         )
     return EditPairDataset.from_hf(
         config.dataset_name,
         resolution=config.resolution,
         latent_factor=latent_factor,
+        trigger_word=config.trigger_word,
         split=config.dataset_split,
         overlay_column=config.overlay_column,
         **edit_columns(config),
@@ -67,6 +69,7 @@ def inpainting_dataset(config) -> InpaintingDataset:
             random_masks=config.random_masks,
             seed=config.seed,
             allow_paths_outside=config.allow_paths_outside_data,
+            trigger_word=config.trigger_word,
         )
     return InpaintingDataset.from_hf(
         config.dataset_name,
@@ -77,6 +80,7 @@ def inpainting_dataset(config) -> InpaintingDataset:
         prompt_column=config.prompt_column,
         random_masks=config.random_masks,
         seed=config.seed,
+        trigger_word=config.trigger_word,
     )
 
 

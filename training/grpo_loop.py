@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training.checkpoint import TrainingProgress
 from training.grpo import (
@@ -124,8 +125,14 @@ def train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts) -
 
     Writes what supervised training writes (``metrics.jsonl`` with the rewards, objective and
     ratio statistics, checkpoints, validation images, the final LoRA) plus the first group's
-    images with their rewards at each validation.
+    images with their rewards at each validation. Log lines are printed above the progress
+    bar, not into it.
     """
+    with logging_redirect_tqdm():
+        return _train_grpo(accelerator, config, parts)
+
+
+def _train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts):
     accumulation = config.gradient_accumulation_steps
     batches_per_epoch = parts.sampler.batches_per_epoch
     run = Run(accelerator, config, parts, total_grpo_steps(config, batches_per_epoch))

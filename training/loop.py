@@ -21,6 +21,7 @@ from accelerate.utils import send_to_device
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.images import DataError
 from training.checkpoint import (
@@ -358,8 +359,14 @@ def train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts) -
     """Run (or resume) training; returns the final progress. Every rank calls this.
 
     Writes ``metrics.jsonl``, ``checkpoint-<step>/`` every --checkpointing_steps, validation
-    images every --validation_steps and at the end, and the final LoRA in ``output_dir``.
+    images every --validation_steps and at the end, and the final LoRA in ``output_dir``. Log
+    lines are printed above the progress bar, not into it.
     """
+    with logging_redirect_tqdm():
+        return _train(accelerator, config, parts)
+
+
+def _train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts):
     batches_per_epoch = parts.sampler.batches_per_epoch
     accumulation = config.gradient_accumulation_steps
     run = Run(accelerator, config, parts, total_steps(config, batches_per_epoch))
@@ -449,6 +456,11 @@ def _validate(accelerator: Accelerator, parts: TrainingParts, model, step: int) 
         with torch.no_grad():
             results = parts.validate(unwrapped, step)
         unwrapped.train()
+        if isinstance(results, Path):
+            logger.info("step %d: validation images in %s", step, results)
+        elif isinstance(results, Mapping):
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in results.items())
+            logger.info("step %d: validation %s", step, shown)
     accelerator.wait_for_everyone()
     return dict(results) if isinstance(results, Mapping) else {}
 

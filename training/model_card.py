@@ -132,12 +132,22 @@ def _table(rows: Mapping[str, object], header: tuple[str, str]) -> str:
 
 
 def _data_summary(config: TrainConfig, examples: int) -> str:
-    if config.train_data_dir:
+    controls = getattr(config, "control_dirs", None)
+    if getattr(config, "train_data_file", None):
+        source = f"the file `{config.train_data_file}`"
+    elif config.train_data_dir and controls:
+        folders = ", ".join(f"`{folder}`" for folder in controls)
+        source = f"the targets in `{config.train_data_dir}` with references in {folders}"
+    elif config.train_data_dir:
         source = f"the folder `{config.train_data_dir}`"
     else:
         split = getattr(config, "dataset_split", "train")
         source = f"the dataset `{config.dataset_name}` (split `{split}`)"
-    return f"{examples} examples from {source}, at `--resolution {config.resolution}`."
+    summary = f"{examples} examples from {source}, at `--resolution {config.resolution}`."
+    trigger = getattr(config, "trigger_word", None)
+    if trigger:
+        summary += f" Every training prompt held the trigger word `{trigger}`: put it in yours."
+    return summary
 
 
 def _training_rows(config: TrainConfig, steps: int, processes: int) -> dict[str, object]:

@@ -270,6 +270,21 @@ class TestValidation:
         message = load_error(tmp_path)
         assert "line 1: context[0]" in message and "FluxKontextPipeline reads at most 1" in message
 
+    def test_the_trigger_word_replaces_its_token_or_leads_the_prompt(self, tmp_path):
+        rows = [
+            write_pair(tmp_path, "a", prompt="insert [trigger] on the left"),
+            write_pair(tmp_path, "b", prompt="insert a red ball"),
+        ]
+        write_metadata(tmp_path, rows)
+        plain = EditPairDataset.from_folder(tmp_path, resolution=32)
+        rows_with = EditPairDataset(plain.rows, resolution=32, trigger_word="ohwx mug")
+        assert [rows_with[i]["prompt"] for i in (0, 1)] == [
+            "insert ohwx mug on the left",
+            "ohwx mug insert a red ball",
+        ]
+        # The prompt is part of an item's content key: a latent cache never serves the other.
+        assert rows_with.key(1) != plain.key(1)
+
     def test_all_problems_in_one_report(self, tmp_path):
         good = write_pair(tmp_path, "a")
         rows = [
