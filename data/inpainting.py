@@ -109,39 +109,31 @@ class InpaintingDataset(BucketedRowDataset):
         cls,
         root: str | Path,
         *,
-        resolution: int,
         random_masks: bool = False,
-        seed: int = 0,
         allow_paths_outside: bool = False,
-        trigger_word: str | None = None,
+        **options,
     ) -> InpaintingDataset:
         """The examples listed in ``root/metadata.jsonl`` (paths inside ``root`` unless
-        ``allow_paths_outside``)."""
+        ``allow_paths_outside``); ``options``: the constructor's (``resolution``, ``seed``,
+        ``trigger_word``, ...)."""
         rows = FolderRows(root, cls.fields(random_masks), allow_paths_outside)
-        return cls(
-            rows,
-            resolution=resolution,
-            random_masks=random_masks,
-            seed=seed,
-            trigger_word=trigger_word,
-        )
+        return cls(rows, random_masks=random_masks, **options)
 
     @classmethod
     def from_hf(
         cls,
         name_or_path: str | Path,
         *,
-        resolution: int,
         split: str = "train",
         image_column: str = "image",
         mask_column: str | None = "mask",
         prompt_column: str = "prompt",
         random_masks: bool = False,
-        seed: int = 0,
         cache_dir: str | None = None,
-        trigger_word: str | None = None,
+        **options,
     ) -> InpaintingDataset:
-        """The examples of a Hugging Face dataset (``save_to_disk`` folder or hub name)."""
+        """The examples of a Hugging Face dataset (``save_to_disk`` folder or hub name);
+        ``options``: the constructor's."""
         columns = {"image": image_column, "mask": mask_column, "prompt": prompt_column}
         rows = HFRows.load(
             name_or_path,
@@ -150,13 +142,7 @@ class InpaintingDataset(BucketedRowDataset):
             fields=cls.fields(random_masks),
             cache_dir=cache_dir,
         )
-        return cls(
-            rows,
-            resolution=resolution,
-            random_masks=random_masks,
-            seed=seed,
-            trigger_word=trigger_word,
-        )
+        return cls(rows, random_masks=random_masks, **options)
 
     def key_parts(self, index: int) -> dict[str, Any]:
         if "mask" in self.rows[index].images:

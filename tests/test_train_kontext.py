@@ -409,17 +409,17 @@ class TestWithoutMasks:
 
 class TestTrainingRun:
     def test_outputs_and_pipeline_loads_the_lora(self, assets, tmp_path, fresh_accelerate, caplog):
-        with caplog.at_level(logging.INFO):
-            out = run(
-                assets,
-                tmp_path / "out",
-                max_train_steps=4,
-                checkpointing_steps=2,
-                checkpoints_total_limit=1,
-                validation_steps=4,
-                validation_inference_steps=2,
-                num_validation_images=2,
-            )
+        caplog.set_level(logging.INFO)
+        out = run(
+            assets,
+            tmp_path / "out",
+            max_train_steps=4,
+            checkpointing_steps=2,
+            checkpoints_total_limit=1,
+            validation_steps=4,
+            validation_inference_steps=2,
+            num_validation_images=2,
+        )
         assert f"step 4: validation images in {out / 'validation' / 'step-000004.png'}" in (
             caplog.text
         )
