@@ -37,10 +37,11 @@ def parse(*argv: str) -> ScriptConfig:
     return parse_config(ScriptConfig, list(argv))
 
 
-def parse_error(capsys, *argv: str) -> str:
-    """Parse ``argv``, expecting the argparse exit (status 2); returns stderr."""
+def parse_error(capsys, *argv: str, config_cls: type = ScriptConfig) -> str:
+    """Parse ``argv`` into ``config_cls``, expecting the argparse exit (status 2); returns
+    stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        parse(*argv)
+        parse_config(config_cls, list(argv))
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
@@ -382,10 +383,8 @@ class TestNestedMaskLoss:
         ],
     )
     def test_nonsense_weights_are_refused_with_the_dotted_flag(self, capsys, flag, value, expected):
-        with pytest.raises(SystemExit) as exit_info:
-            self.parse(f"--{flag}", value)
-        assert exit_info.value.code == 2
-        assert f"--{flag} must be {expected}, got" in capsys.readouterr().err
+        err = parse_error(capsys, *BASE, f"--{flag}", value, config_cls=RegionConfig)
+        assert f"--{flag} must be {expected}, got" in err
 
     def test_dotted_flags_and_bare_boolean(self):
         config = self.parse("--mask_loss.enabled", "--mask_loss.weight", "0.5")
