@@ -111,8 +111,11 @@ class ControlFolderRows(RowSource):
                 )
         self.files = files
         self.folders = folders
-        self.caption = caption
-        self.caption_extension = caption_extension
+        # Read once here, not at every parse: rows are parsed again for each item and epoch.
+        self.captions = {
+            stem: self._caption(files["target"][stem], caption, caption_extension)
+            for stem in self.stems
+        }
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -120,11 +123,14 @@ class ControlFolderRows(RowSource):
     def source_problems(self) -> list[str]:
         return list(self._problems)
 
-    def _caption(self, target: Path) -> tuple[str | None, str | None]:
-        """The example's caption, or a fault."""
-        if self.caption is not None:
-            return self.caption, None
-        path = target.with_suffix(self.caption_extension)
+    @staticmethod
+    def _caption(
+        target: Path, caption: str | None, extension: str
+    ) -> tuple[str | None, str | None]:
+        """The example's caption (``caption``, else its caption file), or a fault."""
+        if caption is not None:
+            return caption, prompt_problem(caption, "--caption")
+        path = target.with_suffix(extension)
         if not path.is_file():
             return None, (
                 f"'{target}': no caption file '{path.name}' beside it (or give every example "
@@ -134,7 +140,7 @@ class ControlFolderRows(RowSource):
             text = path.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError as error:
             return None, f"'{path}': not UTF-8 text ({error})"
-        return text, None
+        return text, prompt_problem(text, f"'{path}'")
 
     def parse(self, index: int) -> tuple[Row | None, list[str]]:
         stem = self.stems[index]
@@ -148,8 +154,7 @@ class ControlFolderRows(RowSource):
                     f"'{target}': no image named {stem!r} in '{self.folders[field]}' "
                     f"({self.names[field]})"
                 )
-        caption, fault = self._caption(target)
-        fault = fault or prompt_problem(caption, f"'{target.with_suffix(self.caption_extension)}'")
+        caption, fault = self.captions[stem]
         if fault:
             problems.append(fault)
         return (None, problems) if problems else (Row(refs, caption), [])

@@ -432,8 +432,10 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _size_problems(row: Row, fields: RowFields) -> tuple[tuple[int, int] | None, list[str]]:
-    """The reference image's ``(height, width)`` and the faults of the row's images (headers
+def _size_problems(
+    row: Row, fields: RowFields
+) -> tuple[dict[str, tuple[int, int]] | None, list[str]]:
+    """Every image's ``(height, width)`` by field and the faults of the row's images (headers
     only)."""
     reference = fields.reference
     sizes, problems = {}, []
@@ -454,12 +456,18 @@ def _size_problems(row: Row, fields: RowFields) -> tuple[tuple[int, int] | None,
                 f"{reference} image{named} size {reference_size[1]}x{reference_size[0]} "
                 "(width x height)"
             )
-    return (None if problems else reference_size), problems
+    return (None if problems else sizes), problems
 
 
 def validated_sizes(rows: RowSource) -> list[tuple[int, int]]:
     """Every row's reference size; one :class:`DataError` listing the faults if any row has
     some."""
+    return [sizes[rows.fields.reference] for sizes in validated_image_sizes(rows)]
+
+
+def validated_image_sizes(rows: RowSource) -> list[dict[str, tuple[int, int]]]:
+    """Every row's image sizes ``(height, width)`` by field, each header read once; one
+    :class:`DataError` listing the faults if any row has some."""
     sizes, problems = [], rows.source_problems()
     for index in range(len(rows)):
         row, row_problems = rows.parse(index)
@@ -494,6 +502,7 @@ class BucketedRowDataset(Dataset):
         DataError: listing every bad row found (up to :data:`MAX_REPORTED_PROBLEMS`).
 
     Attributes:
+        image_sizes: every item's image sizes ``(height, width)`` by field, as validated.
         buckets: ``(height, width)`` of every bucket.
         bucket_of_items: index into ``buckets`` of every item, for ``BucketBatchSampler``.
     """
@@ -512,9 +521,10 @@ class BucketedRowDataset(Dataset):
     ) -> None:
         self.buckets = make_buckets(resolution, max_aspect=max_aspect)
         self.rows = WithTriggerWord(rows, trigger_word) if trigger_word else rows
+        self.image_sizes = validated_image_sizes(rows)
         self.bucket_of_items = [
-            self.buckets.index(nearest_bucket(height, width, self.buckets))
-            for height, width in validated_sizes(rows)
+            self.buckets.index(nearest_bucket(*sizes[rows.fields.reference], self.buckets))
+            for sizes in self.image_sizes
         ]
         self._file_digests: dict[Path, str] = {}
         self._keys: dict[int, str] = {}

@@ -157,13 +157,13 @@ class TextEditDataset(BucketedRowDataset):
 
     def reference_sizes(self, index: int) -> list[tuple[int, int]]:
         """``(height, width)`` of each reference of item ``index`` as :meth:`__getitem__` hands
-        it over (headers only)."""
-        row = self.rows[index]
-        target, bucket = row.images["target"].size(), self.bucket_size(index)
-        return [
-            bucket if (size := ref.size()) == target else size
-            for ref in row.several(self.rows.fields)
-        ]
+        it over (from the sizes validated when the dataset was built)."""
+        fields, sizes = self.rows.fields, self.image_sizes[index]
+        bucket = self.bucket_size(index)
+        found = []
+        while (field := fields.numbered(len(found))) in sizes:
+            found.append(bucket if sizes[field] == sizes["target"] else sizes[field])
+        return found
 
     @classmethod
     def from_rows(

@@ -111,14 +111,12 @@ def _folder_sources(family: InferenceFamily, root: Path) -> list[_Source]:
         fields = RowFields("inference", (family.input_field,), several=family.input_field)
     rows = FolderRows(root, fields)
     validated_sizes(rows)  # every bad row in one error, before a pipeline is loaded
-    return [
-        (
-            rows[i].several(fields) or [rows[i].images[family.input_field]],
-            rows[i].images.get("mask"),
-            rows[i].prompt,
-        )
-        for i in range(len(rows))
-    ]
+    sources = []
+    for index in range(len(rows)):
+        row = rows[index]
+        inputs = row.several(fields) or [row.images[family.input_field]]
+        sources.append((inputs, row.images.get("mask"), row.prompt))
+    return sources
 
 
 def _file_sources(
