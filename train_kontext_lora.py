@@ -297,7 +297,8 @@ class KontextLoss:
         with_mask = encoded["has_mask"].bool()
         components = {"fm": flow_matching.detach(), "masked_samples": with_mask.float().mean()}
         total = config.flow_matching_weight * flow_matching
-        if not with_mask.any():
+        masked = int(with_mask.sum())  # the step's one host sync for the masks
+        if masked == 0:
             return total, components
         # Clean latents as tokens, from tensors already packed: x_t's tokens are the first part
         # of the transformer's input, and the velocities come packed (each 2x2 repacking copy
@@ -309,15 +310,15 @@ class KontextLoss:
             "context": inputs["hidden_states"][:, target_tokens:].float(),
         }
         share = None
-        if not with_mask.all():
+        if masked < batch_size:
             # The mask terms see only the rows with a mask, weighted by their share of the batch.
             encoded, tokens = rows_of(encoded, with_mask), rows_of(tokens, with_mask)
-            share = with_mask.float().mean()
+            share = masked / batch_size
         geometry, parts = self._geometry_losses(encoded, tokens["pred"], height, width)
         components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
         embedding, parts = self._embedding_losses(encoded, tokens, height, width)
         components.update({f"emb_{name}": value.detach() for name, value in parts.items()})
-        if share is None:
+        if share is None:  # every row masked: the sum as it always was, bit for bit
             return total + geometry + embedding, components
         return total + share * (geometry + embedding), components
 
