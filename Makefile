@@ -27,7 +27,7 @@ demo: setup
 	$(PY) scripts/build_tiny_world.py --out $(WORLD)
 	rm -rf $(DEMO)/kontext
 	$(PY) train_kontext_lora.py --config configs/kontext_demo.yaml
-	$(PY) scripts/demo_report.py --world $(WORLD) --run $(DEMO)/kontext --config configs/kontext_demo.yaml
+	$(PY) evidence/demo_report.py --world $(WORLD) --run $(DEMO)/kontext --config configs/kontext_demo.yaml
 	@echo
 	@echo "before/after: $(DEMO)/kontext/before_after.png"
 	@echo "loss curve:   $(DEMO)/kontext/loss_curve.png"
@@ -54,11 +54,11 @@ bench: setup
 	$(PY) benchmarks/grpo_step.py
 
 ablation: setup
-	$(PY) benchmarks/ablation.py --world $(WORLD) --out outputs/ablation
+	$(PY) evidence/ablation.py --world $(WORLD) --out outputs/ablation
 
 # The Qwen-Image-Edit world (1024x1024 text signs) is built on first use and cached like WORLD.
 text-ablation: setup
-	$(PY) benchmarks/text_ablation.py --world outputs/qwen_world --out outputs/text_ablation
+	$(PY) evidence/text_ablation.py --world outputs/qwen_world --out outputs/text_ablation
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ and pooled CLIP prompt embeddings; the guidance embedding at the pipeline's defa
 the timestep. The loss is flow matching on the target tokens, with seed 000's mask-region
 weighting and seed 001's background preservation available (both off by default).
 
-``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo``): groups of
+``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo.policy``): groups of
 images sampled with Flow-GRPO's SDE over the pipeline's own schedule and inputs, scored by
 ``--reward``, and the clipped GRPO objective.
 
@@ -44,7 +44,6 @@ from data.fill_latents import (
 from data.inpainting import InpaintingDataset
 from data.rows import collate_items
 from losses import background_preservation_mse_latent, map_mask_to_latent, masked_flow_matching_loss
-from training.caching import encoded_items, offload_after_caching
 from training.config import (
     FlowMatchingConfig,
     FluxConfig,
@@ -57,14 +56,18 @@ from training.config import (
     parse_config,
 )
 from training.datasets import bucket_sampler, inpainting_dataset
-from training.flow_matching import (
+from training.grpo.loop import train_objective
+from training.grpo.policy import GRPOConfig
+from training.grpo.sde import flow_sde_step
+from training.inputs.caching import encoded_items, offload_after_caching
+from training.inputs.flow_matching import (
     loss_weighting,
     noisy_latents,
     predicted_x0,
     resolution_shift,
     sample_sigmas,
 )
-from training.flux import (
+from training.inputs.flux import (
     FLUX_ENCODERS,
     FLUX_LORA_LAYERS,
     encode_flux_prompt,
@@ -74,12 +77,11 @@ from training.flux import (
     pack,
     planned_flux_conditioning,
 )
-from training.grpo import GRPOConfig
-from training.grpo_loop import train_objective
-from training.latents import latent_distribution, sample_scaled_latents
+from training.inputs.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
-from training.lora import LoraFormat, add_lora
-from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
+from training.lora.adapters import LoraFormat, add_lora
+from training.memory.offload import place_denoiser
+from training.memory.plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import (
     ModelCardInfo,
     grpo_terms,
@@ -87,9 +89,7 @@ from training.model_card import (
     lora_usage,
     region_weighted,
 )
-from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline, run_main, weight_dtype
-from training.sde import flow_sde_step
 from training.validation import InpaintingValidation
 
 logger = logging.getLogger(__name__)
@@ -282,9 +282,9 @@ class FillLoss:
 
 
 class FillPolicy:
-    """FLUX.1 Fill as a GRPO policy (``training.grpo.GRPOPolicy``): ``FluxFillPipeline``'s sigma
-    schedule (``linspace(1, 1/n, n)`` shifted for the image size), its 384-channel input and the
-    guidance embedding at --guidance_scale, with Flow-GRPO's SDE step at --noise_level. The
+    """FLUX.1 Fill as a GRPO policy (``training.grpo.policy.GRPOPolicy``): ``FluxFillPipeline``'s
+    sigma schedule (``linspace(1, 1/n, n)`` shifted for the image size), its 384-channel input and
+    the guidance embedding at --guidance_scale, with Flow-GRPO's SDE step at --noise_level. The
     state is the packed latents ``[N, L, 64]`` in fp32."""
 
     def __init__(

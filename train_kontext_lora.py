@@ -35,7 +35,6 @@ from losses import (
     geometry_starter_loss,
     masked_flow_matching_loss,
 )
-from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     EditPairDataConfig,
     FlowMatchingConfig,
@@ -47,9 +46,10 @@ from training.config import (
     parse_config,
 )
 from training.datasets import bucket_sampler, edit_pair_dataset
-from training.embeddings import ImageEmbedder
-from training.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
-from training.flux import (
+from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
+from training.inputs.embeddings import ImageEmbedder
+from training.inputs.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
+from training.inputs.flux import (
     FLUX_ENCODERS,
     FLUX_LORA_LAYERS,
     encode_flux_prompt,
@@ -61,10 +61,10 @@ from training.flux import (
     vae_scale_factor,
 )
 from training.loop import TrainingParts, train
-from training.lora import LoraFormat, add_lora
-from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
+from training.lora.adapters import LoraFormat, add_lora
+from training.memory.offload import place_denoiser
+from training.memory.plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage
-from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline, run_main
 from training.validation import EditValidation
 

@@ -46,11 +46,11 @@ from models.multispectral import (
     DEFAULT_DECODER_LORA_LAYERS,
     AutoencoderKLMultispectralAdapter,
 )
-from training.checkpoint import resolve_checkpoint
+from training.checkpointing.checkpoints import resolve_checkpoint
 from training.config import TrainConfig, bounded, parse_config
 from training.datasets import bucket_sampler
 from training.loop import TrainingParts, train
-from training.lora import DEFAULT_RANK, target_modules
+from training.lora.adapters import DEFAULT_RANK, target_modules
 from training.model_card import ModelCardInfo
 from training.runtime import build_accelerator, run_main, weight_dtype
 from training.validation import image_grid, save_grid, to_pil

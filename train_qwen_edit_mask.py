@@ -41,7 +41,6 @@ from data.rows import collate_items
 from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset
 from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
-from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     FlowMatchingConfig,
     LoraFileConfig,
@@ -53,13 +52,14 @@ from training.config import (
     parse_config,
 )
 from training.datasets import bucket_sampler, edit_columns, edit_sources
-from training.flow_matching import loss_weighting, noisy_latents, sample_sigmas
-from training.flux import FLUX_LORA_LAYERS, pack
+from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
+from training.inputs.flow_matching import loss_weighting, noisy_latents, sample_sigmas
+from training.inputs.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
-from training.lora import LoraFormat, add_lora
-from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
+from training.lora.adapters import LoraFormat, add_lora
+from training.memory.offload import place_denoiser
+from training.memory.plan import FamilyPlan, log_memory_plan, meta_tensor, pipeline_holding
 from training.model_card import ModelCardInfo, edit_call, lora_usage, region_weighted
-from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline, run_main
 from training.validation import EditValidation, to_pil
 

@@ -8,7 +8,7 @@ scaled; CLIP text embeddings at the tokenizer's 77 tokens; integer timesteps. Th
 and the prediction type (epsilon or v_prediction) come from the model's scheduler config; min-SNR
 weighting (--snr_gamma) and seed 000's mask-region weighting are available.
 
-``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo``): groups of
+``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo.policy``): groups of
 images sampled with DDIM at --eta > 0 (as DDPO samples), the same 9-channel input and
 classifier-free guidance at sampling and training, scored by ``--reward``.
 
@@ -36,7 +36,6 @@ from jsonargparse.typing import PositiveFloat
 from data.cache import fingerprint
 from data.rows import collate_items
 from losses import downsample_mask_area, masked_flow_matching_loss
-from training.caching import encoded_items, encoder_weights, offload_after_caching
 from training.config import (
     InpaintingDataConfig,
     LoraFileConfig,
@@ -47,12 +46,15 @@ from training.config import (
     parse_config,
 )
 from training.datasets import bucket_sampler, inpainting_dataset
-from training.grpo import GRPOConfig
-from training.grpo_loop import train_objective
-from training.latents import latent_distribution, sample_scaled_latents
+from training.grpo.loop import train_objective
+from training.grpo.policy import GRPOConfig
+from training.grpo.sde import ddim_step
+from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
+from training.inputs.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
-from training.lora import LoraFormat, add_lora, save_lora_components
-from training.memory_plan import FamilyPlan, log_memory_plan, meta_tensor
+from training.lora.adapters import LoraFormat, add_lora, save_lora_components
+from training.memory.offload import place_denoiser
+from training.memory.plan import FamilyPlan, log_memory_plan, meta_tensor
 from training.model_card import (
     ModelCardInfo,
     grpo_terms,
@@ -60,9 +62,7 @@ from training.model_card import (
     lora_usage,
     region_weighted,
 )
-from training.offload import place_denoiser
 from training.runtime import build_accelerator, load_pipeline, run_main, weight_dtype
-from training.sde import ddim_step
 from training.validation import InpaintingValidation
 
 UNET_LORA = LoraFormat(StableDiffusionInpaintPipeline, "unet")
@@ -267,7 +267,7 @@ def sampling_scheduler(scheduler) -> DDIMScheduler:
 
 
 class SD15Policy:
-    """SD1.5 inpainting as a GRPO policy (``training.grpo.GRPOPolicy``): DDIM at --eta on the
+    """SD1.5 inpainting as a GRPO policy (``training.grpo.policy.GRPOPolicy``): DDIM at --eta on the
     model's noise schedule, the pipeline's 9-channel input, classifier-free guidance at
     --guidance_scale (unconditional = the empty prompt, first, as the pipeline batches it). The
     state is the latents ``[N, 4, h, w]`` in fp32."""

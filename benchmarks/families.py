@@ -22,17 +22,17 @@ import train_qwen_edit_mask as qwen
 import train_sd15_inpaint as sd15
 from data.rows import collate_items
 from data.synthetic import write_synthetic_dataset
-from models.tiny import (
+from training.config import MaskLossSettings, TextMaskSettings
+from training.datasets import inpainting_dataset
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import LoraFormat, add_lora
+from worlds.tiny_models import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
     tiny_qwen_image_edit_pipeline,
     tiny_sd3_vae,
     tiny_sd15_inpaint_pipeline,
 )
-from training.config import MaskLossSettings, TextMaskSettings
-from training.datasets import inpainting_dataset
-from training.flux import FLUX_LORA_LAYERS
-from training.lora import LoraFormat, add_lora
 
 SCRIPTS = (
     "train_kontext_lora.py",

@@ -29,11 +29,11 @@ import train_sd15_inpaint as sd15
 from benchmarks.harness import time_variants
 from benchmarks.inpaint_step import random_encoding
 from data.fill_latents import mask_latents_from_pixels
-from models.tiny import tiny_flux_fill_pipeline, tiny_sd15_inpaint_pipeline
-from training.flux import FLUX_LORA_LAYERS
-from training.grpo import policy_update, sample_groups, score_groups
-from training.lora import add_lora
-from training.rewards import RewardOptions, Rewards
+from training.grpo.policy import policy_update, sample_groups, score_groups
+from training.grpo.rewards import RewardOptions, Rewards
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import add_lora
+from worlds.tiny_models import tiny_flux_fill_pipeline, tiny_sd15_inpaint_pipeline
 
 PHASES = ("sampling", "reward", "update")
 

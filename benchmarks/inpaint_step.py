@@ -25,10 +25,10 @@ import train_flux_fill as fill
 import train_sd15_inpaint as sd15
 from benchmarks.harness import print_ratios, time_variants, training_step
 from data.fill_latents import mask_latents_from_pixels
-from models.tiny import tiny_flux_fill_pipeline, tiny_sd15_inpaint_pipeline
 from training.config import MaskLossSettings
-from training.flux import FLUX_LORA_LAYERS
-from training.lora import add_lora
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import add_lora
+from worlds.tiny_models import tiny_flux_fill_pipeline, tiny_sd15_inpaint_pipeline
 
 
 def random_encoding(batch: int, resolution: int, channels: int) -> dict[str, torch.Tensor]:

@@ -27,9 +27,9 @@ from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 import train_kontext_lora as kontext
 from benchmarks.harness import print_ratios, time_variants, training_step
 from benchmarks.real_size import FLUX_TRANSFORMER, denoiser_only, kontext_encoded_batch
-from models.tiny import FLUX_DEV_SCHEDULER, tiny_flux_kontext_pipeline
-from training.flux import FLUX_LORA_LAYERS
-from training.lora import add_lora
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import add_lora
+from worlds.tiny_models import FLUX_DEV_SCHEDULER, tiny_flux_kontext_pipeline
 
 
 def build_pipeline(flux_size: bool, device: torch.device, dtype: torch.dtype):

@@ -15,7 +15,7 @@ the suite's own step (its ``compute_loss``, backward, the optimizer) with the fr
 
 Columns: median s/step and its ratio to bf16; the measured peak (``torch.cuda.max_memory_allocated``
 over the steps, the weights included); the plan's total and activation estimate
-(``training.memory_plan``) and the activations the peak implies (peak minus the plan's exact
+(``training.memory.plan``) and the activations the peak implies (peak minus the plan's exact
 weights, LoRA, gradients and optimizer state), so the estimate can be checked.
 """
 
@@ -37,8 +37,8 @@ import train_qwen_edit_mask
 from benchmarks.harness import markdown_table, time_variants, training_step
 from benchmarks.real_size import kontext_case, qwen_case
 from training.config import MaskLossSettings
-from training.memory_plan import plan_memory, readable
-from training.offload import offload_blocks
+from training.memory.offload import offload_blocks
+from training.memory.plan import plan_memory, readable
 from training.optimizers import build_optimizer
 
 # family -> (case builder, train script, its config class, extra flags the case trains with)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> str:
         # The plan of a tiny case reads the tiny model's own configs.
         import tempfile
 
-        from models.tiny import tiny_flux_kontext_pipeline, tiny_qwen_image_edit_pipeline
+        from worlds.tiny_models import tiny_flux_kontext_pipeline, tiny_qwen_image_edit_pipeline
 
         args.tiny_model_dir = Path(tempfile.mkdtemp(prefix="tiny-models-"))
         tiny_flux_kontext_pipeline(seed=0).save_pretrained(args.tiny_model_dir / "kontext")

@@ -28,9 +28,9 @@ from benchmarks.harness import print_ratios, time_variants, training_step
 from data.rows import collate_items
 from data.synthetic import write_text_edit_dataset
 from data.text_edits import TextEditDataset
-from models.tiny import tiny_qwen_image_edit_pipeline
 from training.config import MaskLossSettings
-from training.lora import LoraFormat, add_lora
+from training.lora.adapters import LoraFormat, add_lora
+from worlds.tiny_models import tiny_qwen_image_edit_pipeline
 
 
 def main() -> None:

@@ -41,7 +41,11 @@ from models.published import (
     SD15_INPAINT_UNET,
     SD15_SCHEDULER,
 )
-from models.tiny import (
+from training.config import MaskLossSettings
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import LoraFormat, add_lora
+from training.memory.plan import built_on, pipeline_holding
+from worlds.tiny_models import (
     FLUX_DEV_SCHEDULER,
     QWEN_IMAGE_SCHEDULER,
     tiny_flux_fill_pipeline,
@@ -49,10 +53,6 @@ from models.tiny import (
     tiny_qwen_image_edit_pipeline,
     tiny_sd15_inpaint_pipeline,
 )
-from training.config import MaskLossSettings
-from training.flux import FLUX_LORA_LAYERS
-from training.lora import LoraFormat, add_lora
-from training.memory_plan import built_on, pipeline_holding
 
 T5_TOKENS = 512  # the FLUX pipelines' max_sequence_length
 # The instruction and the condition image as the vision-language model reads them.

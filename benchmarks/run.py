@@ -43,7 +43,7 @@ from benchmarks.harness import (
     training_step,
 )
 from data.cache import TensorCache
-from training.caching import CachedItems, fill_cache
+from training.inputs.caching import CachedItems, fill_cache
 
 HEADER = [
     "script",

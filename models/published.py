@@ -1,5 +1,5 @@
 """The published configurations of the models each family trains on, to build them at real size
-without their weights: on the meta device for a memory plan (``training.memory_plan``), with
+without their weights: on the meta device for a memory plan (``training.memory.plan``), with
 random weights for the GPU benchmarks (``benchmarks/real_size.py``).
 
 Values are those of each checkpoint's ``config.json``; arguments a class's defaults already hold

@@ -3,11 +3,11 @@
     python scripts/build_tiny_world.py --out outputs/world
     python scripts/build_tiny_world.py --family qwen-edit --out outputs/qwen_world
 
-``kontext`` (``models/tiny_world.py``) writes ``model/`` (a ``FluxKontextPipeline`` folder: a 4x
+``kontext`` (``worlds/kontext_world.py``) writes ``model/`` (a ``FluxKontextPipeline`` folder: a 4x
 VAE trained on the synthetic domain and a transformer pretrained on the identity edit and on
 prompt-named recolouring), ``train/`` and ``heldout/`` (placeholder-insertion edit pairs) and
 ``world.json`` (settings, VAE reconstruction PSNR, losses). ``qwen-edit``
-(``models/qwen_world.py``) writes the same for Qwen-Image-Edit: a ``QwenImageEditPipeline``
+(``worlds/qwen_world.py``) writes the same for Qwen-Image-Edit: a ``QwenImageEditPipeline``
 with a 32x VAE trained on 1024x1024 text signs, a transformer pretrained on copying and
 recolouring words, and text-edit folders with their text masks. A folder already built with
 the same settings is reused as it is.
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jsonargparse import auto_cli
 
-from models.qwen_world import QwenWorldSettings, build_qwen_world
-from models.tiny_world import WorldSettings, build_tiny_world
+from worlds.kontext_world import WorldSettings, build_tiny_world
+from worlds.qwen_world import QwenWorldSettings, build_qwen_world
 
 
 def main(

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from training.lora import cast_lora_file
-from training.lora_export import (
+from training.lora.adapters import cast_lora_file
+from training.lora.export import (
     DIFFUSERS,
     FAMILIES,
     KOHYA,
@@ -35,7 +35,7 @@ from training.lora_export import (
     read_lora,
     write_conversion,
 )
-from training.lora_merge import DEFAULT_MAX_SHARD_SIZE, merge_lora
+from training.lora.merge import DEFAULT_MAX_SHARD_SIZE, merge_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

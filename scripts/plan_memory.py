@@ -11,7 +11,7 @@ at the family's published size, built on the meta device (nothing is downloaded 
 
 Byte counts per device: the denoiser's weights (as quantized), the LoRA and its gradients
 (fp32), the optimizer state, the encoders when they stay on the device, and the activations of
-one step (an estimate; see ``training.memory_plan``). ``--json`` prints them as one JSON object.
+one step (an estimate; see ``training.memory.plan``). ``--json`` prints them as one JSON object.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import train_kontext_lora
 import train_qwen_edit_mask
 import train_sd15_inpaint
 from training.config import parse_config
-from training.memory_plan import device_memory, plan_memory
+from training.memory.plan import device_memory, plan_memory
 
 # family -> (train script, its config class).
 FAMILIES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.grpo import transition
+from training.grpo.policy import transition
 
 
 def assert_ratios_are_one_on_policy(

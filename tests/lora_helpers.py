@@ -12,8 +12,8 @@ from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 
-from training.flux import FLUX_LORA_LAYERS
-from training.lora import save_lora_components
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import save_lora_components
 
 # Scale alpha / r = 1.5: an exported file that lost its alphas would load at 2/3 strength.
 RANK, ALPHA = 4, 6.0
@@ -31,7 +31,7 @@ def add_random_lora(model: torch.nn.Module, targets, seed: int, **config) -> Non
     )
     if isinstance(model, ModelMixin):
         model.add_adapter(config)
-    else:  # a transformers text encoder, as training.lora.add_lora adapts it
+    else:  # a transformers text encoder, as training.lora.adapters.add_lora adapts it
         inject_adapter_in_model(config, model, adapter_name="default")
         model.peft_config = {"default": config}
     generator = torch.Generator().manual_seed(seed)

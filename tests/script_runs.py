@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from training.lora import LORA_WEIGHTS_NAME
+from training.lora.adapters import LORA_WEIGHTS_NAME
 from training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def resume_copy(source: Path, step: int, destination: Path) -> Path:
 def listed(folder: Path) -> list[str]:
     """The names in ``folder``, without the suite's bookkeeping (its run lock and the list of
     what it wrote there)."""
-    from training.output_dir import LOCK_FILE, MANIFEST_FILE
+    from training.checkpointing.output_dir import LOCK_FILE, MANIFEST_FILE
 
     return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, MANIFEST_FILE))
 
@@ -244,7 +244,7 @@ def first_inpainting_batch(assets: Path, resolution: int) -> dict:
 LOCK_HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from training.output_dir import RunLock
+from training.checkpointing.output_dir import RunLock
 RunLock({folder!r}).acquire()
 print("locked", flush=True)
 time.sleep(120)

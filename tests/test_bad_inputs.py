@@ -321,7 +321,7 @@ def test_kontext_losses_stay_finite_on_empty_and_full_masks(tmp_path, value):
     from diffusers import FluxKontextPipeline
 
     from data.rows import collate_items
-    from models.tiny import tiny_flux_kontext_pipeline
+    from worlds.tiny_models import tiny_flux_kontext_pipeline
 
     write("kontext", tmp_path)
     Image.new("L", (SIZE, SIZE), value).save(tmp_path / "masks" / "0000.png")

@@ -28,14 +28,14 @@ import train_flux_fill as fill
 import train_kontext_lora as kontext
 import train_sd15_inpaint as sd15
 from data.synthetic import write_inpainting_dataset, write_kontext_dataset
-from models.tiny import (
+from training.checkpointing.checkpoints import complete_checkpoints
+from training.lora.adapters import LORA_WEIGHTS_NAME
+from training.metrics import read_metrics
+from worlds.tiny_models import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
     tiny_sd15_inpaint_pipeline,
 )
-from training.checkpoint import complete_checkpoints
-from training.lora import LORA_WEIGHTS_NAME
-from training.metrics import read_metrics
 
 RESOLUTION = 32
 STEPS = 6
@@ -54,7 +54,7 @@ CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     sys.path.insert(0, {root!r})
-    import training.checkpoint as checkpoint
+    import training.checkpointing.checkpoints as checkpoint
     import training.metrics as metrics
     import train_kontext_lora as kontext
 

@@ -38,16 +38,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from models.tiny import (
+from scripts import export_lora
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.export import convert, detect_family, read_lora
+from training.lora.layouts import LAYOUTS, LayoutError, LoraPair, fuse, split
+from training.lora.merge import merge_lora
+from worlds.tiny_models import (
     tiny_flux_kontext_pipeline,
     tiny_qwen_image_edit_pipeline,
     tiny_sd15_inpaint_pipeline,
 )
-from scripts import export_lora
-from training.flux import FLUX_LORA_LAYERS
-from training.lora_export import convert, detect_family, read_lora
-from training.lora_layouts import LAYOUTS, LayoutError, LoraPair, fuse, split
-from training.lora_merge import merge_lora
 
 # diffusers' kohya FLUX reader splits single blocks' linear1 at FLUX.1's widths (3072 x 3 +
 # 12288), so at tiny width only the double blocks go through it; TestFluxAtRealWidth covers

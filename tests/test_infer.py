@@ -30,17 +30,17 @@ from PIL import Image
 
 from data.images import DataError
 from data.synthetic import write_inpainting_dataset, write_kontext_dataset
-from models.tiny import (
+from scripts import export_lora, infer
+from training.inference import FAMILIES, check_lora_fits, load_examples
+from training.inputs.flux import FLUX_LORA_LAYERS
+from training.lora.adapters import LoraFormat
+from worlds.tiny_models import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
     tiny_qwen_image_edit_pipeline,
     tiny_qwen_image_edit_plus_pipeline,
     tiny_sd15_inpaint_pipeline,
 )
-from scripts import export_lora, infer
-from training.flux import FLUX_LORA_LAYERS
-from training.inference import FAMILIES, check_lora_fits, load_examples
-from training.lora import LoraFormat
 
 SIZE = 32
 STEPS = 2

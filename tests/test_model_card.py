@@ -16,9 +16,9 @@ from lora_helpers import ALPHA, add_random_lora, save_random_lora
 from PIL import Image
 
 import train_kontext_lora as kontext
-from models.tiny import tiny_flux_kontext_pipeline
-from training.lora_export import detect_family, read_lora
+from training.lora.export import detect_family, read_lora
 from training.model_card import CARD_FILE, publish_run
+from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 KONTEXT_ID = "black-forest-labs/FLUX.1-Kontext-dev"
 ATTENTION = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"

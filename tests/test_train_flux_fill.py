@@ -42,14 +42,14 @@ from data.images import DataError
 from data.inpainting import InpaintingDataset
 from data.rows import collate_items
 from data.synthetic import write_inpainting_dataset
-from models.tiny import tiny_flux_fill_pipeline
 from training.config import parse_config
-from training.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
-from training.grpo import sample_rollout, transition
-from training.lora import add_lora
+from training.grpo.policy import sample_rollout, transition
+from training.grpo.rewards import RewardError, RewardOptions, Rewards
+from training.inputs.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
+from training.lora.adapters import add_lora
 from training.metrics import read_metrics
-from training.rewards import RewardError, RewardOptions, Rewards
 from training.validation import to_pil
+from worlds.tiny_models import tiny_flux_fill_pipeline
 
 RESOLUTION = 64
 

@@ -40,13 +40,13 @@ from data.edit_pairs import EditPairDataset
 from data.images import DataError
 from data.rows import collate_items
 from data.synthetic import write_kontext_dataset
-from models.tiny import tiny_flux_kontext_pipeline, write_tiny_dinov2
 from scripts import export_lora
 from training.config import parse_config
-from training.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
-from training.lora import LORA_WEIGHTS_NAME, add_lora
+from training.inputs.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
+from training.lora.adapters import LORA_WEIGHTS_NAME, add_lora
 from training.metrics import read_metrics
 from training.validation import to_pil
+from worlds.tiny_models import tiny_flux_kontext_pipeline, write_tiny_dinov2
 
 RESOLUTION = 64
 

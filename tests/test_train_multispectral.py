@@ -26,9 +26,9 @@ from data.multispectral import (
 )
 from data.rows import collate_items
 from models.multispectral import ADAPTER_WEIGHTS_NAME, AutoencoderKLMultispectralAdapter
-from models.tiny import tiny_sd3_vae
 from training.config import parse_config
 from training.metrics import read_metrics
+from worlds.tiny_models import tiny_sd3_vae
 
 RESOLUTION = 32
 N_IMAGES = 6

@@ -39,10 +39,10 @@ from data.synthetic import write_text_edit_dataset
 from data.text_edits import TextEditDataset
 from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
-from models.tiny import tiny_qwen_image_edit_pipeline, tiny_qwen_image_edit_plus_pipeline
 from training.config import parse_config
 from training.metrics import read_metrics
 from training.validation import to_pil
+from worlds.tiny_models import tiny_qwen_image_edit_pipeline, tiny_qwen_image_edit_plus_pipeline
 
 RESOLUTION = 32
 

@@ -38,14 +38,14 @@ import train_sd15_inpaint as sd15
 from data.inpainting import InpaintingDataset
 from data.rows import collate_items
 from data.synthetic import write_inpainting_dataset
-from models.tiny import tiny_sd15_inpaint_pipeline
 from training.config import parse_config
-from training.grpo import sample_rollout, transition
-from training.lora import add_lora
+from training.grpo.policy import sample_rollout, transition
+from training.grpo.rewards import RewardOptions, Rewards
+from training.grpo.sde import ddim_step
+from training.lora.adapters import add_lora
 from training.metrics import read_metrics
-from training.rewards import RewardOptions, Rewards
-from training.sde import ddim_step
 from training.validation import to_pil
+from worlds.tiny_models import tiny_sd15_inpaint_pipeline
 
 RESOLUTION = 64
 

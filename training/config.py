@@ -24,8 +24,8 @@ from typing import Literal, TypeVar
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from training.memory.quantization import BaseQuantization, EncoderQuantization, check_quantization
 from training.optimizers import OptimizerName, check_optimizer
-from training.quantization import BaseQuantization, EncoderQuantization, check_quantization
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 

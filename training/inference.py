@@ -27,7 +27,7 @@ from data.buckets import fit_to_bucket, make_buckets, nearest_bucket
 from data.images import DataError, ImageRef, mask_to_tensor
 from data.rows import FolderRows, RowFields, validated_sizes
 from models.qwen_processor import load_image_only_processor
-from training.lora_export import (
+from training.lora.export import (
     PIPELINE_FAMILIES,
     families_of_modules,
     lora_file_path,

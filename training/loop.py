@@ -4,7 +4,7 @@ A script hands it a prepared model, the dataset with its batch sampler, and ``co
 family's loss for one batch; everything a run does between batches happens here. :class:`Run`
 holds what any driver of optimizer steps shares (optimizer, schedule, checkpoints and exact
 resume, metrics, validation, the final save); :func:`train` drives it with supervised batches,
-``training.grpo`` with sampled groups.
+``training.grpo.policy`` with sampled groups.
 """
 
 from __future__ import annotations
@@ -24,16 +24,19 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.images import DataError
-from training.checkpoint import (
+from training.checkpointing.checkpoints import (
     BatchLayout,
     Checkpointer,
     TrainingProgress,
     resolve_checkpoint,
     run_identity,
 )
+from training.checkpointing.output_dir import RunLock
+from training.checkpointing.sharding import is_sharded_tensor, whole_trainable_parameters
+from training.checkpointing.stopping import NonFiniteSteps, StopSignals, describe_items
 from training.compiling import compile_repeated_blocks
 from training.config import LoraFileConfig, TrainConfig
-from training.lora import LORA_WEIGHTS_NAME, SAVE_DTYPES, cast_lora_file
+from training.lora.adapters import LORA_WEIGHTS_NAME, SAVE_DTYPES, cast_lora_file
 from training.metrics import MetricsLog, mean_across_ranks
 from training.model_card import ModelCardInfo, publish_run
 from training.optimizers import (
@@ -42,10 +45,7 @@ from training.optimizers import (
     scheduler_warmup_steps,
     use_averaged_weights,
 )
-from training.output_dir import RunLock
 from training.runtime import keep_frozen_parameters_local, step_generator
-from training.sharding import is_sharded_tensor, whole_trainable_parameters
-from training.stopping import NonFiniteSteps, StopSignals, describe_items
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def epoch_batches(parts, config: TrainConfig, epoch: int, skip: int):
 
 class Run:
     """What happens around the batches of a run, whatever drives them (this module's supervised
-    loop, or ``training.grpo``): the --optimizer over the LoRA, the LR schedule, accelerate's
+    loop, or ``training.grpo.policy``): the --optimizer over the LoRA, the LR schedule, accelerate's
     preparation, checkpoints with exact resume, ``metrics.jsonl``, trackers, validation, the
     final save.
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from training.config import TrainConfig
-from training.lora import LORA_WEIGHTS_NAME
-from training.lora_export import most_common_rank_alpha, read_lora
+from training.lora.adapters import LORA_WEIGHTS_NAME
+from training.lora.export import most_common_rank_alpha, read_lora
 from training.metrics import METRICS_FILE, read_metrics
 from training.validation import VALIDATION_DIR
 
@@ -59,7 +59,7 @@ Usage = Callable[[str, str], str]
 @dataclass(frozen=True)
 class ModelCardInfo:
     """What a family's runs say about themselves in their model card: a ``title``, Hub
-    ``tags`` (with the family's own, which ``training.lora_export`` reads back), the loss
+    ``tags`` (with the family's own, which ``training.lora.export`` reads back), the loss
     terms with their weights (a term's name as ``metrics.jsonl`` logs it where it does, or a
     description; a weight, or a setting in words), and the ``usage`` snippet."""
 
@@ -115,7 +115,7 @@ def region_weighted(config, plain: str) -> dict[str, float]:
 
 
 def grpo_terms(config) -> dict[str, float | str]:
-    """The loss rows of GRPO (``training.grpo.GRPOConfig``)."""
+    """The loss rows of GRPO (``training.grpo.policy.GRPOConfig``)."""
     return {
         f"GRPO clipped objective (clip range {config.clip_range:g})": 1.0,
         "KL divergence to the base model": config.kl_beta,

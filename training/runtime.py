@@ -16,10 +16,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from data.images import set_max_image_pixels
-from training.checkpoint import resolve_checkpoint
+from training.checkpointing.checkpoints import resolve_checkpoint
+from training.checkpointing.output_dir import (
+    OutputDirError,
+    RunLock,
+    check_output_dir,
+    prepare_output_dir,
+)
 from training.config import TrainConfig
-from training.output_dir import OutputDirError, RunLock, check_output_dir, prepare_output_dir
-from training.quantization import pipeline_quantization
+from training.memory.quantization import pipeline_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +33,9 @@ _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """An ``Accelerator`` for ``config``; on a machine without CUDA it runs on the CPU. It also
-    locks and checks ``--output_dir`` before any model is loaded (``training.output_dir``): a
-    folder another run uses, or one this run must not write into, ends the program with exit
-    status 2 and one line saying why.
+    locks and checks ``--output_dir`` before any model is loaded
+    (``training.checkpointing.output_dir``): a folder another run uses, or one this run must not
+    write into, ends the program with exit status 2 and one line saying why.
 
     ``cpu=True`` matters beyond the device: ``accelerate launch --multi_gpu --num_processes 2``
     on a CPU-only machine then forms one two-rank gloo group. The launcher's ``WORLD_SIZE`` is
@@ -144,7 +149,7 @@ def load_pipeline(
 ):
     """:func:`pretrained_pipeline` with every component but the ``denoiser`` (the encoders) on
     the accelerator's device; the denoiser stays on the CPU until
-    ``training.offload.place_denoiser`` moves it, once encoding is done, so that the device
+    ``training.memory.offload.place_denoiser`` moves it, once encoding is done, so that the device
     holds the largest phase of a run, never the whole pipeline. (bitsandbytes-quantized
     components load straight onto the GPU.)"""
     pipe = pretrained_pipeline(pipeline_cls, config, frozen, denoiser, **components)

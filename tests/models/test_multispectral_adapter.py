@@ -25,7 +25,7 @@ from models.multispectral import (
     band_to_rgb_matrix,
     rgb_to_band_matrix,
 )
-from models.tiny import tiny_sd3_vae
+from worlds.tiny_models import tiny_sd3_vae
 
 SIZE = 16
 LOW = [100.0, 900.0, 300.0, 2000.0, 2500.0]

@@ -21,8 +21,13 @@ from torch.distributed.fsdp import fully_shard
 
 import train_kontext_lora as kontext
 from benchmarks.real_size import kontext_case
-from training.checkpoint import BatchLayout, Checkpointer, TrainingProgress, run_identity
-from training.sharding import is_sharded
+from training.checkpointing.checkpoints import (
+    BatchLayout,
+    Checkpointer,
+    TrainingProgress,
+    run_identity,
+)
+from training.checkpointing.sharding import is_sharded
 
 
 def sharded_case():

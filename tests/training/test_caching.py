@@ -1,4 +1,4 @@
-"""``training.caching``: fill a tensor cache with a real Accelerator, then serve from it."""
+"""``training.inputs.caching``: fill a tensor cache with a real Accelerator, then serve from it."""
 
 import os
 import signal
@@ -10,14 +10,14 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from data.cache import TensorCache
-from training.caching import (
+from training.config import LowMemoryConfig, TrainConfig
+from training.inputs.caching import (
     CachedItems,
     EncoderOffload,
     encoded_items,
     fill_cache,
     offload_after_caching,
 )
-from training.config import LowMemoryConfig, TrainConfig
 
 
 class KeyedItems(Dataset):

@@ -1,5 +1,5 @@
-"""``training.checkpoint``: finding complete checkpoints, and saving/restoring them with a real
-Accelerator, a tiny FLUX transformer with a LoRA, AdamW and an LR schedule."""
+"""``training.checkpointing.checkpoints``: finding complete checkpoints, and saving/restoring them
+with a real Accelerator, a tiny FLUX transformer with a LoRA, AdamW and an LR schedule."""
 
 import copy
 import errno
@@ -20,8 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from script_runs import listed
 
 from data.images import DataError
-from models.tiny import tiny_flux_kontext_pipeline
-from training.checkpoint import (
+from training.checkpointing.checkpoints import (
     STATE_FILE,
     BatchLayout,
     Checkpointer,
@@ -33,9 +32,10 @@ from training.checkpoint import (
     run_identity,
 )
 from training.config import TrainConfig
-from training.lora import LORA_WEIGHTS_NAME, LoraFormat, add_lora
+from training.lora.adapters import LORA_WEIGHTS_NAME, LoraFormat, add_lora
 from training.optimizers import OPTIMIZERS, build_optimizer, scheduler_warmup_steps
 from training.runtime import build_accelerator
+from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 LAYERS = ("attn.to_q", "attn.to_k")
 KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")

@@ -1,4 +1,4 @@
-"""``training.embeddings``: patch tokens of tiny local DINOv2 and CLIP checkpoints, with the
+"""``training.inputs.embeddings``: patch tokens of tiny local DINOv2 and CLIP checkpoints, with the
 checkpoint's own pre-processing and gradients back to the pixels."""
 
 import numpy as np
@@ -16,7 +16,7 @@ from transformers import (
     Dinov2Model,
 )
 
-from training.embeddings import ImageEmbedder
+from training.inputs.embeddings import ImageEmbedder
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -1,5 +1,5 @@
-"""``training.flow_matching``: sigma shift, resolution shift, sigma sampling, loss weights, and
-the x_t / x0 maps of rectified flow."""
+"""``training.inputs.flow_matching``: sigma shift, resolution shift, sigma sampling, loss weights,
+and the x_t / x0 maps of rectified flow."""
 
 import math
 
@@ -8,9 +8,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from models.tiny import FLUX_DEV_SCHEDULER, QWEN_IMAGE_SCHEDULER, tiny_flux_kontext_pipeline
 from training.config import FlowMatchingConfig
-from training.flow_matching import (
+from training.inputs.flow_matching import (
     loss_weighting,
     noisy_latents,
     predicted_x0,
@@ -18,6 +17,7 @@ from training.flow_matching import (
     sample_sigmas,
     shift_sigmas,
 )
+from worlds.tiny_models import FLUX_DEV_SCHEDULER, QWEN_IMAGE_SCHEDULER, tiny_flux_kontext_pipeline
 
 SCHEMES = ["none", "uniform", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
 

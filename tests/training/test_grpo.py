@@ -1,4 +1,4 @@
-"""``training.sde`` and ``training.grpo``: the stochastic steps' densities against
+"""``training.grpo.sde`` and ``training.grpo.policy``: the stochastic steps' densities against
 ``torch.distributions``, group advantages and the clipped objective at known values, and the
 rollout/update mechanics on a toy policy small enough to check by hand."""
 
@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from torch.distributions import Normal, kl_divergence
 
 from training.config import TrainConfig
-from training.grpo import (
+from training.grpo.policy import (
     GRPOConfig,
     clipped_objective,
     group_advantages,
@@ -22,8 +22,8 @@ from training.grpo import (
     trained_steps,
     transition,
 )
-from training.rewards import RewardOptions, Rewards
-from training.sde import ddim_step, flow_sde_step, gaussian_kl, gaussian_log_prob
+from training.grpo.rewards import RewardOptions, Rewards
+from training.grpo.sde import ddim_step, flow_sde_step, gaussian_kl, gaussian_log_prob
 
 
 @dataclasses.dataclass(kw_only=True)

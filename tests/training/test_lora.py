@@ -1,5 +1,5 @@
-"""``training.lora``: peft adapters on a tiny FLUX transformer, saved in diffusers' format and
-loaded back by the pipeline and by ``load_lora``."""
+"""``training.lora.adapters``: peft adapters on a tiny FLUX transformer, saved in diffusers' format
+and loaded back by the pipeline and by ``load_lora``."""
 
 import json
 import re
@@ -11,9 +11,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.tiny import tiny_flux_kontext_pipeline
 from training.config import TrainConfig
-from training.lora import (
+from training.lora.adapters import (
     LORA_WEIGHTS_NAME,
     LoraFormat,
     add_lora,
@@ -21,6 +20,7 @@ from training.lora import (
     lora_disabled,
     target_modules,
 )
+from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 KONTEXT = LoraFormat(FluxKontextPipeline, "transformer")

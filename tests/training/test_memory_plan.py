@@ -1,4 +1,4 @@
-"""``training.memory_plan`` and ``scripts/plan_memory.py``: byte counts against the libraries'
+"""``training.memory.plan`` and ``scripts/plan_memory.py``: byte counts against the libraries'
 own tensors, the closed forms at real size, and the plan of a tiny run against the run."""
 
 import contextlib
@@ -16,10 +16,10 @@ from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, q
 
 import train_kontext_lora as kontext
 from models.published import PUBLISHED
-from models.tiny import tiny_flux_kontext_pipeline
 from scripts import plan_memory as plan_script
 from training.config import TrainConfig
-from training.memory_plan import (
+from training.memory.offload import tensor_bytes
+from training.memory.plan import (
     ActivationTrace,
     built_on,
     frozen_bytes,
@@ -28,9 +28,9 @@ from training.memory_plan import (
     quantized_linear_bytes,
     trace_activations,
 )
-from training.offload import tensor_bytes
 from training.optimizers import OPTIMIZERS, build_optimizer
 from training.runtime import pretrained_pipeline
+from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 # FLUX.1 [dev]/Kontext's transformer: every parameter, counted on the meta device.

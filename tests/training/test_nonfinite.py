@@ -12,7 +12,7 @@ from script_runs import reset_accelerate
 from torch.utils.data import Dataset
 
 from data.buckets import BucketBatchSampler
-from training.checkpoint import complete_checkpoints
+from training.checkpointing.checkpoints import complete_checkpoints
 from training.config import TrainConfig
 from training.loop import TrainingParts, train
 from training.metrics import read_metrics

@@ -1,13 +1,13 @@
-"""``training.offload``: a denoiser whose blocks' frozen weights live on the CPU computes the same
-loss and LoRA gradients as the whole model, holds none of those weights between calls, and works
-on a quantized base."""
+"""``training.memory.offload``: a denoiser whose blocks' frozen weights live on the CPU computes the
+same loss and LoRA gradients as the whole model, holds none of those weights between calls, and
+works on a quantized base."""
 
 import pytest
 import torch
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 from benchmarks.real_size import kontext_case, sd15_case
-from training.offload import denoiser_blocks, offload_blocks
+from training.memory.offload import denoiser_blocks, offload_blocks
 
 
 def case(quantized: bool = False):

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 
+from training.checkpointing.state_io import load_state, save_state
 from training.config import TrainConfig
 from training.optimizers import (
     OPTIMIZERS,
@@ -14,7 +15,6 @@ from training.optimizers import (
     resume_training_weights,
     scheduler_warmup_steps,
 )
-from training.state_io import load_state, save_state
 
 
 def flags(**values) -> TrainConfig:

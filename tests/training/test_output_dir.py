@@ -1,5 +1,5 @@
-"""``training.output_dir``: one run per folder, and nothing the suite did not write deleted or
-overwritten, whatever ``--output_dir`` a user names."""
+"""``training.checkpointing.output_dir``: one run per folder, and nothing the suite did not write
+deleted or overwritten, whatever ``--output_dir`` a user names."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import socket
 import pytest
 from script_runs import lock_held_elsewhere
 
-from training.checkpoint import STATE_FILE
-from training.output_dir import (
+from training.checkpointing.checkpoints import STATE_FILE
+from training.checkpointing.output_dir import (
     LOCK_FILE,
     MANIFEST_FILE,
     RUN_OUTPUTS,
@@ -41,7 +41,7 @@ def finished_run(root):
 
 class TestWhatIsOurs:
     def test_the_names_a_run_writes(self):
-        from training.lora import LORA_WEIGHTS_NAME
+        from training.lora.adapters import LORA_WEIGHTS_NAME
         from training.metrics import METRICS_FILE
         from training.model_card import CARD_FILE
         from training.validation import VALIDATION_DIR

@@ -1,4 +1,5 @@
-"""``training.quantization``: which modes a run may ask for, and what ``from_pretrained`` gets."""
+"""``training.memory.quantization``: which modes a run may ask for, and what ``from_pretrained``
+gets."""
 
 import importlib.util
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import torch
 import transformers
 
 from training.config import LowMemoryConfig, TrainConfig
-from training.quantization import pipeline_quantization
+from training.memory.quantization import pipeline_quantization
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,6 @@
-"""``training.rewards``: built-in scores at analytic values, ``--reward`` parsing, user rewards,
-failures that stop training naming the reward, and the CLIP crop score on a tiny random CLIP
-saved and loaded with ``from_pretrained``."""
+"""``training.grpo.rewards``: built-in scores at analytic values, ``--reward`` parsing, user
+rewards, failures that stop training naming the reward, and the CLIP crop score on a tiny random
+CLIP saved and loaded with ``from_pretrained``."""
 
 from pathlib import Path
 
@@ -10,9 +10,8 @@ import torch.nn.functional as F
 import yaml
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from models.tiny import tiny_clip_tokenizer
-from training.grpo import group_advantages
-from training.rewards import (
+from training.grpo.policy import group_advantages
+from training.grpo.rewards import (
     DEFAULT_REWARD,
     ClipCropScore,
     RewardError,
@@ -26,6 +25,7 @@ from training.rewards import (
     parse_reward_spec,
     seam_smoothness,
 )
+from worlds.tiny_models import tiny_clip_tokenizer
 
 
 def images_and_masks(count: int = 2, size: int = 16, seed: int = 0):

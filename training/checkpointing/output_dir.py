@@ -27,14 +27,14 @@ import socket
 import time
 from pathlib import Path
 
-from training.checkpoint import complete_checkpoints
+from training.checkpointing.checkpoints import complete_checkpoints
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".maskloom.lock"
 MANIFEST_FILE = ".maskloom-outputs.json"
-# Top-level outputs a run writes: the LoRA (training.lora.LORA_WEIGHTS_NAME) or the multispectral
-# adapter, metrics (training.metrics.METRICS_FILE), the model card
+# Top-level outputs a run writes: the LoRA (training.lora.adapters.LORA_WEIGHTS_NAME) or the
+# multispectral adapter, metrics (training.metrics.METRICS_FILE), the model card
 # (training.model_card.CARD_FILE), validation images (training.validation.VALIDATION_DIR) and
 # accelerate's tracker logs.
 RUN_OUTPUTS = (

@@ -1,7 +1,7 @@
 """The GRPO training loop: sample groups, score them, update the LoRA; checkpoints and resume.
 
 It drives the shared :class:`training.loop.Run` (optimizer, schedule, checkpoints, metrics,
-validation, final save) with what ``training.grpo`` computes. One optimizer step:
+validation, final save) with what ``training.grpo.policy`` computes. One optimizer step:
 
 - each rank takes --gradient_accumulation_steps micro-batches of --train_batch_size examples
   from the shared bucketed sampler, as supervised training does, and samples a group of
@@ -30,8 +30,8 @@ from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from training.checkpoint import TrainingProgress
-from training.grpo import (
+from training.checkpointing.checkpoints import TrainingProgress
+from training.grpo.policy import (
     GroupPreview,
     GRPOConfig,
     GRPOPolicy,
@@ -40,9 +40,9 @@ from training.grpo import (
     sample_rollout,
     update_metrics,
 )
+from training.grpo.rewards import RewardOptions, Rewards
 from training.loop import Run, TrainingParts, epoch_batches, log_repeated_batches, train
 from training.model_card import ModelCardInfo
-from training.rewards import RewardOptions, Rewards
 from training.runtime import step_generator
 from training.validation import VALIDATION_DIR, image_grid, mask_overlay, to_pil
 
@@ -68,8 +68,8 @@ class GRPOParts:
 
 
 class WithPixels(Dataset):
-    """Items of a latent cache (``training.caching.CachedItems``) joined with the raw items they
-    encode: rewards score pixels, which the cache does not keep."""
+    """Items of a latent cache (``training.inputs.caching.CachedItems``) joined with the raw items
+    they encode: rewards score pixels, which the cache does not keep."""
 
     def __init__(self, cached) -> None:
         self.cached = cached

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from data.cache import TensorCache, fingerprint, weight_files_digest
-from training.stopping import exit_with_message_on_signal
+from training.checkpointing.stopping import exit_with_message_on_signal
 
 logger = logging.getLogger(__name__)
 

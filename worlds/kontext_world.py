@@ -1,7 +1,7 @@
 """A tiny *pretrained* FLUX.1 Kontext world: small enough to build on a CPU in minutes, trained
 enough that what it decodes means something.
 
-Random tiny models (``models.tiny``) exercise code paths, but their VAE cannot reconstruct an
+Random tiny models (``worlds.tiny_models``) exercise code paths, but their VAE cannot reconstruct an
 image, so no metric on their samples measures anything. ``build_tiny_world`` therefore
 
 1. writes the synthetic placeholder-insertion data (``data.synthetic``, contexts mark the object
@@ -40,8 +40,7 @@ from data.synthetic import (
     make_kontext_example,
     write_kontext_dataset,
 )
-from models.tiny import CLIP_DIM, T5_DIM, _seeded, tiny_flux_kontext_pipeline
-from models.world_fitting import (
+from worlds.fitting import (
     fit_autoencoder,
     posterior_means,
     pretrain_by_flow_matching,
@@ -49,6 +48,7 @@ from models.world_fitting import (
     reusable_record,
     write_record,
 )
+from worlds.tiny_models import CLIP_DIM, T5_DIM, _seeded, tiny_flux_kontext_pipeline
 
 logger = logging.getLogger(__name__)
 # Holds "insert a <colour>" in the tiny T5's letter-by-letter tokens; the shape is in the
@@ -187,7 +187,7 @@ def pretraining_pairs(settings: WorldSettings) -> PretrainingPairs:
 
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, settings: WorldSettings) -> list[float]:
-    """Fit ``vae`` to ``pixels: [N, 3, H, W]`` (:func:`models.world_fitting.fit_autoencoder`).
+    """Fit ``vae`` to ``pixels: [N, 3, H, W]`` (:func:`worlds.fitting.fit_autoencoder`).
     Returns the loss per step."""
 
     def whole_images(generator: torch.Generator) -> torch.Tensor:
@@ -221,8 +221,8 @@ def train_base(
     """
     # The Kontext script's own input builder: the base sees exactly what the LoRA later sees.
     from train_kontext_lora import kontext_transformer_inputs
-    from training.flow_matching import noisy_latents, resolution_shift, shift_sigmas
-    from training.flux import encode_flux_prompt, pack
+    from training.inputs.flow_matching import noisy_latents, resolution_shift, shift_sigmas
+    from training.inputs.flux import encode_flux_prompt, pack
 
     vae = pipe.vae
 

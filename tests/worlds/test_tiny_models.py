@@ -30,7 +30,11 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from models import (
+from models.qwen_processor import load_image_only_processor
+from worlds.tiny_models import (
+    FLUX_DEV_SCHEDULER,
+    QWEN_IMAGE_SCHEDULER,
+    QWEN_VISION_MERGE,
     TINY_MODEL_FACTORIES,
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
@@ -44,10 +48,8 @@ from models import (
     tiny_sd15_inpaint_pipeline,
     write_tiny_models,
 )
-from models.qwen_processor import load_image_only_processor
-from models.tiny import FLUX_DEV_SCHEDULER, QWEN_IMAGE_SCHEDULER, QWEN_VISION_MERGE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Replace the cat with a small dog, keep the sofa!"
 ODD_PROMPT = 'Put a "naïve" café sign (50% off) on the wall — 東京, ☕ & ß?'
 

@@ -1,8 +1,8 @@
 """The loop, record and report every ablation shares: configurations x seeds, each trained into
 its own folder, each checkpoint scored on held-out pairs, mean and spread over seeds.
 
-A family's ablation (``benchmarks/ablation.py`` for the Kontext mask losses,
-``benchmarks/text_ablation.py`` for the Qwen text-region loss) says how to train a run and how
+A family's ablation (``evidence/ablation.py`` for the Kontext mask losses,
+``evidence/text_ablation.py`` for the Qwen text-region loss) says how to train a run and how
 to score a LoRA; :func:`run_ablation` does the rest and writes ``results.json`` after every run,
 so an ablation cut short keeps what it measured and resumes where it stopped.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from training.plots import line_plot
+from evidence.plots import line_plot
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.edit_metrics import (
+from evidence.edit_metrics import (
     area_error,
     boundary,
     boundary_f_score,

@@ -31,14 +31,14 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from data.images import DataError
-from training.optimizers import averaged_weights, resume_training_weights
-from training.sharding import (
+from training.checkpointing.sharding import (
     is_sharded,
     local_optimizer_state,
     sharded_optimizer_state,
     whole_trainable_parameters,
 )
-from training.state_io import load_state, rng_state, save_state, set_rng_state
+from training.checkpointing.state_io import load_state, rng_state, save_state, set_rng_state
+from training.optimizers import averaged_weights, resume_training_weights
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +151,10 @@ class Checkpointer:
 
     A checkpoint holds the trainable state only: ``save_lora(model, folder)`` writes the LoRA
     (or adapter) and ``load_lora(model, folder)`` reads it back; the optimizer, the LR schedule,
-    the fp16 grad scaler and every rank's RNG go through :mod:`training.state_io` (safetensors
-    + JSON). ``training_state.json``, written last, holds the progress, the batch layout, the
-    run's ``identity`` (script, base model, trainable tensors' shapes) and a sha256 of every
-    file, so a changed or damaged file is refused by name instead of resuming inexactly.
+    the fp16 grad scaler and every rank's RNG go through :mod:`training.checkpointing.state_io`
+    (safetensors + JSON). ``training_state.json``, written last, holds the progress, the batch
+    layout, the run's ``identity`` (script, base model, trainable tensors' shapes) and a sha256 of
+    every file, so a changed or damaged file is refused by name instead of resuming inexactly.
     """
 
     def __init__(

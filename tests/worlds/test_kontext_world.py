@@ -12,10 +12,10 @@ from diffusers import FluxKontextPipeline
 from script_runs import run_in_process
 
 import train_kontext_lora as kontext
-from benchmarks.ablation import METRICS, heldout_pairs, reconstruction_reference
 from data.synthetic import OBJECT_COLOURS
-from models.tiny_world import WorldSettings, build_tiny_world, pretraining_pairs
-from models.world_fitting import WORLD_FILE
+from evidence.ablation import METRICS, heldout_pairs, reconstruction_reference
+from worlds.fitting import WORLD_FILE
+from worlds.kontext_world import WorldSettings, build_tiny_world, pretraining_pairs
 
 TINY = WorldSettings(
     resolution=32, n_train=3, n_heldout=3, scenes=18, vae_steps=2, base_steps=2, base_batch_size=4

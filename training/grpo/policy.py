@@ -1,13 +1,13 @@
 """GRPO for diffusion policies: group advantages, the clipped ratio objective, sampled rollouts.
 
 A family (FLUX.1 Fill, SD1.5 inpainting) supplies a :class:`GRPOPolicy`: how its model is
-called for one denoising step and which Gaussian that step is (``training.sde``). Everything
+called for one denoising step and which Gaussian that step is (``training.grpo.sde``). Everything
 else is shared:
 
 1. :func:`sample_rollout`: each example of a micro-batch is sampled ``--num_generations``
    times (a group) with the current model, without gradients; at every stochastic step the
    state, the sample drawn and its log-probability are kept, in fp32.
-2. The decoded images are scored (``training.rewards``); advantages are the rewards z-scored
+2. The decoded images are scored (``training.grpo.rewards``); advantages are the rewards z-scored
    within each group (:func:`group_advantages`).
 3. :func:`policy_update`: at the trained steps the same :func:`transition` recomputes the
    log-probability of each stored sample under the model being trained, and
@@ -28,10 +28,10 @@ from typing import Literal, Protocol
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from training.lora import lora_disabled
+from training.grpo.rewards import DEFAULT_REWARD, MODEL_REWARDS, Rewards, parse_reward_spec
+from training.grpo.sde import gaussian_kl, gaussian_log_prob
+from training.lora.adapters import lora_disabled
 from training.metrics import mean_across_ranks
-from training.rewards import DEFAULT_REWARD, MODEL_REWARDS, Rewards, parse_reward_spec
-from training.sde import gaussian_kl, gaussian_log_prob
 
 # A group whose reward spread is at most this share of its largest reward counts as tied
 # (zero advantages): a guard in the rewards' own units, so scaling a reward changes nothing,
@@ -230,7 +230,7 @@ class GRPOPolicy(Protocol):
 @dataclass
 class Transition:
     """One stochastic step: the next latents, their log-probability ``[N]`` (per element, see
-    ``training.sde.gaussian_log_prob``), and the step's mean and std."""
+    ``training.grpo.sde.gaussian_log_prob``), and the step's mean and std."""
 
     next_latents: torch.Tensor
     log_prob: torch.Tensor

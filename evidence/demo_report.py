@@ -1,6 +1,6 @@
 """Before/after evidence of a Kontext LoRA trained on the tiny world: what ``make demo`` shows.
 
-    python scripts/demo_report.py --world outputs/world --run outputs/demo/kontext
+    python evidence/demo_report.py --world outputs/world --run outputs/demo/kontext
 
 writes into ``--run``: ``before_after.png`` (held-out pairs: context, target, the base model's
 output, the output with the LoRA; each output with its change mask outlined against the known
@@ -24,10 +24,10 @@ from diffusers import FluxKontextPipeline
 from jsonargparse import auto_cli
 from PIL import Image
 
-from benchmarks.ablation import evaluate, heldout_pairs, kontext_defaults
+from evidence.ablation import evaluate, heldout_pairs, kontext_defaults
+from evidence.plots import line_plot
 from train_kontext_lora import TERM_WEIGHT_FLAGS
 from training.metrics import read_metrics
-from training.plots import line_plot
 from training.validation import image_grid
 
 

@@ -1,7 +1,7 @@
 """Fitting a tiny pretrained world's models, whatever the family: its VAE to the synthetic domain,
 its transformer by flow matching, and the ``world.json`` record that lets a build be reused.
 
-``models.tiny_world`` (FLUX.1 Kontext) and ``models.qwen_world`` (Qwen-Image-Edit) build their
+``worlds.kontext_world`` (FLUX.1 Kontext) and ``worlds.qwen_world`` (Qwen-Image-Edit) build their
 worlds from these; the family decides the data, the layouts and the transformer's inputs.
 """
 

@@ -1,7 +1,7 @@
 """Ablation of seed 000's text-region loss on the tiny pretrained Qwen-Image-Edit world.
 
-    python benchmarks/text_ablation.py [--world outputs/qwen_world] [--out outputs/text_ablation]
-    python benchmarks/text_ablation.py --quick true   # smoke test: one seed, few steps
+    python evidence/text_ablation.py [--world outputs/qwen_world] [--out outputs/text_ablation]
+    python evidence/text_ablation.py --quick true   # smoke test: one seed, few steps
 
 Trains the Qwen-Image-Edit LoRA (``train_qwen_edit_mask.py``, in this process) from the same
 seeds with ``alpha=0`` (plain flow matching) and ``alpha=0.3`` (seed 000: text region weight 2,
@@ -9,7 +9,7 @@ background 1, mixed at 0.3), on the same data with the same text masks, then sam
 saved checkpoint with ``QwenImageEditPipeline`` on the world's held-out text edits (never
 trained on), from the same noise for every configuration and seed (seeds vary only the
 training, so the base model is scored once), and scores each output against its target
-(``training.edit_metrics``): PSNR inside the word's box, its gain over leaving the sign empty,
+(``evidence.edit_metrics``): PSNR inside the word's box, its gain over leaving the sign empty,
 and PSNR outside the box. The same three scores of the *denoised* estimate (``denoised_*``):
 the target's latents noised to ``--denoise_sigma``, one transformer call,
 ``x0 = x_sigma - sigma * v``, decoded: what the LoRA has learned of the target where sampling
@@ -37,16 +37,16 @@ from jsonargparse import auto_cli
 from PIL import Image
 
 import train_qwen_edit_mask
-from benchmarks.ablation_runs import AblationPlan, run_ablation, train_on_world, write_report
+from evidence.ablation_runs import AblationPlan, run_ablation, train_on_world, write_report
+from evidence.edit_metrics import text_edit_metrics
 from models.qwen_processor import load_image_only_processor
-from models.qwen_world import (
+from training.inputs.flow_matching import noisy_latents
+from worlds.qwen_world import (
     WORLD_RESOLUTION,
     QwenWorldSettings,
     build_qwen_world,
     latent_statistics,
 )
-from training.edit_metrics import text_edit_metrics
-from training.flow_matching import noisy_latents
 
 SCORES = ("text_psnr", "text_gain", "outside_psnr")
 METRICS = (*SCORES, *(f"denoised_{name}" for name in SCORES))

@@ -17,7 +17,7 @@ import diffusers
 import torch
 from safetensors import safe_open
 
-from training.lora_export import (
+from training.lora.export import (
     detect_family,
     diffusers_modules,
     families_of_modules,

@@ -1,5 +1,5 @@
 """A trained LoRA in other tools' hands: its file read in either key layout, converted between
-diffusers' and kohya's (:mod:`training.lora_layouts`), or merged into its base model.
+diffusers' and kohya's (:mod:`training.lora.layouts`), or merged into its base model.
 
 Files are safetensors only. A LoRA is given as a file or as a folder holding
 ``pytorch_lora_weights.safetensors`` (a training run's ``--output_dir``). Its family (``flux``:
@@ -24,8 +24,8 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from training.lora import LORA_WEIGHTS_NAME, save_lora_state_dicts
-from training.lora_layouts import LAYOUTS, LayoutError, LoraPair, Mapped, listed
+from training.lora.adapters import LORA_WEIGHTS_NAME, save_lora_state_dicts
+from training.lora.layouts import LAYOUTS, LayoutError, LoraPair, Mapped, listed
 
 DIFFUSERS, KOHYA = "diffusers", "kohya"
 FAMILIES = tuple(LAYOUTS)

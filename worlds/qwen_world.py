@@ -19,7 +19,7 @@ condition are 16x16 tokens each. ``build_qwen_world``
    names, through the script's own input builder, so the base copies its context and reads
    colours from prompts but has never written on an empty sign: the LoRA's task;
 4. saves a complete ``QwenImageEditPipeline`` (safetensors) with the tiny random Qwen2.5-VL
-   text encoder of ``models.tiny``.
+   text encoder of ``worlds.tiny_models``.
 
 The build is deterministic for its settings and reused when ``world.json`` records them.
 """
@@ -44,13 +44,7 @@ from diffusers import (
 from PIL import Image
 
 from data.synthetic import TEXT_COLOURS, make_text_edit, write_text_edit_dataset
-from models.tiny import (
-    QWEN_TEXT_DIM,
-    _seeded,
-    save_qwen_edit_pipeline,
-    tiny_qwen_image_edit_pipeline,
-)
-from models.world_fitting import (
+from worlds.fitting import (
     fit_autoencoder,
     mean_psnr,
     posterior_means,
@@ -58,6 +52,12 @@ from models.world_fitting import (
     reconstructions,
     reusable_record,
     write_record,
+)
+from worlds.tiny_models import (
+    QWEN_TEXT_DIM,
+    _seeded,
+    save_qwen_edit_pipeline,
+    tiny_qwen_image_edit_pipeline,
 )
 
 logger = logging.getLogger(__name__)
@@ -239,8 +239,8 @@ def train_qwen_base(
         qwen_transformer_inputs,
         reference_tokens,
     )
-    from training.flow_matching import noisy_latents, resolution_shift, shift_sigmas
-    from training.flux import pack
+    from training.inputs.flow_matching import noisy_latents, resolution_shift, shift_sigmas
+    from training.inputs.flux import pack
 
     embeds = []
     with torch.no_grad():

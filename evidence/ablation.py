@@ -1,7 +1,7 @@
 """Ablation of the Kontext mask losses on the tiny pretrained world.
 
-    python benchmarks/ablation.py [--world outputs/world] [--out outputs/ablation]
-    python benchmarks/ablation.py --quick        # smoke test: one seed, two configs, few steps
+    python evidence/ablation.py [--world outputs/world] [--out outputs/ablation]
+    python evidence/ablation.py --quick        # smoke test: one seed, two configs, few steps
 
 Trains the Kontext LoRA (``train_kontext_lora.py``, in this process) from the same seeds with
 
@@ -16,7 +16,7 @@ Trains the Kontext LoRA (``train_kontext_lora.py``, in this process) from the sa
   base,
 
 then samples every saved checkpoint on the world's held-out pairs (never trained on) and scores
-each output against its context (``training.edit_metrics``): IoU, signed area error and boundary
+each output against its context (``evidence.edit_metrics``): IoU, signed area error and boundary
 F-score of the change, IoU and area error of the object drawn, background PSNR outside the mask,
 no-edit rate. The held-out targets passed through the VAE are scored the same way: the ceiling
 of any LoRA on this world. Writes ``results.json`` (every number), ``table.md`` (mean and
@@ -44,9 +44,9 @@ from jsonargparse import auto_cli
 from PIL import Image
 
 import train_kontext_lora
-from benchmarks.ablation_runs import AblationPlan, run_ablation, train_on_world, write_report
-from models.tiny_world import WORLD_MAX_SEQUENCE_LENGTH, WorldSettings, build_tiny_world
-from training.edit_metrics import insertion_metrics
+from evidence.ablation_runs import AblationPlan, run_ablation, train_on_world, write_report
+from evidence.edit_metrics import insertion_metrics
+from worlds.kontext_world import WORLD_MAX_SEQUENCE_LENGTH, WorldSettings, build_tiny_world
 
 GEOMETRY_FLAGS = {
     "mse": "geometry_mse_weight",

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.ablation import GEOMETRY_FLAGS, METRICS, ablation_configs
-from benchmarks.ablation_runs import AblationPlan, earlier_runs, run_ablation, summary_table
-from scripts.demo_report import weighted_terms
-from training.plots import COLOURS, line_plot
+from evidence.ablation import GEOMETRY_FLAGS, METRICS, ablation_configs
+from evidence.ablation_runs import AblationPlan, earlier_runs, run_ablation, summary_table
+from evidence.demo_report import weighted_terms
+from evidence.plots import COLOURS, line_plot
 
 
 def test_ablation_configs_switch_one_term_on_at_a_time():

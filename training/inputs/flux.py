@@ -12,9 +12,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from data.cache import fingerprint
-from training.caching import encoder_weights
 from training.config import FluxConfig, TrainConfig
-from training.memory_plan import meta_tensor
+from training.inputs.caching import encoder_weights
+from training.memory.plan import meta_tensor
 
 FLUX_ENCODERS = ("vae", "text_encoder", "text_encoder_2")
 # The attention projections of both stream types, as diffusers' FLUX LoRA examples adapt them.

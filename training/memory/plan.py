@@ -26,8 +26,8 @@ import torch
 from transformers import AutoConfig
 
 from models.published import published_model
-from training.lora import LoraFormat, add_lora
-from training.offload import denoiser_blocks, offloaded_blocks, tensor_bytes
+from training.lora.adapters import LoraFormat, add_lora
+from training.memory.offload import denoiser_blocks, offloaded_blocks, tensor_bytes
 from training.runtime import weight_dtype
 
 logger = logging.getLogger(__name__)

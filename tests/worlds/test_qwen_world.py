@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import QwenImageEditPipeline
 
-from benchmarks.text_ablation import (
+from data.synthetic import TEXT_COLOURS
+from evidence.text_ablation import (
     METRICS,
     denoised_outputs,
     encode_edits,
@@ -18,10 +19,9 @@ from benchmarks.text_ablation import (
     reconstruction_reference,
     score,
 )
-from benchmarks.text_ablation import main as text_ablation
-from data.synthetic import TEXT_COLOURS
+from evidence.text_ablation import main as text_ablation
 from models.qwen_processor import load_image_only_processor
-from models.qwen_world import (
+from worlds.qwen_world import (
     WORLD_RESOLUTION,
     QwenWorldSettings,
     build_qwen_world,
