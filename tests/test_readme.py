@@ -1,19 +1,32 @@
-"""Every Python example in the README runs as written (```py blocks, which need real model
-weights, are illustrations and are not run)."""
+"""Every Python example in the README and in docs/ runs as written (```py blocks, which need real
+model weights, are illustrations and are not run)."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 4
+def python_blocks(path: Path) -> list[str]:
+    """The ```python blocks of ``path``, in order."""
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index):
-    exec(compile(BLOCKS[index], f"README.md example {index + 1}", "exec"), {"__name__": "readme"})
+EXAMPLES = [
+    pytest.param(code, id=f"{path.relative_to(ROOT).as_posix()}-{index + 1}")
+    for path in DOCUMENTS
+    for index, code in enumerate(python_blocks(path))
+]
+
+
+def test_the_docs_have_examples():
+    assert len(EXAMPLES) >= 4
+
+
+@pytest.mark.parametrize("code", EXAMPLES)
+def test_example_runs(code, request):
+    name = request.node.callspec.id
+    exec(compile(code, name, "exec"), {"__name__": "docs_example"})
