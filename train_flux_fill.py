@@ -1,13 +1,13 @@
 """Train a FLUX.1 Fill LoRA that fills a masked region as the prompt describes.
 
-Each example is (image, mask, prompt): a folder in seed 004's JSONL format, a Hugging Face
-dataset, or seed 004's precomputed folder (``manifest.json``, see ``data.fill_latents``). The
+Each example is (image, mask, prompt): a folder with a metadata.jsonl, a Hugging Face
+dataset, or a folder of precomputed latents (``manifest.json``, see ``data.fill_latents``). The
 transformer sees exactly what ``FluxFillPipeline`` feeds it: the noisy target tokens (64
 channels), the masked image's latents (sampled from the VAE, shifted and scaled, 64 channels)
 and the pixel mask under each token (8x8 x 2x2 = 256 channels), 384 in all; plain image ids; T5
 and pooled CLIP prompt embeddings; the guidance embedding at the pipeline's default 30; sigma as
-the timestep. The loss is flow matching on the target tokens, with seed 000's mask-region
-weighting and seed 001's background preservation available (both off by default).
+the timestep. The loss is flow matching on the target tokens, with the mask-region
+weighting and the background-preservation term available (both off by default).
 
 ``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo.policy``): groups of
 images sampled with Flow-GRPO's SDE over the pipeline's own schedule and inputs, scored by
@@ -27,12 +27,64 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+from jsonargparse.typing import PositiveFloat
+
+from training.config import (
+    FlowMatchingConfig,
+    FluxConfig,
+    InpaintingDataConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    RegionLossConfig,
+    TrainConfig,
+    bounded,
+    exit_after_help,
+    parse_config,
+)
+from training.grpo.config import GRPOConfig
+
+
+# RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
+# bases (training.config's names, such as MaskLossSettings).
+@dataclass(kw_only=True)
+class FillConfig(
+    RegionLossConfig,
+    GRPOConfig,
+    InpaintingDataConfig,
+    FlowMatchingConfig,
+    FluxConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    TrainConfig,
+):
+    """Train a FLUX.1 Fill LoRA: supervised, with optional mask-region weighting and background
+    preservation, or with GRPO on a reward."""
+
+    shipped_configs: ClassVar[str] = "flux_fill"
+    """Prefix of this script's files in configs/, which --help lists."""
+    guidance_scale: float = 30.0
+    """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
+    background_preservation_weight: float = bounded(0.0, low=0)
+    """Background preservation: weight of the MSE of x0_hat vs the image outside the dilated mask
+    (0: off). On latents it is a sigma**2-weighted velocity error outside the mask."""
+    band_r: int = 1
+    """Dilation of the mask, in latent pixels, before the background term."""
+    noise_level: PositiveFloat = 0.7
+    """GRPO: a in Flow-GRPO's SDE step noise s_t = a * sqrt(sigma / (1 - sigma))."""
+    validation_data_dir: str | None = None
+    """Raw examples (a metadata.jsonl folder) to draw the validation images from (default: the
+    first training examples). A precomputed --train_data_dir holds no pixels: give one here."""
+
+
+# --help answers here, before torch, diffusers and the models load.
+exit_after_help(__name__, FillConfig, __doc__)
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 from diffusers.utils.torch_utils import randn_tensor
-from jsonargparse.typing import PositiveFloat
 
 from data.fill_latents import (
     MANIFEST_FILE,
@@ -44,20 +96,8 @@ from data.fill_latents import (
 from data.inpainting import InpaintingDataset
 from data.rows import collate_items
 from losses import background_preservation_mse_latent, map_mask_to_latent, masked_flow_matching_loss
-from training.config import (
-    FlowMatchingConfig,
-    FluxConfig,
-    InpaintingDataConfig,
-    LoraFileConfig,
-    LowMemoryConfig,
-    RegionLossConfig,
-    TrainConfig,
-    bounded,
-    parse_config,
-)
 from training.datasets import bucket_sampler, inpainting_dataset
 from training.grpo.loop import train_objective
-from training.grpo.policy import GRPOConfig
 from training.grpo.sde import flow_sde_step
 from training.inputs.caching import encoded_items, offload_after_caching
 from training.inputs.flow_matching import (
@@ -95,36 +135,6 @@ from training.validation import InpaintingValidation
 logger = logging.getLogger(__name__)
 
 FILL_LORA = LoraFormat(FluxFillPipeline, "transformer")
-
-
-# RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
-# bases (training.config's names, such as MaskLossSettings).
-@dataclass(kw_only=True)
-class FillConfig(
-    RegionLossConfig,
-    GRPOConfig,
-    InpaintingDataConfig,
-    FlowMatchingConfig,
-    FluxConfig,
-    LoraFileConfig,
-    LowMemoryConfig,
-    TrainConfig,
-):
-    """Train a FLUX.1 Fill LoRA: supervised, with optional mask-region weighting and background
-    preservation, or with GRPO on a reward."""
-
-    guidance_scale: float = 30.0
-    """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
-    background_preservation_weight: float = bounded(0.0, low=0)
-    """Seed 001: weight of the MSE of x0_hat vs the image outside the dilated mask (0: off).
-    On latents it is a sigma**2-weighted velocity error outside the mask."""
-    band_r: int = 1
-    """Dilation of the mask, in latent pixels, before the background term."""
-    noise_level: PositiveFloat = 0.7
-    """GRPO: a in Flow-GRPO's SDE step noise s_t = a * sqrt(sigma / (1 - sigma))."""
-    validation_data_dir: str | None = None
-    """Raw examples (a metadata.jsonl folder) to draw the validation images from (default: the
-    first training examples). A precomputed --train_data_dir holds no pixels: give one here."""
 
 
 def fill_conditioning(

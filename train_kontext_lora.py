@@ -7,8 +7,8 @@ the context image's tokens (image ids with channel 0 set to 1), T5 and pooled CL
 embeddings, the guidance embedding, and sigma as the timestep. The loss is
 
     flow matching on the target tokens
-    + seed 001's geometry losses on x0_hat = x_t - sigma * v_pred against the mask
-    + seed 003's embedding losses (no-edit identity, geometry match, overlay avoidance),
+    + the geometry losses on x0_hat = x_t - sigma * v_pred against the mask
+    + the embedding losses (no-edit identity, geometry match, overlay avoidance),
 
 every weight a flag (0 switches a term off at no cost).
 
@@ -23,6 +23,94 @@ then ``FluxKontextPipeline.from_pretrained(...).load_lora_weights("out")``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from training.config import (
+    EditPairDataConfig,
+    FlowMatchingConfig,
+    FluxConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    TrainConfig,
+    bounded,
+    exit_after_help,
+    parse_config,
+)
+
+
+@dataclass(kw_only=True)
+class KontextConfig(
+    EditPairDataConfig, FlowMatchingConfig, FluxConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
+):
+    """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
+
+    shipped_configs: ClassVar[str] = "kontext"
+    """Prefix of this script's files in configs/, which --help lists."""
+    guidance_scale: float = 3.5
+    """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
+    flow_matching_weight: float = bounded(1.0, low=0)
+    """Weight of the flow-matching MSE on the target tokens."""
+    geometry_mse_weight: float = bounded(1.0, low=0)
+    """Geometry: boundary-band weighted MSE of x0_hat vs the target latents. Since
+    x0_hat - x0 = -sigma * (v - v_target), it is a sigma**2-weighted, band-weighted velocity MSE."""
+    background_weight: float = bounded(0.6, low=0)
+    """Geometry: MSE of x0_hat vs the context outside the dilated mask: the target's own change
+    there plus a sigma**2-weighted velocity error."""
+    dice_weight: float = bounded(0.9, low=0)
+    """Geometry: Dice of the soft change mask vs the mask."""
+    area_weight: float = bounded(0.2, low=0)
+    """Geometry: squared log area ratio of the change vs the mask."""
+    boundary_weight: float = bounded(0.4, low=0)
+    """Geometry: boundary loss on the mask's signed distance map."""
+    band_r: int = bounded(1, low=0)
+    """Boundary band radius in latent pixels."""
+    w_in: float = bounded(1.0, low=0)
+    """Weight inside the mask in the band-weighted MSE."""
+    w_band: float = bounded(6.0, low=0)
+    """Weight on the boundary band in the band-weighted MSE."""
+    w_out: float = bounded(0.2, low=0)
+    """Weight outside the mask in the band-weighted MSE."""
+    k_sigma: float = 2.0
+    """Change-mask threshold in background standard deviations."""
+    identity_weight: float = bounded(1.0, low=0)
+    """Embedding: penalise a prediction closer to the source than to the target."""
+    geometry_match_weight: float | None = bounded(None, low=0)
+    """Embedding: squared L2 between prediction and target embeddings. Default: 0.5
+    with --embedding_encoder; 0 on latent tokens, where it is exactly 64 * sigma**2 times the
+    flow-matching loss (a sigma-dependent reweighting of it, not a shape term)."""
+    overlay_weight: float = bounded(0.7, low=0)
+    """Embedding: penalise a prediction closer to the overlay negative than to the target."""
+    identity_margin: float = 0.25
+    """Cosine margin of the identity term."""
+    overlay_margin: float = 0.25
+    """Cosine margin of the overlay term."""
+    embedding_encoder: str | None = None
+    """Local DINOv2 or CLIP checkpoint for the embedding losses; default: latent tokens."""
+
+    def geometry_weights(self) -> GeometryLossWeights:
+        return GeometryLossWeights(
+            mse=self.geometry_mse_weight,
+            bg=self.background_weight,
+            dice=self.dice_weight,
+            area=self.area_weight,
+            bnd=self.boundary_weight,
+        )
+
+    def embedding_weights(self) -> EmbeddingLossWeights:
+        geometry = self.geometry_match_weight
+        if geometry is None:
+            geometry = SEED_GEOMETRY_MATCH_WEIGHT if self.embedding_encoder else 0.0
+        return EmbeddingLossWeights(
+            identity=self.identity_weight,
+            geometry=geometry,
+            overlay=self.overlay_weight,
+            identity_margin=self.identity_margin,
+            overlay_margin=self.overlay_margin,
+        )
+
+
+# --help answers here, before torch, diffusers and the models load.
+exit_after_help(__name__, KontextConfig, __doc__)
 
 import torch
 from diffusers import FluxKontextPipeline
@@ -34,16 +122,6 @@ from losses import (
     embedding_starter_loss,
     geometry_starter_loss,
     masked_flow_matching_loss,
-)
-from training.config import (
-    EditPairDataConfig,
-    FlowMatchingConfig,
-    FluxConfig,
-    LoraFileConfig,
-    LowMemoryConfig,
-    TrainConfig,
-    bounded,
-    parse_config,
 )
 from training.datasets import bucket_sampler, edit_pair_dataset
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
@@ -84,75 +162,6 @@ TERM_WEIGHT_FLAGS = {
     "emb_geometry": "geometry_match_weight",
     "emb_overlay": "overlay_weight",
 }
-
-
-@dataclass(kw_only=True)
-class KontextConfig(
-    EditPairDataConfig, FlowMatchingConfig, FluxConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
-):
-    """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
-
-    guidance_scale: float = 3.5
-    """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
-    flow_matching_weight: float = bounded(1.0, low=0)
-    """Weight of the flow-matching MSE on the target tokens."""
-    geometry_mse_weight: float = bounded(1.0, low=0)
-    """Seed 001: boundary-band weighted MSE of x0_hat vs the target latents. Since
-    x0_hat - x0 = -sigma * (v - v_target), it is a sigma**2-weighted, band-weighted velocity MSE."""
-    background_weight: float = bounded(0.6, low=0)
-    """Seed 001: MSE of x0_hat vs the context outside the dilated mask: the target's own change
-    there plus a sigma**2-weighted velocity error."""
-    dice_weight: float = bounded(0.9, low=0)
-    """Seed 001: Dice of the soft change mask vs the mask."""
-    area_weight: float = bounded(0.2, low=0)
-    """Seed 001: squared log area ratio of the change vs the mask."""
-    boundary_weight: float = bounded(0.4, low=0)
-    """Seed 001: boundary loss on the mask's signed distance map."""
-    band_r: int = bounded(1, low=0)
-    """Boundary band radius in latent pixels."""
-    w_in: float = bounded(1.0, low=0)
-    """Weight inside the mask in the band-weighted MSE."""
-    w_band: float = bounded(6.0, low=0)
-    """Weight on the boundary band in the band-weighted MSE."""
-    w_out: float = bounded(0.2, low=0)
-    """Weight outside the mask in the band-weighted MSE."""
-    k_sigma: float = 2.0
-    """Change-mask threshold in background standard deviations."""
-    identity_weight: float = bounded(1.0, low=0)
-    """Seed 003: penalise a prediction closer to the source than to the target."""
-    geometry_match_weight: float | None = bounded(None, low=0)
-    """Seed 003: squared L2 between prediction and target embeddings. Default: the seed's 0.5
-    with --embedding_encoder; 0 on latent tokens, where it is exactly 64 * sigma**2 times the
-    flow-matching loss (a sigma-dependent reweighting of it, not a shape term)."""
-    overlay_weight: float = bounded(0.7, low=0)
-    """Seed 003: penalise a prediction closer to the overlay negative than to the target."""
-    identity_margin: float = 0.25
-    """Cosine margin of the identity term."""
-    overlay_margin: float = 0.25
-    """Cosine margin of the overlay term."""
-    embedding_encoder: str | None = None
-    """Local DINOv2 or CLIP checkpoint for the seed 003 embeddings; default: latent tokens."""
-
-    def geometry_weights(self) -> GeometryLossWeights:
-        return GeometryLossWeights(
-            mse=self.geometry_mse_weight,
-            bg=self.background_weight,
-            dice=self.dice_weight,
-            area=self.area_weight,
-            bnd=self.boundary_weight,
-        )
-
-    def embedding_weights(self) -> EmbeddingLossWeights:
-        geometry = self.geometry_match_weight
-        if geometry is None:
-            geometry = SEED_GEOMETRY_MATCH_WEIGHT if self.embedding_encoder else 0.0
-        return EmbeddingLossWeights(
-            identity=self.identity_weight,
-            geometry=geometry,
-            overlay=self.overlay_weight,
-            identity_margin=self.identity_margin,
-            overlay_margin=self.overlay_margin,
-        )
 
 
 def kontext_transformer_inputs(

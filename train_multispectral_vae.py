@@ -1,4 +1,4 @@
-"""Adapt the SD3 VAE to multispectral leaf images with masked per-band MSE and SAM (seed 002).
+"""Adapt the SD3 VAE to multispectral leaf images with masked per-band MSE and SAM.
 
 The pretrained ``AutoencoderKL`` stays frozen; ``AutoencoderKLMultispectralAdapter`` trains a
 per-pixel spectral gate, an N -> 3 input adapter before the encoder and a 3 -> N output adapter
@@ -26,47 +26,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-import numpy as np
-import torch
-from PIL import Image
-
-from data.images import DataError
-from data.multispectral import (
-    MultispectralDataset,
-    band_statistics,
-    find_leaf_images,
-    parse_bands,
-)
-from data.rows import collate_items
-from losses import masked_mse_per_channel, masked_sam_loss
-from models.multispectral import (
-    BACKGROUND,
-    DEFAULT_DECODER_LORA_LAYERS,
-    AutoencoderKLMultispectralAdapter,
-)
-from training.checkpointing.checkpoints import resolve_checkpoint
-from training.config import TrainConfig, bounded, parse_config
-from training.datasets import bucket_sampler
-from training.loop import TrainingParts, train
-from training.lora.adapters import DEFAULT_RANK, target_modules
-from training.model_card import ModelCardInfo
-from training.runtime import build_accelerator, run_main, weight_dtype
-from training.validation import image_grid, save_grid, to_pil
-
-logger = logging.getLogger(__name__)
-
-ADAPTER_FOLDER = "multispectral_adapter"
-# Error maps turn white at this absolute error in normalised units: 10% of the band's range.
-ERROR_FULL_SCALE = 0.2
-OFF_LEAF_COLOUR = (0, 0, 64)
+from training.config import TrainConfig, bounded, exit_after_help, parse_config
 
 
 @dataclass(kw_only=True)
 class MultispectralConfig(TrainConfig):
     """Adapt the SD3 VAE to multispectral images with masked per-band MSE and SAM."""
 
+    shipped_configs: ClassVar[str] = "multispectral"
+    """Prefix of this script's files in configs/, which --help lists."""
     vae_subfolder: str | None = None
     """Subfolder of the VAE in --pretrained_model_name_or_path ('vae' for a full SD3 pipeline);
     by default the folder itself, or its vae/ when it holds a pipeline."""
@@ -140,6 +110,43 @@ class MultispectralConfig(TrainConfig):
             raise ValueError(
                 "validation needs held-out images: --holdout_images or --validation_data_dir"
             )
+
+
+# --help answers here, before torch, diffusers and the models load.
+exit_after_help(__name__, MultispectralConfig, __doc__)
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.images import DataError
+from data.multispectral import (
+    MultispectralDataset,
+    band_statistics,
+    find_leaf_images,
+    parse_bands,
+)
+from data.rows import collate_items
+from losses import masked_mse_per_channel, masked_sam_loss
+from models.multispectral import (
+    BACKGROUND,
+    DEFAULT_DECODER_LORA_LAYERS,
+    AutoencoderKLMultispectralAdapter,
+)
+from training.checkpointing.checkpoints import resolve_checkpoint
+from training.datasets import bucket_sampler
+from training.loop import TrainingParts, train
+from training.lora.adapters import DEFAULT_RANK, target_modules
+from training.model_card import ModelCardInfo
+from training.runtime import build_accelerator, run_main, weight_dtype
+from training.validation import image_grid, save_grid, to_pil
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FOLDER = "multispectral_adapter"
+# Error maps turn white at this absolute error in normalised units: 10% of the band's range.
+ERROR_FULL_SCALE = 0.2
+OFF_LEAF_COLOUR = (0, 0, 64)
 
 
 def build_datasets(

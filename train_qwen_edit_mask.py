@@ -1,4 +1,4 @@
-"""Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss.
+"""Train a Qwen-Image-Edit LoRA with a text-region mask loss.
 
 Each example is (references, target image, instruction[, text mask]): one reference for
 Qwen-Image-Edit, one or more for Edit-2509/2511. The transformer sees exactly what the
@@ -9,7 +9,7 @@ embedded by the vision-language encoder with the pipeline's own template (one pi
 placeholder per reference) and images, ``encoder_hidden_states_mask`` as the pipeline passes it,
 and sigma as the timestep with the pipeline's resolution-dependent shift. Each reference is
 resized by the pipeline's own rule (:func:`condition_images`). The loss is flow matching on the
-target tokens, mixed with seed 000's text-region weighting when ``mask_loss.enabled``. The data is
+target tokens, mixed with the text-region weighting when ``mask_loss.enabled``. The data is
 checked before the model loads.
 
     accelerate launch train_qwen_edit_mask.py --config configs/qwen_edit.yaml \\
@@ -25,7 +25,41 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
+
+from training.config import (
+    FlowMatchingConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    RegionLossConfig,
+    TextEditDataConfig,
+    TrainConfig,
+    bounded,
+    exit_after_help,
+    parse_config,
+)
+
+
+@dataclass(kw_only=True)
+class QwenEditConfig(
+    RegionLossConfig,
+    TextEditDataConfig,
+    FlowMatchingConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    TrainConfig,
+):
+    """Train a Qwen-Image-Edit LoRA with a text-region mask loss."""
+
+    shipped_configs: ClassVar[str] = "qwen_edit"
+    """Prefix of this script's files in configs/, which --help lists."""
+    timestep_shift: float | Literal["auto"] = bounded("auto", low=0, low_open=True)
+    """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
+    count (exp(mu)); a number fixes it; 1.0 is no shift."""
+
+
+# --help answers here, before torch, diffusers and the models load.
+exit_after_help(__name__, QwenEditConfig, __doc__)
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +75,6 @@ from data.rows import collate_items
 from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset
 from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
-from training.config import (
-    FlowMatchingConfig,
-    LoraFileConfig,
-    LowMemoryConfig,
-    RegionLossConfig,
-    TextEditDataConfig,
-    TrainConfig,
-    bounded,
-    parse_config,
-)
 from training.datasets import bucket_sampler, edit_columns, edit_sources
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
 from training.inputs.flow_matching import loss_weighting, noisy_latents, sample_sigmas
@@ -71,22 +95,6 @@ PIPELINES = {cls.__name__: cls for cls in (QwenImageEditPipeline, QwenImageEditP
 # projection: Qwen-Image has no single-stream blocks, so the last block's text output is
 # discarded and a LoRA there would never get a gradient (which DDP refuses).
 LORA_LAYERS = tuple(layer for layer in FLUX_LORA_LAYERS if layer != "attn.to_add_out")
-
-
-@dataclass(kw_only=True)
-class QwenEditConfig(
-    RegionLossConfig,
-    TextEditDataConfig,
-    FlowMatchingConfig,
-    LoraFileConfig,
-    LowMemoryConfig,
-    TrainConfig,
-):
-    """Train a Qwen-Image-Edit LoRA with seed 000's text-region mask loss."""
-
-    timestep_shift: float | Literal["auto"] = bounded("auto", low=0, low_open=True)
-    """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
-    count (exp(mu)); a number fixes it; 1.0 is no shift."""
 
 
 def pipeline_class(name_or_path: str) -> type:

@@ -1,12 +1,12 @@
 """Train a Stable Diffusion 1.5 inpainting LoRA (UNet, optionally the text encoder too).
 
-Each example is (image, mask, prompt): a folder in seed 004's JSONL format or a Hugging Face
+Each example is (image, mask, prompt): a folder with a metadata.jsonl or a Hugging Face
 dataset. The UNet sees exactly what ``StableDiffusionInpaintPipeline`` feeds it: 9 channels,
 ``cat([noisy latents, mask, masked-image latents])`` with the mask resized to the latent grid
 as the pipeline resizes it (nearest) and the masked image's latents sampled from the VAE and
 scaled; CLIP text embeddings at the tokenizer's 77 tokens; integer timesteps. The noise schedule
 and the prediction type (epsilon or v_prediction) come from the model's scheduler config; min-SNR
-weighting (--snr_gamma) and seed 000's mask-region weighting are available.
+weighting (--snr_gamma) and the mask-region weighting are available.
 
 ``--objective grpo`` fine-tunes the LoRA on a reward instead (``training.grpo.policy``): groups of
 images sampled with DDIM at --eta > 0 (as DDPO samples), the same 9-channel input and
@@ -25,17 +25,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline
-from diffusers.training_utils import compute_snr
-from diffusers.utils.torch_utils import randn_tensor
 from jsonargparse.typing import PositiveFloat
 
-from data.cache import fingerprint
-from data.rows import collate_items
-from losses import downsample_mask_area, masked_flow_matching_loss
 from training.config import (
     InpaintingDataConfig,
     LoraFileConfig,
@@ -43,11 +36,48 @@ from training.config import (
     RegionLossConfig,
     TrainConfig,
     bounded,
+    exit_after_help,
     parse_config,
 )
+from training.grpo.config import GRPOConfig
+
+
+# RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
+# bases (training.config's names, such as MaskLossSettings).
+@dataclass(kw_only=True)
+class SD15InpaintConfig(
+    RegionLossConfig, GRPOConfig, InpaintingDataConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
+):
+    """Train a Stable Diffusion 1.5 inpainting LoRA: supervised, with optional min-SNR and region
+    weighting, or with GRPO on a reward."""
+
+    shipped_configs: ClassVar[str] = "sd15_inpaint"
+    """Prefix of this script's files in configs/, which --help lists."""
+    snr_gamma: float | None = bounded(None, low=0, low_open=True)
+    """Min-SNR weighting gamma (5.0 is the paper's choice); None: unweighted MSE."""
+    train_text_encoder: bool = False
+    """Also train a LoRA on the CLIP text encoder's attention (its own default layers)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the validation pipeline (the pipeline's default), and of GRPO
+    sampling and training alike."""
+    eta: PositiveFloat = 1.0
+    """GRPO: DDIM's noise weight eta (> 0; 1 is DDPM's posterior variance, DDPO's choice)."""
+
+
+# --help answers here, before torch, diffusers and the models load.
+exit_after_help(__name__, SD15InpaintConfig, __doc__)
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers.training_utils import compute_snr
+from diffusers.utils.torch_utils import randn_tensor
+
+from data.cache import fingerprint
+from data.rows import collate_items
+from losses import downsample_mask_area, masked_flow_matching_loss
 from training.datasets import bucket_sampler, inpainting_dataset
 from training.grpo.loop import train_objective
-from training.grpo.policy import GRPOConfig
 from training.grpo.sde import ddim_step
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
 from training.inputs.latents import latent_distribution, sample_scaled_latents
@@ -70,26 +100,6 @@ TEXT_ENCODER_LORA = LoraFormat(StableDiffusionInpaintPipeline, "text_encoder")
 # diffusers' SD LoRA examples: the attention projections of the UNet and of CLIP.
 UNET_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-# RegionLossConfig first: jsonargparse resolves the annotations in the modules of the first
-# bases (training.config's names, such as MaskLossSettings).
-@dataclass(kw_only=True)
-class SD15InpaintConfig(
-    RegionLossConfig, GRPOConfig, InpaintingDataConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
-):
-    """Train a Stable Diffusion 1.5 inpainting LoRA: supervised, with optional min-SNR and region
-    weighting, or with GRPO on a reward."""
-
-    snr_gamma: float | None = bounded(None, low=0, low_open=True)
-    """Min-SNR weighting gamma (5.0 is the paper's choice); None: unweighted MSE."""
-    train_text_encoder: bool = False
-    """Also train a LoRA on the CLIP text encoder's attention (its own default layers)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the validation pipeline (the pipeline's default), and of GRPO
-    sampling and training alike."""
-    eta: PositiveFloat = 1.0
-    """GRPO: DDIM's noise weight eta (> 0; 1 is DDPM's posterior variance, DDPO's choice)."""
 
 
 class InpaintDenoiser(torch.nn.Module):

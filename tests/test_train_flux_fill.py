@@ -591,7 +591,7 @@ class TestGRPORun:
 
     def test_a_short_run_raises_the_mean_reward(self, assets, tmp_path):
         """The default rewards on the tiny random model: 4 groups of 8 per step at 16 px.
-        The first and last tenth of the run are what the README reports."""
+        The first and last tenth of the run are what docs/guides/grpo.md reports."""
         out = run(
             assets,
             tmp_path / "rise",

@@ -4,9 +4,9 @@ A script declares one keyword-only dataclass that inherits the mixins it needs (
 always; ``FlowMatchingConfig``, ``FluxConfig``, ``RegionLossConfig``, ``EditPairDataConfig`` and
 ``InpaintingDataConfig`` where they apply) and adds its own fields. :func:`parse_config` turns it
 into ``--flag`` options whose help comes from the field docstrings (a nested dataclass, such as
-seed 000's ``mask_loss``, gives dotted flags: ``--mask_loss.weight``), plus ``--config
-FILE.yaml`` holding any of them (nested as the seed writes it); flags given on the command line
-win over the file wherever they appear.
+``mask_loss``, gives dotted flags: ``--mask_loss.weight``), plus ``--config
+FILE.yaml`` holding any of them (nested blocks as in the shipped configs); flags given on the
+command line win over the file wherever they appear.
 """
 
 from __future__ import annotations
@@ -15,21 +15,41 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import textwrap
 import typing
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-from training.memory.quantization import BaseQuantization, EncoderQuantization, check_quantization
-from training.optimizers import OptimizerName, check_optimizer
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    set_parsing_settings,
+)
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 ConfigT = TypeVar("ConfigT")
+
+OptimizerName = Literal[
+    "adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "prodigy", "schedulefree_adamw"
+]
+BaseQuantization = Literal["none", "int8", "fp8", "nf4"]
+EncoderQuantization = Literal["none", "int8", "nf4"]
+# The package each optimizer and quantization mode comes from, when it is not a core dependency.
+_OPTIMIZER_PACKAGES = {
+    "adamw8bit": "bitsandbytes",
+    "paged_adamw8bit": "bitsandbytes",
+    "prodigy": "prodigyopt",
+    "schedulefree_adamw": "schedulefree",
+}
+_QUANTIZATION_PACKAGES = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}
+# Where the optional packages of the low-memory modes come from.
+LOWMEM_EXTRA = "pip install '.[lowmem]'"
 
 
 def bounded(
@@ -44,6 +64,38 @@ def bounded(
     always passes), checked when a config is made: a nonsense value stops the run at parse,
     naming the flag, instead of training on it or failing inside a library later."""
     return field(default=default, metadata={"range": (low, high, low_open, high_open)})
+
+
+def require_package(package: str, what: str) -> None:
+    """Raise ``ValueError`` in one line naming the extra when ``package`` is not installed."""
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"{what} needs {package}, which is not installed: {LOWMEM_EXTRA}")
+
+
+def check_optimizer(config) -> None:
+    """Refuse, before anything loads, an optimizer whose package is missing, or a schedule the
+    schedule-free optimizer replaces."""
+    if config.optimizer in _OPTIMIZER_PACKAGES:
+        require_package(_OPTIMIZER_PACKAGES[config.optimizer], f"--optimizer {config.optimizer}")
+    if config.optimizer == "schedulefree_adamw" and config.lr_scheduler != "constant":
+        raise ValueError(
+            f"--optimizer schedulefree_adamw replaces the schedule: use --lr_scheduler constant "
+            f"(got {config.lr_scheduler}); --lr_warmup_steps becomes its own warm-up"
+        )
+
+
+def check_quantization(config) -> None:
+    """Refuse, before anything loads, a mode whose library is missing or whose compute dtype
+    the run does not use. (Whether a GPU is there is checked at load: a plan is made anywhere.)"""
+    for flag in ("quantize_base", "quantize_text_encoders"):
+        mode = getattr(config, flag)
+        if mode != "none":
+            require_package(_QUANTIZATION_PACKAGES[mode], f"--{flag} {mode}")
+    if config.quantize_base == "fp8" and config.mixed_precision != "bf16":
+        raise ValueError(
+            "--quantize_base fp8 computes in bf16: add --mixed_precision bf16 "
+            f"(got {config.mixed_precision})"
+        )
 
 
 def _describe_range(low, high, low_open, high_open) -> str:
@@ -325,24 +377,24 @@ class FluxConfig:
 
 @dataclass
 class MaskLossSettings:
-    """Seed 000's region-weighted loss: (1 - weight) * plain + weight * region-weighted."""
+    """The region-weighted loss: (1 - weight) * plain + weight * region-weighted."""
 
     enabled: bool = False
     """Mix in the region-weighted loss; off: the plain loss, bit for bit."""
     weight: float = bounded(0.3, low=0, high=1)
     """alpha, the share of the region-weighted loss."""
     text_region_weight: float = bounded(2.0, low=0)
-    """Weight of tokens inside the mask (the text region in seed 000)."""
+    """Weight of tokens inside the mask (the text region of a text edit)."""
     background_weight: float = bounded(1.0, low=0)
     """Weight of tokens outside the mask."""
 
 
 @dataclass(kw_only=True)
 class RegionLossConfig:
-    """The mask-region weighting of the denoising loss (seed 000's names and defaults)."""
+    """The mask-region weighting of the denoising loss (a nested mask_loss block)."""
 
     mask_loss: MaskLossSettings = field(default_factory=MaskLossSettings)
-    """Seed 000's mask_loss block: enabled, weight (alpha), text_region_weight,
+    """Region weighting of the loss: enabled, weight (alpha), text_region_weight,
     background_weight."""
 
     def region_loss_weights(self) -> dict[str, float]:
@@ -356,7 +408,7 @@ class RegionLossConfig:
 
 @dataclass
 class TextMaskSettings:
-    """Seed 000's data block: where text masks come from."""
+    """Where text masks come from (a nested data block)."""
 
     use_text_mask: bool = False
     """Load text masks: a row's 'mask', else <dataset>/<mask_dir_name>/<target stem>.png|jpg."""
@@ -421,10 +473,10 @@ class EditPairDataConfig(ImagePairDataConfig):
 
 @dataclass(kw_only=True)
 class TextEditDataConfig(ImagePairDataConfig):
-    """Instruction-edit data with seed 000's optional text masks."""
+    """Instruction-edit data with optional text masks."""
 
     data: TextMaskSettings = field(default_factory=TextMaskSettings)
-    """Seed 000's data block: use_text_mask, mask_dir_name (YAML: nested, init_args allowed)."""
+    """Text masks: use_text_mask, mask_dir_name (YAML: nested, init_args allowed)."""
     strict_masks: bool = False
     """With data.use_text_mask, refuse rows without a mask instead of training them plainly."""
     text_mask_dir: str | None = None
@@ -513,12 +565,200 @@ def _without_init_args(path: str) -> str:
     return yaml.safe_dump(lifted)
 
 
+# --help lists the flags under these headings, in this order (see _help_topic).
+HELP_TOPICS = {
+    "model": "model and LoRA",
+    "data": "data",
+    "loss": "loss",
+    "grpo": "reward fine-tuning (--objective grpo)",
+    "optimization": "optimization",
+    "memory": "memory and speed",
+    "outputs": "outputs and checkpoints",
+    "validation": "validation",
+    "logging": "logging and the Hub",
+}
+# The topic of each flag every script shares, and of the groups of flags some scripts share.
+_FLAG_TOPICS = {
+    **dict.fromkeys(
+        (
+            "pretrained_model_name_or_path",
+            "rank",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_layers",
+            "init_lora_weights",
+            "mixed_precision",
+        ),
+        "model",
+    ),
+    **dict.fromkeys(
+        (
+            "train_data_dir",
+            "dataset_name",
+            "max_image_pixels",
+            "allow_paths_outside_data",
+            "resolution",
+            "dataloader_num_workers",
+        ),
+        "data",
+    ),
+    **dict.fromkeys(
+        (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "num_train_epochs",
+            "learning_rate",
+            "lr_scheduler",
+            "lr_warmup_steps",
+            "optimizer",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_weight_decay",
+            "adam_epsilon",
+            "max_grad_norm",
+            "max_nonfinite_steps",
+            "seed",
+        ),
+        "optimization",
+    ),
+    **dict.fromkeys(
+        ("gradient_checkpointing", "compile", "cache_latents", "cache_dir", "offload_encoders"),
+        "memory",
+    ),
+    **dict.fromkeys(
+        (
+            "output_dir",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "resume_from_checkpoint",
+            "save_on_signal",
+            "overwrite_output_dir",
+            "save_dtype",
+        ),
+        "outputs",
+    ),
+    **dict.fromkeys(
+        ("report_to", "push_to_hub", "hub_model_id", "hub_token", "hub_private", "debug"),
+        "logging",
+    ),
+    **dict.fromkeys(("holdout_images", "false_colour_bands"), "validation"),
+    **dict.fromkeys(("noise_level", "eta"), "grpo"),
+    **dict.fromkeys(("bands", "norm_low_percentile", "norm_high_percentile"), "data"),
+}
+
+
+def _help_topic(owner: type, name: str) -> str:
+    """The :data:`HELP_TOPICS` key of flag ``name`` declared by config class ``owner``."""
+    top = name.split(".")[0]
+    if top in _FLAG_TOPICS:
+        return _FLAG_TOPICS[top]
+    data_groups = (PromptConfig, ImagePairDataConfig, EditPairDataConfig, TextEditDataConfig)
+    if owner in (*data_groups, InpaintingDataConfig) or top == "data":
+        return "data"
+    if owner.__name__ == "GRPOConfig":
+        return "grpo"
+    if owner is LowMemoryConfig:
+        return "memory"
+    if "validation" in name:
+        return "validation"
+    if (
+        owner in (FlowMatchingConfig, RegionLossConfig)
+        or name.startswith("w_")
+        or any(
+            word in name
+            for word in (
+                "weight",
+                "loss",
+                "margin",
+                "band_r",
+                "w_in",
+                "w_out",
+                "k_sigma",
+                "snr_gamma",
+                "embedding_encoder",
+            )
+        )
+    ):
+        return "loss"
+    return "model"
+
+
+def _flag_owners(cls: type) -> dict[str, type]:
+    """Each top-level field of dataclass ``cls`` -> the class in its MRO that declares it."""
+    owners = {}
+    for klass in reversed(cls.__mro__):
+        for name in getattr(klass, "__annotations__", {}):
+            owners[name] = klass
+    return owners
+
+
+def _group_flags(parser: ArgumentParser, cls: type) -> None:
+    """Move the flags of ``parser`` (built from ``cls``) under the :data:`HELP_TOPICS` headings;
+    headings no flag falls under are left out."""
+    owners = _flag_owners(cls)
+    groups = {key: parser.add_argument_group(title) for key, title in HELP_TOPICS.items()}
+    for action in list(parser._actions):
+        top = action.dest.split(".")[0]
+        if top not in owners:
+            continue
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        groups[_help_topic(owners[top], action.dest)]._group_actions.append(action)
+    for group in groups.values():
+        if not group._group_actions:
+            parser._action_groups.remove(group)
+
+
+# The YAML files shipped for real runs: configs/<prefix>*.yaml, named in a script's --help.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs_text(prefix: str) -> str:
+    """The shipped configs of a script (``configs/<prefix>*.yaml``), each with the first line of
+    its opening comment, which says what the file is for."""
+    lines = ["shipped configs (--config FILE; flags after it override it):"]
+    for path in sorted(CONFIGS_DIR.glob(f"{prefix}*.yaml")):
+        title = path.read_text().splitlines()[0].lstrip("# ").rstrip(".:")
+        lines += textwrap.wrap(
+            title,
+            width=100,
+            initial_indent=f"  configs/{path.name:<26} ",
+            subsequent_indent=" " * 37,
+        )
+    return "\n".join(lines)
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description and the list of configs kept as written."""
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None):
-    """The jsonargparse parser for config dataclass ``cls`` (flat flags + ``--config``)."""
-    parser = ArgumentParser(prog=prog, description=description or cls.__doc__)
+    """The jsonargparse parser for config dataclass ``cls`` (flat flags + ``--config``), its
+    --help grouped by topic and, when ``cls.shipped_configs`` names a prefix, ending with the
+    shipped configs."""
+    prefix = getattr(cls, "shipped_configs", None)
+    parser = ArgumentParser(
+        prog=prog,
+        usage="%(prog)s [--config FILE.yaml] [--flag VALUE ...]",
+        description=description or cls.__doc__,
+        epilog=shipped_configs_text(prefix) if prefix else None,
+        formatter_class=_HelpFormatter,
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of any of the flags.")
     parser.add_class_arguments(cls, nested_key=None, as_group=False)
+    _group_flags(parser, cls)
     return parser
+
+
+def exit_after_help(module: str, cls: type, description: str | None = None) -> None:
+    """When ``module`` is the program being run and ``-h``/``--help`` is among its arguments,
+    print the help of ``cls`` and exit. A script calls it before importing torch and the models'
+    stack, so that --help answers at once."""
+    if module == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+        build_parser(cls, prog=sys.argv[0], description=description).print_help()
+        raise SystemExit(0)
 
 
 def parse_config(

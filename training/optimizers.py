@@ -17,49 +17,20 @@ Every state is tensors and plain values, which checkpoints store as safetensors 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from training.config import OptimizerName
+
 logger = logging.getLogger(__name__)
 
-OptimizerName = Literal[
-    "adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "prodigy", "schedulefree_adamw"
-]
 OPTIMIZERS = get_args(OptimizerName)
-# The package each optimizer comes from, when it is not a core dependency.
-_PACKAGES = {
-    "adamw8bit": "bitsandbytes",
-    "paged_adamw8bit": "bitsandbytes",
-    "prodigy": "prodigyopt",
-    "schedulefree_adamw": "schedulefree",
-}
-# Where the optional packages of the low-memory modes come from.
-LOWMEM_EXTRA = "pip install '.[lowmem]'"
 # Prodigy's step size is its own estimate times the learning rate: below this the run barely moves.
 _PRODIGY_LOW_LR = 0.1
-
-
-def require_package(package: str, what: str) -> None:
-    """Raise ``ValueError`` in one line naming the extra when ``package`` is not installed."""
-    if importlib.util.find_spec(package) is None:
-        raise ValueError(f"{what} needs {package}, which is not installed: {LOWMEM_EXTRA}")
-
-
-def check_optimizer(config) -> None:
-    """Refuse, before anything loads, an optimizer whose package is missing, or a schedule the
-    schedule-free optimizer replaces."""
-    if config.optimizer in _PACKAGES:
-        require_package(_PACKAGES[config.optimizer], f"--optimizer {config.optimizer}")
-    if config.optimizer == "schedulefree_adamw" and config.lr_scheduler != "constant":
-        raise ValueError(
-            f"--optimizer schedulefree_adamw replaces the schedule: use --lr_scheduler constant "
-            f"(got {config.lr_scheduler}); --lr_warmup_steps becomes its own warm-up"
-        )
 
 
 def build_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:

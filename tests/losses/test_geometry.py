@@ -478,8 +478,8 @@ class TestStarterLoss:
 
 @pytest.fixture(scope="module")
 def scores():
-    """The README's table: an object inserted into a 32x32 latent, then candidates grown, shrunk
-    and shifted, each with prediction noise, scored against the exact insertion."""
+    """The table of docs/losses.md: an object inserted into a 32x32 latent, then candidates grown,
+    shrunk and shifted, each with prediction noise, scored against the exact insertion."""
     generator = torch.Generator().manual_seed(0)
     context = torch.randn(1, 16, 32, 32, generator=generator)
     obj = 3 + torch.randn(1, 16, 32, 32, generator=generator)
@@ -521,6 +521,6 @@ class TestCandidateRanking:
         assert scores["shrunk"]["area"] > scores["exact"]["area"]
 
     def test_boundary_term_prefers_growth(self, scores):
-        # A known limitation stated in the README: spill-over into the sure background inflates
+        # A known limitation stated in docs/losses.md: spill-over into the sure background inflates
         # the change mask's statistics, and the boundary term then favours a grown object.
         assert scores["grown"]["bnd"] < scores["exact"]["bnd"] < scores["shrunk"]["bnd"]

@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler
 from torch.distributions import Normal, kl_divergence
 
 from training.config import TrainConfig
+from training.grpo.config import GRPOConfig
 from training.grpo.policy import (
-    GRPOConfig,
     clipped_objective,
     group_advantages,
     policy_update,

@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from training.grpo.rewards import DEFAULT_REWARD, MODEL_REWARDS, Rewards, parse_reward_spec
+from training.grpo.config import GRPOConfig
+from training.grpo.rewards import Rewards
 from training.grpo.sde import gaussian_kl, gaussian_log_prob
 from training.lora.adapters import lora_disabled
 from training.metrics import mean_across_ranks
@@ -38,109 +39,6 @@ from training.metrics import mean_across_ranks
 # unlike the fixed epsilon Flow-GRPO and DanceGRPO add, which is the size of some rewards'
 # whole spread. 1e-6 is a few float32 roundings.
 TIED_REWARDS = 1e-6
-
-
-@dataclass(kw_only=True)
-class GRPOConfig:
-    """GRPO reward fine-tuning flags (``--objective grpo``); the script's config also inherits
-    ``TrainConfig``."""
-
-    objective: Literal["sft", "grpo"] = "sft"
-    """sft: the supervised denoising loss on the data's images. grpo: sample groups of images
-    with the current model, score them with --reward and raise the reward with GRPO."""
-    num_generations: int = 8
-    """GRPO: images sampled per (prompt, image, mask), one group; advantages are z-scored within
-    it. A rank samples whole groups (--train_batch_size of them per micro-batch), so a group
-    never spans ranks."""
-    sampling_steps: int = 10
-    """GRPO: denoising steps of each sampled image."""
-    timestep_fraction: float = 1.0
-    """GRPO: share of the stochastic steps trained per sample (at least one), in random order."""
-    sde_window: int | None = None
-    """GRPO: only this many consecutive steps, at a position drawn per micro-batch, are
-    stochastic and trained, the others deterministic (the Flow-GRPO-Fast / MixGRPO saving).
-    None: every step."""
-    reward: str = DEFAULT_REWARD
-    """GRPO: comma-separated name[:weight] terms. Built in: background (keep the source outside
-    the mask), seam (the mask's edge as busy as the source around it), fill (the fill's colour
-    and texture like the source around the mask), clip (CLIP score of the prompt on the mask's
-    box, needs --clip_reward_model), preference (a PickScore-style preference score of the whole
-    image, needs --preference_reward_model); module:function[:weight] for your own."""
-    clip_reward_model: str | None = None
-    """GRPO: local folder of a CLIP model (transformers) for the clip reward."""
-    preference_reward_model: str | None = None
-    """GRPO: local folder of a CLIP-architecture preference model (PickScore's weights with its
-    processor, saved with save_pretrained) for the preference reward."""
-    seam_band: int = 4
-    """GRPO: half-width in pixels of the band around the mask edge that the seam reward
-    measures."""
-    fill_ring: int = 16
-    """GRPO: width in pixels of the ring of source around the mask that the fill reward compares
-    the fill with."""
-    clip_range: float = 1e-4
-    """GRPO: the ratio of new to old step probability (per latent element) is clipped to
-    1 +- this."""
-    adv_clip_max: float = 5.0
-    """GRPO: advantages are clipped to +- this."""
-    kl_beta: float = 0.0
-    """GRPO: weight of the KL divergence to the base model (the LoRA switched off), the exact
-    KL of each step's Gaussians, averaged over latent elements; 0: none. Flow-GRPO's KL term is
-    this times |dt| (the step's sigma decrement), so a beta b taken from it acts here 1/|dt|
-    times stronger (6 to 29 times on a shifted 10-step schedule): use about b * |dt|, b / 10
-    for 10 even steps."""
-    num_inner_epochs: int = 1
-    """GRPO: optimizer steps per set of samples, each a pass over all of them; the first has
-    ratio 1, later ones are off-policy and clipped. --max_train_steps, --checkpointing_steps and
-    --validation_steps must be multiples of it."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = {
-            "num_generations": self.num_generations >= 2,
-            "sampling_steps": self.sampling_steps >= 1,
-            "timestep_fraction": 0 < self.timestep_fraction <= 1,
-            "clip_range": self.clip_range > 0,
-            "adv_clip_max": self.adv_clip_max > 0,
-            "kl_beta": self.kl_beta >= 0,
-            "num_inner_epochs": self.num_inner_epochs >= 1,
-            "seam_band": self.seam_band >= 1,
-            "fill_ring": self.fill_ring >= 1,
-            "sde_window": self.sde_window is None or 1 <= self.sde_window <= self.sampling_steps,
-        }
-        rules = {
-            "num_generations": ">= 2 (advantages compare the images of a group)",
-            "sampling_steps": ">= 1",
-            "timestep_fraction": "in (0, 1]",
-            "clip_range": "> 0",
-            "adv_clip_max": "> 0",
-            "kl_beta": ">= 0",
-            "num_inner_epochs": ">= 1",
-            "seam_band": ">= 1",
-            "fill_ring": ">= 1",
-            "sde_window": f"in [1, --sampling_steps {self.sampling_steps}]",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"--{name} must be {rules[name]}, got {getattr(self, name)}")
-        terms = parse_reward_spec(self.reward)
-        for term in terms:
-            flag = MODEL_REWARDS.get(term.target)
-            if flag is not None and getattr(self, flag) is None:
-                raise ValueError(f"--reward {term.target} needs --{flag} (a local model folder)")
-        if self.objective != "grpo":
-            return
-        if self.lora_dropout:
-            raise ValueError(
-                "--objective grpo needs --lora_dropout 0: dropout would make the policy's "
-                "log-probabilities random, and the ratio meaningless"
-            )
-        for name in ("max_train_steps", "checkpointing_steps", "validation_steps"):
-            value = getattr(self, name)
-            if value is not None and value % self.num_inner_epochs:
-                raise ValueError(
-                    f"--{name} {value} must be a multiple of --num_inner_epochs "
-                    f"{self.num_inner_epochs}, so that checkpoints fall between sets of samples"
-                )
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:

@@ -18,13 +18,14 @@ scored as 0.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from training.grpo.config import RewardTerm, parse_reward_spec
 
 RewardFn = Callable[[torch.Tensor, list[str], torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -252,72 +253,6 @@ BUILTIN_REWARDS: dict[str, Callable[[RewardOptions, object], RewardFn]] = {
     "clip": _clip,
     "preference": _preference,
 }
-# Built-ins that load a model from a local folder: reward name -> the flag naming the folder.
-MODEL_REWARDS = {"clip": "clip_reward_model", "preference": "preference_reward_model"}
-# What --reward is when not given: every built-in that needs no model, so that the fill itself
-# is judged (background alone scores a grey hole as high as a perfect fill).
-DEFAULT_REWARD = "background,seam:0.5,fill"
-
-
-@dataclass(frozen=True)
-class RewardTerm:
-    """One item of ``--reward``: its logged name, weight, and what it names (a built-in name or
-    ``module:function``)."""
-
-    name: str
-    weight: float
-    target: str
-
-    @property
-    def builtin(self) -> bool:
-        return ":" not in self.target
-
-
-def parse_reward_spec(spec: str) -> list[RewardTerm]:
-    """``"background:1,seam:0.5,pkg.mod:fn:2"`` -> terms. A trailing ``:number`` is a weight
-    (default 1); a name with a colon left is ``module:function``, logged as ``function``.
-
-    Raises:
-        ValueError: naming the item, for an empty list, an unknown built-in, a malformed item,
-            a repeated name, or a weight that is not a finite number.
-    """
-    terms = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            raise ValueError(f"--reward {spec!r}: empty item")
-        parts = item.split(":")
-        weight = 1.0
-        if len(parts) > 1 and _is_number(parts[-1]):
-            weight = float(parts.pop())
-            if not math.isfinite(weight):
-                raise ValueError(f"--reward item {item!r}: weight must be finite")
-        if len(parts) == 1:
-            if parts[0] not in BUILTIN_REWARDS:
-                known = ", ".join(BUILTIN_REWARDS)
-                raise ValueError(
-                    f"--reward item {item!r}: unknown reward {parts[0]!r}; built in: {known}, "
-                    "or module:function for your own"
-                )
-            terms.append(RewardTerm(parts[0], weight, parts[0]))
-        elif len(parts) == 2 and all(parts):
-            terms.append(RewardTerm(parts[1], weight, ":".join(parts)))
-        else:
-            raise ValueError(
-                f"--reward item {item!r}: expected name[:weight] or module:function[:weight]"
-            )
-    names = [term.name for term in terms]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"--reward {spec!r}: {', '.join(repeated)} given more than once")
-    return terms
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def load_user_reward(target: str) -> RewardFn:

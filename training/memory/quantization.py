@@ -17,32 +17,11 @@ LoRA has the same keys and shapes and loads into the unquantized pipeline.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-from training.optimizers import require_package
-
-BaseQuantization = Literal["none", "int8", "fp8", "nf4"]
-EncoderQuantization = Literal["none", "int8", "nf4"]
-# The library each mode is implemented by.
-_PACKAGES = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}
 # bitsandbytes' 4-bit block: one fp32 absmax per this many weights.
 NF4_BLOCK = 64
-
-
-def check_quantization(config) -> None:
-    """Refuse, before anything loads, a mode whose library is missing or whose compute dtype
-    the run does not use. (Whether a GPU is there is checked at load: a plan is made anywhere.)"""
-    for flag in ("quantize_base", "quantize_text_encoders"):
-        mode = getattr(config, flag)
-        if mode != "none":
-            require_package(_PACKAGES[mode], f"--{flag} {mode}")
-    if config.quantize_base == "fp8" and config.mixed_precision != "bf16":
-        raise ValueError(
-            "--quantize_base fp8 computes in bf16: add --mixed_precision bf16 "
-            f"(got {config.mixed_precision})"
-        )
 
 
 def _require_cuda(flag: str, mode: str) -> None:
