@@ -64,6 +64,9 @@ class FillConfig(
 
     shipped_configs: ClassVar[str] = "flux_fill"
     """Prefix of this script's files in configs/, which --help lists."""
+    resolution: int = bounded(1024, low=16)
+    """Target side length in pixels (FLUX.1 Fill's native 1024); buckets keep about resolution**2
+    pixels. A multiple of 16."""
     guidance_scale: float = 30.0
     """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
     background_preservation_weight: float = bounded(0.0, low=0)

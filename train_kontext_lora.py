@@ -46,6 +46,9 @@ class KontextConfig(
 
     shipped_configs: ClassVar[str] = "kontext"
     """Prefix of this script's files in configs/, which --help lists."""
+    resolution: int = bounded(1024, low=16)
+    """Target side length in pixels (FLUX.1 Kontext's native 1024); buckets keep about resolution**2
+    pixels. A multiple of 16."""
     guidance_scale: float = 3.5
     """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
     flow_matching_weight: float = bounded(1.0, low=0)

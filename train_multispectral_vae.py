@@ -37,6 +37,8 @@ class MultispectralConfig(TrainConfig):
 
     shipped_configs: ClassVar[str] = "multispectral"
     """Prefix of this script's files in configs/, which --help lists."""
+    cache_latents: bool = False
+    """Not used here: the encoder's input is what trains."""
     vae_subfolder: str | None = None
     """Subfolder of the VAE in --pretrained_model_name_or_path ('vae' for a full SD3 pipeline);
     by default the folder itself, or its vae/ when it holds a pipeline."""
@@ -95,8 +97,9 @@ class MultispectralConfig(TrainConfig):
         super().__post_init__()
         if self.cache_latents:
             raise ValueError("--cache_latents does not apply: the encoder's input is trained")
-        if self.validation_prompt is not None:
-            raise ValueError("--validation_prompt does not apply to a VAE")
+        for flag in ("validation_prompt", "validation_prompts", "validation_images"):
+            if getattr(self, flag) is not None:
+                raise ValueError(f"--{flag} does not apply to a VAE (see --validation_data_dir)")
         parse_bands(self.bands)
         colours = parse_bands(self.false_colour_bands)
         if colours is not None and len(colours) != 3:

@@ -53,6 +53,9 @@ class QwenEditConfig(
 
     shipped_configs: ClassVar[str] = "qwen_edit"
     """Prefix of this script's files in configs/, which --help lists."""
+    resolution: int = bounded(1024, low=16)
+    """Target side length in pixels (Qwen-Image-Edit's native 1024); buckets keep about
+    resolution**2 pixels. A multiple of 16."""
     timestep_shift: float | Literal["auto"] = bounded("auto", low=0, low_open=True)
     """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
     count (exp(mu)); a number fixes it; 1.0 is no shift."""

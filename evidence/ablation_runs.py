@@ -101,6 +101,7 @@ def train_on_world(
         "seed": seed,
         "checkpointing_steps": every,
         "cache_latents": True,
+        "gradient_checkpointing": False,
         "cache_dir": cache_dir,
         "overwrite_output_dir": True,
         **flags,

@@ -101,9 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     if own.json:
         print(json.dumps(plan.as_dict()))
         return
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "auto (planned as bf16, what a current GPU trains in)"
     print(
         f"{family} at {config.resolution} px, batch {config.train_batch_size}, "
-        f"--mixed_precision {config.mixed_precision}, --quantize_base {config.quantize_base}, "
+        f"--mixed_precision {precision}, --quantize_base {config.quantize_base}, "
         f"--optimizer {config.optimizer}, --gradient_checkpointing "
         f"{str(config.gradient_checkpointing).lower()}, --offload_blocks {config.offload_blocks}"
     )

@@ -91,7 +91,13 @@ def check_quantization(config) -> None:
         mode = getattr(config, flag)
         if mode != "none":
             require_package(_QUANTIZATION_PACKAGES[mode], f"--{flag} {mode}")
-    if config.quantize_base == "fp8" and config.mixed_precision != "bf16":
+    if config.mixed_precision != "auto":  # auto is settled, and checked, on the training machine
+        check_fp8_precision(config)
+
+
+def check_fp8_precision(config) -> None:
+    """Refuse ``--quantize_base fp8`` with a ``--mixed_precision`` other than bf16."""
+    if getattr(config, "quantize_base", "none") == "fp8" and config.mixed_precision != "bf16":
         raise ValueError(
             "--quantize_base fp8 computes in bf16: add --mixed_precision bf16 "
             f"(got {config.mixed_precision})"
@@ -202,10 +208,12 @@ class TrainConfig:
     rank, alpha and modules are read from the file (a flag that disagrees is an error)."""
     seed: int = bounded(0, low=0)
     """Seed for weights, data order, noise and timesteps."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Precision of the frozen weights and autocast; LoRA weights stay fp32."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """Precision of the frozen weights and autocast; LoRA weights stay fp32. auto: bf16 on a GPU
+    that computes in it, fp16 on an older GPU, no (fp32) on a CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory (about a third more compute);
+    false where memory is plentiful."""
     compile: bool = False
     """torch.compile each repeated transformer/UNet block in place (regional compilation):
     faster steps on a GPU after a first slow one per block class and sequence length; the model
@@ -228,15 +236,28 @@ class TrainConfig:
     validation_steps: int | None = bounded(None, low=1)
     """Run the pipeline on validation examples every this many steps (and at the end)."""
     validation_prompt: str | None = None
-    """Prompt for validation; by default each validation example's own prompt."""
+    """One prompt for every validation image; by default each validation example's own prompt."""
+    validation_prompts: list[str] | None = None
+    """A prompt per validation image (--validation_images, else the first training examples),
+    in order; takes the place of --validation_prompt."""
+    validation_images: list[str] | None = None
+    """Image files to validate on instead of the first training examples: the image to edit
+    (edit models) or to fill (inpainting models, with --validation_masks)."""
+    validation_masks: list[str] | None = None
+    """A mask file per --validation_images entry (white = the region): the region to fill for
+    inpainting models; for edit models it is only drawn over the prediction."""
+    validation_at_start: bool = True
+    """With --validation_steps: validate before the first step too (step 0, the model as it
+    starts), so that later images have something to be compared with."""
     num_validation_images: int = bounded(2, low=1)
     """How many training examples to validate on."""
     validation_inference_steps: int = bounded(28, low=1)
     """Denoising steps of the validation pipeline."""
     report_to: str | None = None
     """Comma-separated trackers for accelerate (tensorboard, wandb)."""
-    cache_latents: bool = False
-    """Encode latents and prompts once and keep them in a safetensors cache (see cache_dir)."""
+    cache_latents: bool = True
+    """Encode latents and prompts once and keep them in a safetensors cache (see cache_dir), so
+    that training steps run the denoiser alone; false encodes every step."""
     cache_dir: str | None = None
     """Folder of the latent/prompt cache; defaults to <output_dir>/cache."""
     offload_encoders: bool = False
@@ -282,6 +303,7 @@ class TrainConfig:
                 "--hub_token with --report_to would send the token to the trackers; log in "
                 "with `hf auth login` (or set HF_TOKEN) instead"
             )
+        self.check_validation_inputs()
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
@@ -298,6 +320,31 @@ class TrainConfig:
     def data_sources(cls) -> tuple[str, ...]:
         """The flags that each name the whole training data; a run gives exactly one."""
         return ("train_data_dir", "dataset_name")
+
+    def check_validation_inputs(self) -> None:
+        """Refuse, before anything loads, validation files that are missing and lists whose
+        lengths do not pair up."""
+        images, masks, prompts = (
+            self.validation_images,
+            self.validation_masks,
+            self.validation_prompts,
+        )
+        missing = [name for name in (*(images or ()), *(masks or ())) if not Path(name).is_file()]
+        if missing:
+            raise ValueError(f"validation file(s) not found: {', '.join(missing)}")
+        if masks and len(masks) != len(images or ()):
+            raise ValueError(
+                f"--validation_masks needs one mask per --validation_images entry: got "
+                f"{len(masks)} mask(s) for {len(images or ())} image(s)"
+            )
+        if prompts:
+            count = len(images) if images else self.num_validation_images
+            if len(prompts) != count:
+                what = "--validation_images" if images else "--num_validation_images"
+                raise ValueError(
+                    f"--validation_prompts needs one prompt per validation image: got "
+                    f"{len(prompts)} for {count} ({what})"
+                )
 
     @property
     def trackers(self) -> list[str]:
@@ -800,3 +847,11 @@ class InpaintingDataConfig(PromptConfig):
     random_masks: bool = False
     """Draw strokes and boxes (5-50% coverage) for rows without a mask, fixed per item by --seed
     and the item's index, so they repeat on resume and in the latent cache."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.validation_images and not self.validation_masks:
+            raise ValueError(
+                "--validation_images of an inpainting model need --validation_masks: the "
+                "region each one fills"
+            )

@@ -226,6 +226,15 @@ class Run:
     def validation_due(self, step: int) -> bool:
         return _validation_due(self.config, step, self.max_steps)
 
+    def validate_at_start(self) -> None:
+        """With --validation_at_start, validate a fresh run before its first step (step 0):
+        what the model does before training, beside what it learns."""
+        config = self.config
+        if config.validation_steps is None or not config.validation_at_start:
+            return
+        if self.progress.global_step == 0:
+            _validate(self.accelerator, self.parts, self.model, 0)
+
     def end_step(
         self, progress: TrainingProgress, values: dict[str, float], may_stop: bool = True
     ) -> None:
@@ -379,6 +388,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, parts: TrainingParts):
         accumulation,
     )
     log_repeated_batches(parts.sampler, accelerator, accumulation)
+    run.validate_at_start()
     run.model.train()
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch
     with run.checkpointed_on_data_error():

@@ -23,7 +23,7 @@ from training.checkpointing.output_dir import (
     check_output_dir,
     prepare_output_dir,
 )
-from training.config import TrainConfig
+from training.config import TrainConfig, check_fp8_precision
 from training.memory.quantization import pipeline_quantization
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     The LR scheduler is stepped by the loop once per optimizer step, not by accelerate once per
     process, so its state counts optimizer steps whatever the number of processes.
     """
+    resolve_mixed_precision(config)
     set_max_image_pixels(config.max_image_pixels)
     try:
         check_output_dir(config.output_dir, [config.train_data_dir])
@@ -202,9 +203,23 @@ def keep_frozen_parameters_local(model: torch.nn.Module) -> None:
     )
 
 
+def resolve_mixed_precision(config: TrainConfig) -> str:
+    """Settle ``--mixed_precision auto`` for this machine, in ``config``: bf16 on a CUDA GPU that
+    computes in it, fp16 on an older one, no (fp32) on a CPU. Returns the value.
+
+    Raises ``ValueError`` when ``--quantize_base fp8`` meets anything but bf16."""
+    if config.mixed_precision == "auto":
+        if not torch.cuda.is_available():
+            config.mixed_precision = "no"
+        else:
+            config.mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    check_fp8_precision(config)
+    return config.mixed_precision
+
+
 def weight_dtype(config: TrainConfig) -> torch.dtype:
-    """Dtype of the frozen weights for ``--mixed_precision``."""
-    return _DTYPES[config.mixed_precision]
+    """Dtype of the frozen weights for ``--mixed_precision`` (auto settled for this machine)."""
+    return _DTYPES[resolve_mixed_precision(config)]
 
 
 def step_generator(seed: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data.buckets import fit_to_bucket, make_buckets, nearest_bucket
+from data.images import mask_to_tensor, open_image, open_mask, to_model_range
+
 VALIDATION_DIR = "validation"
 
 
@@ -41,6 +44,11 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str]) -> 
     return grid
 
 
+def blank_like(image: Image.Image) -> Image.Image:
+    """A white image of ``image``'s size: the empty cell of a grid."""
+    return Image.new("RGB", image.size, "white")
+
+
 def save_grid(grid: Image.Image, output_dir: str | Path, step: int) -> Path:
     """Write ``grid`` to ``<output_dir>/validation/step-<step>.png``."""
     folder = Path(output_dir) / VALIDATION_DIR
@@ -50,10 +58,30 @@ def save_grid(grid: Image.Image, output_dir: str | Path, step: int) -> Path:
     return path
 
 
+def validation_file_items(config) -> list[dict[str, torch.Tensor | None]]:
+    """``--validation_images`` (and ``--validation_masks``), each scaled and centre-cropped to
+    its ``--resolution`` bucket as training images are: ``{"image": [3, H, W] in [-1, 1],
+    "mask": [1, H, W] in {0, 1} or None}``. A file that cannot be read raises ``DataError``
+    naming it."""
+    buckets = make_buckets(config.resolution)
+    masks = config.validation_masks or [None] * len(config.validation_images)
+    items = []
+    for image_file, mask_file in zip(config.validation_images, masks, strict=True):
+        image = open_image(image_file, "validation image")
+        size = nearest_bucket(image.height, image.width, buckets)
+        mask = None
+        if mask_file is not None:
+            fitted = fit_to_bucket(open_mask(mask_file, "validation mask"), size, Image.BILINEAR)
+            mask = mask_to_tensor(fitted)
+        items.append({"image": to_model_range(fit_to_bucket(image, size)), "mask": mask})
+    return items
+
+
 class PipelineValidation:
     """Runs a family's pipeline with the training model (the pipeline holds it) on the first
-    examples and saves a grid under ``validation/``. Subclasses say how an item is passed to the
-    pipeline (:meth:`call_arguments`) and shown (:meth:`row`, one image per ``labels`` entry);
+    examples, or on --validation_images, and saves a grid under ``validation/``. Subclasses say
+    how a file becomes an item (:meth:`file_item`), how an item is passed to the pipeline
+    (:meth:`call_arguments`) and shown (:meth:`row`, one image per ``labels`` entry);
     ``pipeline_kwargs`` are the family's fixed call arguments (guidance, prompt length)."""
 
     labels: tuple[str, ...]
@@ -64,6 +92,15 @@ class PipelineValidation:
         self.config = config
         self.accelerator = accelerator
         self.pipeline_kwargs = pipeline_kwargs
+        # Read now, so that a bad file stops the run before it trains, not at its first validation.
+        self.file_items = (
+            [self.file_item(item) for item in validation_file_items(config)]
+            if config.validation_images
+            else None
+        )
+
+    def file_item(self, item: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def call_arguments(self, item: dict) -> dict[str, Any]:
         raise NotImplementedError
@@ -71,14 +108,26 @@ class PipelineValidation:
     def row(self, item: dict, prediction: Image.Image) -> list[Image.Image]:
         raise NotImplementedError
 
+    def items(self) -> list[dict]:
+        """The validation items: from --validation_images, else the first training examples."""
+        if self.file_items is not None:
+            return self.file_items
+        count = min(self.config.num_validation_images, len(self.dataset))
+        return [self.dataset[index] for index in range(count)]
+
+    def prompt(self, index: int, item: dict) -> str:
+        config = self.config
+        if config.validation_prompts:
+            return config.validation_prompts[index]
+        return config.validation_prompt or item["prompt"]
+
     def __call__(self, model, step: int) -> Path:
         config = self.config
         rows = []
-        for index in range(min(config.num_validation_images, len(self.dataset))):
-            item = self.dataset[index]
+        for index, item in enumerate(self.items()):
             with self.accelerator.autocast():
                 prediction = self.pipe(
-                    prompt=config.validation_prompt or item["prompt"],
+                    prompt=self.prompt(index, item),
                     num_inference_steps=config.validation_inference_steps,
                     generator=torch.Generator(self.pipe.device).manual_seed(config.seed),
                     **self.call_arguments(item),
@@ -94,13 +143,22 @@ class EditValidation(PipelineValidation):
 
     labels = ("context", "target", "prediction", "mask overlay")
 
+    def file_item(self, item: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """A validation file as an edit item: the image is the context (the only reference);
+        there is no target, and no overlay without a mask."""
+        image = item["image"]
+        return {"context": image, "references": [image], "target": None, "mask": item["mask"]}
+
     def call_arguments(self, item: dict) -> dict[str, Any]:
-        height, width = item["target"].shape[-2:]
+        height, width = item["context" if item["target"] is None else "target"].shape[-2:]
         return {"image": to_pil(item["context"]), "height": height, "width": width}
 
     def row(self, item: dict, prediction: Image.Image) -> list[Image.Image]:
-        context, target = to_pil(item["context"]), to_pil(item["target"])
-        return [context, target, prediction, mask_overlay(prediction, item["mask"])]
+        context = to_pil(item["context"])
+        target = blank_like(context) if item["target"] is None else to_pil(item["target"])
+        mask = item["mask"]
+        overlay = prediction if mask is None else mask_overlay(prediction, mask)
+        return [context, target, prediction, overlay]
 
 
 class InpaintingValidation(PipelineValidation):
@@ -108,6 +166,9 @@ class InpaintingValidation(PipelineValidation):
     prediction with the mask tinted."""
 
     labels = ("image", "mask", "prediction", "mask overlay")
+
+    def file_item(self, item: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        return item
 
     def call_arguments(self, item: dict) -> dict[str, Any]:
         height, width = item["image"].shape[-2:]

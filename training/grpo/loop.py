@@ -148,6 +148,7 @@ def _train_grpo(accelerator: Accelerator, config: GRPOConfig, parts: GRPOParts):
         config.reward,
     )
     log_repeated_batches(parts.sampler, accelerator, accumulation)
+    run.validate_at_start()
     run.model.train()
     sampler_model = accelerator.unwrap_model(run.model)
     epoch, consumed = run.progress.epoch, run.progress.batches_in_epoch

@@ -377,7 +377,8 @@ def plan_memory(config, spec: FamilyPlan) -> MemoryPlan:
 
 
 def _plan(config, spec: FamilyPlan) -> MemoryPlan:
-    dtype = weight_dtype(config)
+    # A plan made away from the GPU it is for (scripts/plan_memory.py) takes auto as bf16.
+    dtype = torch.bfloat16 if config.mixed_precision == "auto" else weight_dtype(config)
     quantized = getattr(config, "quantize_base", "none")
     denoiser = meta_component(config, spec.family, spec.denoiser, dtype)
     with warnings.catch_warnings():
