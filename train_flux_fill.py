@@ -103,6 +103,7 @@ from training.datasets import bucket_sampler, inpainting_dataset
 from training.grpo.loop import train_objective
 from training.grpo.sde import flow_sde_step
 from training.inputs.caching import encoded_items, offload_after_caching
+from training.inputs.captions import caption_dropout
 from training.inputs.flow_matching import (
     loss_weighting,
     noisy_latents,
@@ -113,9 +114,9 @@ from training.inputs.flow_matching import (
 from training.inputs.flux import (
     FLUX_ENCODERS,
     FLUX_LORA_LAYERS,
-    encode_flux_prompt,
     flux_encoder_fingerprint,
     flux_image_ids,
+    flux_prompt_encoding,
     flux_transformer_inputs,
     pack,
     planned_flux_conditioning,
@@ -199,16 +200,16 @@ class FillEncoder:
         return flux_encoder_fingerprint(self.pipe, self.config, form="fill/distribution/v1")
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return flux_prompt_encoding(self.pipe, prompts, self.config.max_sequence_length)
+
+    @torch.no_grad()
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         pipe = self.pipe
-        prompt_embeds, pooled = encode_flux_prompt(
-            pipe, batch["prompt"], self.config.max_sequence_length
-        )
         image = latent_distribution(pipe.vae, batch["image"])
         masked = latent_distribution(pipe.vae, batch["masked_image"])
         return {
-            "prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": pooled,
+            **self.encode_prompts(batch["prompt"]),
             "latents_mean": image["mean"],
             "latents_std": image["std"],
             "masked_latents_mean": masked["mean"],
@@ -445,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = fill_dataset(config, pipe)
     encoder = FillEncoder(pipe, config)
+    dropout = caption_dropout(config, encoder.encode_prompts)
     precomputed = isinstance(dataset, FillLatentDataset)
     items = (
         dataset
@@ -481,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         model=transformer,
         dataset=items,
         sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        caption_dropout=dropout,
         collate_fn=collate_items,
         compute_loss=FillLoss(pipe, config, encoder, encoded),
         save_lora=FILL_LORA.save,

@@ -128,14 +128,15 @@ from losses import (
 )
 from training.datasets import bucket_sampler, edit_pair_dataset
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
+from training.inputs.captions import caption_dropout
 from training.inputs.embeddings import ImageEmbedder
 from training.inputs.flow_matching import loss_weighting, noisy_latents, predicted_x0, sample_sigmas
 from training.inputs.flux import (
     FLUX_ENCODERS,
     FLUX_LORA_LAYERS,
-    encode_flux_prompt,
     flux_encoder_fingerprint,
     flux_image_ids,
+    flux_prompt_encoding,
     flux_transformer_inputs,
     pack,
     planned_flux_conditioning,
@@ -224,17 +225,17 @@ class KontextEncoder:
         )
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return flux_prompt_encoding(self.pipe, prompts, self.config.max_sequence_length)
+
+    @torch.no_grad()
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         pipe = self.pipe
         dtype = pipe.vae.dtype
-        prompt_embeds, pooled = encode_flux_prompt(
-            pipe, batch["prompt"], self.config.max_sequence_length
-        )
         encoded = {
             "target_latents": pipe._encode_vae_image(batch["target"].to(dtype), generator=None),
             "context_latents": pipe._encode_vae_image(batch["context"].to(dtype), generator=None),
-            "prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": pooled,
+            **self.encode_prompts(batch["prompt"]),
             "mask_latent": batch["mask_latent"],
             "signed_distance_map": batch["signed_distance_map"],
             "has_mask": batch["has_mask"],
@@ -450,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         embedder = ImageEmbedder(config.embedding_encoder).to(accelerator.device)
 
     encoder = KontextEncoder(pipe, config, embedder)
+    dropout = caption_dropout(config, encoder.encode_prompts)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
     place_denoiser(transformer, config, accelerator.device)
 
@@ -457,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         model=transformer,
         dataset=items,
         sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        caption_dropout=dropout,
         collate_fn=collate_items,
         compute_loss=KontextLoss(pipe, config, encoder, embedder, config.cache_latents),
         save_lora=KONTEXT_LORA.save,

@@ -60,6 +60,15 @@ class QwenEditConfig(
     """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
     count (exp(mu)); a number fixes it; 1.0 is no shift."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.caption_dropout and self.cache_latents:
+            raise ValueError(
+                "--caption_dropout needs --cache_latents false here: Qwen-Image-Edit encodes "
+                "the reference images with the prompt, so an empty caption is encoded per "
+                "example at each step"
+            )
+
 
 # --help answers here, before torch, diffusers and the models load.
 exit_after_help(__name__, QwenEditConfig, __doc__)
@@ -80,6 +89,7 @@ from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
 from training.datasets import bucket_sampler, edit_columns, edit_sources
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
+from training.inputs.captions import caption_dropout
 from training.inputs.flow_matching import loss_weighting, noisy_latents, sample_sigmas
 from training.inputs.flux import FLUX_LORA_LAYERS, pack
 from training.loop import TrainingParts, train
@@ -466,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         model=pipe.transformer,
         dataset=items,
         sampler=bucket_sampler(config, accelerator, dataset.batch_group_of_items),
+        # Its prompt encoding holds the references: an empty caption is encoded per example,
+        # from the raw batch (the config refuses --caption_dropout with --cache_latents).
+        caption_dropout=caption_dropout(config, None),
         collate_fn=collate_encoded if config.cache_latents else collate_items,
         compute_loss=QwenEditLoss(pipe, config, encoder, config.cache_latents),
         save_lora=lora_format.save,

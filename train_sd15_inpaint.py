@@ -80,6 +80,7 @@ from training.datasets import bucket_sampler, inpainting_dataset
 from training.grpo.loop import train_objective
 from training.grpo.sde import ddim_step
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
+from training.inputs.captions import caption_dropout
 from training.inputs.latents import latent_distribution, sample_scaled_latents
 from training.loop import TrainingParts
 from training.lora.adapters import LoraFormat, add_lora, save_lora_components
@@ -169,17 +170,21 @@ class SD15Encoder:
         )
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids when the text encoder trains (it encodes them in the loss), else its
+        embeddings."""
         pipe = self.pipe
         if self.config.train_text_encoder:
-            prompt = {"input_ids": tokenize(pipe, batch["prompt"])}
-        else:
-            embeds = pipe.encode_prompt(batch["prompt"], pipe.text_encoder.device, 1, False)[0]
-            prompt = {"prompt_embeds": embeds}
+            return {"input_ids": tokenize(pipe, prompts)}
+        return {"prompt_embeds": pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0]}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        pipe = self.pipe
         image = latent_distribution(pipe.vae, batch["image"])
         masked = latent_distribution(pipe.vae, batch["masked_image"])
         return {
-            **prompt,
+            **self.encode_prompts(batch["prompt"]),
             "latents_mean": image["mean"],
             "latents_std": image["std"],
             "masked_latents_mean": masked["mean"],
@@ -442,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = inpainting_dataset(config)
     encoder = SD15Encoder(pipe, config)
+    dropout = caption_dropout(config, encoder.encode_prompts)
     items = encoded_items(accelerator, config, dataset, encoder, collate_items)
     place_denoiser(pipe.unet, config, accelerator.device)
     # Before the encoders may leave for the CPU: the empty prompt is encoded where they are.
@@ -450,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         model=InpaintDenoiser(pipe.unet, text_encoder),
         dataset=items,
         sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        caption_dropout=dropout,
         collate_fn=collate_items,
         compute_loss=SD15Loss(pipe, config, encoder, config.cache_latents),
         save_lora=save_sd15_lora,

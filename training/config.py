@@ -470,6 +470,10 @@ class PromptConfig:
     trigger_word: str | None = None
     """A word put in every training prompt: in place of each [trigger] in a prompt, or before
     the prompt when it has none; then in yours at inference."""
+    caption_dropout: float = bounded(0.0, low=0, high=1)
+    """Share of examples trained with the empty prompt instead of theirs, drawn anew at every
+    step (a resume draws the same): the LoRA then also works without words, and in the
+    unconditional pass of classifier-free guidance. 0.05-0.1 is common; 0: off."""
 
 
 @dataclass(kw_only=True)

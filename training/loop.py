@@ -36,6 +36,7 @@ from training.checkpointing.sharding import is_sharded_tensor, whole_trainable_p
 from training.checkpointing.stopping import NonFiniteSteps, StopSignals, describe_items
 from training.compiling import compile_repeated_blocks
 from training.config import LoraFileConfig, TrainConfig
+from training.inputs.captions import CaptionDropout
 from training.lora.adapters import LORA_WEIGHTS_NAME, SAVE_DTYPES, cast_lora_file
 from training.metrics import MetricsLog, mean_across_ranks
 from training.model_card import ModelCardInfo, publish_run
@@ -62,7 +63,8 @@ class TrainingParts:
     batch sampler with ``set_epoch(epoch, start_batch)`` and ``batches_per_epoch``) yielding this
     rank's batches, a multiple of --gradient_accumulation_steps per epoch. ``validate(model, step)``
     runs on the main process; a mapping it returns (metric name -> number) joins that step's
-    record in metrics.jsonl."""
+    record in metrics.jsonl. ``caption_dropout`` (--caption_dropout) replaces some prompts of each
+    batch before ``compute_loss`` sees it."""
 
     model: torch.nn.Module
     dataset: Dataset
@@ -73,6 +75,7 @@ class TrainingParts:
     load_lora: Callable[[torch.nn.Module, Path], None]
     card: ModelCardInfo
     validate: Callable[[torch.nn.Module, int], Mapping[str, float] | None] | None = None
+    caption_dropout: CaptionDropout | None = None
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -406,6 +409,8 @@ def _supervised_steps(run: Run, parts: TrainingParts, config: TrainConfig, epoch
             position = consumed * accelerator.num_processes + accelerator.process_index
             generator = step_generator(config.seed, epoch, position, accelerator.device)
             run.saw(batch)
+            if parts.caption_dropout is not None:
+                batch = parts.caption_dropout(batch, generator)
             with accelerator.accumulate(run.model):
                 loss, components = parts.compute_loss(
                     run.model, send_to_device(batch, accelerator.device), generator

@@ -169,6 +169,11 @@ class GRPOConfig:
                 raise ValueError(f"--reward {term.target} needs --{flag} (a local model folder)")
         if self.objective != "grpo":
             return
+        if getattr(self, "caption_dropout", 0):
+            raise ValueError(
+                "--caption_dropout applies to supervised training: GRPO samples from the "
+                "prompts as given"
+            )
         if self.lora_dropout:
             raise ValueError(
                 "--objective grpo needs --lora_dropout 0: dropout would make the policy's "

@@ -44,6 +44,12 @@ def encode_flux_prompt(
     return prompt_embeds, pooled
 
 
+def flux_prompt_encoding(pipe, prompts: list[str], max_sequence_length: int) -> dict:
+    """:func:`encode_flux_prompt` by name: ``prompt_embeds`` and ``pooled_prompt_embeds``."""
+    prompt_embeds, pooled = encode_flux_prompt(pipe, prompts, max_sequence_length)
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+
 def flux_encoder_fingerprint(pipe, config: TrainConfig | FluxConfig, **settings) -> str:
     """A cache fingerprint of what a FLUX pipeline's VAE and text encoders produce: model path,
     their configs and weight files, prompt length, dtype, and the script's ``settings``."""
