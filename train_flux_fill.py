@@ -64,6 +64,8 @@ class FillConfig(
 
     shipped_configs: ClassVar[str] = "flux_fill"
     """Prefix of this script's files in configs/, which --help lists."""
+    base_model_id: ClassVar[str] = "black-forest-labs/FLUX.1-Fill-dev"
+    """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
     resolution: int = bounded(1024, low=16)
     """Target side length in pixels (FLUX.1 Fill's native 1024); buckets keep about resolution**2
     pixels. A multiple of 16."""

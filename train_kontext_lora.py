@@ -46,6 +46,8 @@ class KontextConfig(
 
     shipped_configs: ClassVar[str] = "kontext"
     """Prefix of this script's files in configs/, which --help lists."""
+    base_model_id: ClassVar[str] = "black-forest-labs/FLUX.1-Kontext-dev"
+    """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
     resolution: int = bounded(1024, low=16)
     """Target side length in pixels (FLUX.1 Kontext's native 1024); buckets keep about resolution**2
     pixels. A multiple of 16."""
@@ -438,7 +440,7 @@ class KontextValidation(EditValidation):
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(KontextConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
-    dataset = edit_pair_dataset(config, vae_scale_factor(config.pretrained_model_name_or_path))
+    dataset = edit_pair_dataset(config, vae_scale_factor(config.pipeline_source))
     log_memory_plan(config, MEMORY_PLAN, accelerator)
 
     pipe = load_pipeline(FluxKontextPipeline, config, accelerator, FLUX_ENCODERS)

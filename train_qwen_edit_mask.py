@@ -53,6 +53,8 @@ class QwenEditConfig(
 
     shipped_configs: ClassVar[str] = "qwen_edit"
     """Prefix of this script's files in configs/, which --help lists."""
+    base_model_id: ClassVar[str] = "Qwen/Qwen-Image-Edit"
+    """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
     resolution: int = bounded(1024, low=16)
     """Target side length in pixels (Qwen-Image-Edit's native 1024); buckets keep about
     resolution**2 pixels. A multiple of 16."""
@@ -275,9 +277,9 @@ class QwenEditEncoder:
     def fingerprint(self) -> str:
         pipe = self.pipe
         return fingerprint(
-            model=self.config.pretrained_model_name_or_path,
+            model=self.config.pipeline_source,
             pipeline=type(pipe).__name__,
-            weights=encoder_weights(self.config.pretrained_model_name_or_path, QWEN_ENCODERS),
+            weights=encoder_weights(self.config.pipeline_source, QWEN_ENCODERS),
             vae=dict(pipe.vae.config),
             text_encoder=pipe.text_encoder.config.to_dict(),
             dtype=str(pipe.vae.dtype),
@@ -454,7 +456,7 @@ class QwenEditValidation(EditValidation):
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(QwenEditConfig, argv, description=__doc__)
     accelerator = build_accelerator(config)
-    pipeline = pipeline_class(config.pretrained_model_name_or_path)
+    pipeline = pipeline_class(config.pipeline_source)
     dataset = text_edit_dataset(config, pipeline)
     log_memory_plan(config, MEMORY_PLAN, accelerator)
     pipe = load_pipeline(
@@ -462,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         config,
         accelerator,
         QWEN_ENCODERS,
-        processor=load_image_only_processor(config.pretrained_model_name_or_path),
+        processor=load_image_only_processor(config.pipeline_source),
     )
     lora_format = LoraFormat(pipeline, "transformer")
     add_lora(pipe.transformer, config, LORA_LAYERS, lora_format)

@@ -53,6 +53,8 @@ class SD15InpaintConfig(
 
     shipped_configs: ClassVar[str] = "sd15_inpaint"
     """Prefix of this script's files in configs/, which --help lists."""
+    base_model_id: ClassVar[str] = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
     snr_gamma: float | None = bounded(None, low=0, low_open=True)
     """Min-SNR weighting gamma (5.0 is the paper's choice); None: unweighted MSE."""
     train_text_encoder: bool = False
@@ -158,9 +160,9 @@ class SD15Encoder:
     def fingerprint(self) -> str:
         pipe = self.pipe
         return fingerprint(
-            model=self.config.pretrained_model_name_or_path,
+            model=self.config.pipeline_source,
             weights=encoder_weights(
-                self.config.pretrained_model_name_or_path, ("vae", "text_encoder")
+                self.config.pipeline_source, ("vae", "text_encoder")
             ),
             vae=dict(pipe.vae.config),
             text_encoder=pipe.text_encoder.config.to_dict(),

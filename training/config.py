@@ -21,7 +21,7 @@ from argparse import RawDescriptionHelpFormatter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import yaml
 from jsonargparse import (
@@ -137,8 +137,16 @@ def check_bounds(config, prefix: str = "") -> None:
 class TrainConfig:
     """Flags every train script accepts, named as in diffusers' training examples."""
 
+    # The Hub id of the family's pipeline, which completes a single-file denoiser (a script sets
+    # it; None: the script takes no single files).
+    base_model_id: ClassVar[str | None] = None
+
     pretrained_model_name_or_path: str
-    """Local folder (or cached Hub id) of the base diffusers pipeline."""
+    """Local folder (or cached Hub id) of the base diffusers pipeline, or a single .safetensors
+    file of its denoiser (the format model sites share; see --base_model_folder)."""
+    base_model_folder: str | None = None
+    """With a single-file --pretrained_model_name_or_path: the pipeline folder (or Hub id) that
+    gives the other components and the denoiser's config; default: the family's Hub id."""
     train_data_dir: str | None = None
     """Folder with the training data in the script's folder format."""
     dataset_name: str | None = None
@@ -304,6 +312,7 @@ class TrainConfig:
                 "with `hf auth login` (or set HF_TOKEN) instead"
             )
         self.check_validation_inputs()
+        self.check_single_file()
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
@@ -320,6 +329,44 @@ class TrainConfig:
     def data_sources(cls) -> tuple[str, ...]:
         """The flags that each name the whole training data; a run gives exactly one."""
         return ("train_data_dir", "dataset_name")
+
+    @property
+    def denoiser_file(self) -> str | None:
+        """The single-file denoiser --pretrained_model_name_or_path names, if it names one."""
+        path = self.pretrained_model_name_or_path
+        return path if path.endswith(".safetensors") else None
+
+    @property
+    def pipeline_source(self) -> str:
+        """The pipeline folder or Hub id every component (but a single-file denoiser) and every
+        component's config come from."""
+        if self.denoiser_file is None:
+            return self.pretrained_model_name_or_path
+        return self.base_model_folder or self.base_model_id
+
+    def check_single_file(self) -> None:
+        """Refuse, before anything loads, a single file that is missing, pickled, or given to a
+        script that takes none, and --base_model_folder without a single file."""
+        path = self.pretrained_model_name_or_path
+        if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+            raise ValueError(
+                f"--pretrained_model_name_or_path {path}: only .safetensors single files are "
+                "read (a pickled checkpoint can run code when loaded)"
+            )
+        if self.denoiser_file is None:
+            if self.base_model_folder is not None:
+                raise ValueError(
+                    "--base_model_folder completes a single .safetensors file given as "
+                    "--pretrained_model_name_or_path"
+                )
+            return
+        if self.base_model_id is None:
+            raise ValueError(
+                f"--pretrained_model_name_or_path {path}: this script loads a pipeline folder, "
+                "not a single file"
+            )
+        if not Path(path).is_file():
+            raise ValueError(f"--pretrained_model_name_or_path {path}: no such file")
 
     def check_validation_inputs(self) -> None:
         """Refuse, before anything loads, validation files that are missing and lists whose
@@ -633,6 +680,7 @@ _FLAG_TOPICS = {
     **dict.fromkeys(
         (
             "pretrained_model_name_or_path",
+            "base_model_folder",
             "rank",
             "lora_alpha",
             "lora_dropout",

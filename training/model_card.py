@@ -201,7 +201,7 @@ def model_card(
     config: TrainConfig, info: ModelCardInfo, *, steps: int, examples: int, processes: int
 ) -> ModelCard:
     """The run's model card (see the module docstring)."""
-    base = config.pretrained_model_name_or_path
+    base = config.pipeline_source
     on_hub = bool(_HUB_ID.match(base)) and not Path(base).exists()
     license_fields = next(
         (fields for prefix, fields in LICENSES.items() if on_hub and base.startswith(prefix)), {}

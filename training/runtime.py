@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,7 +25,11 @@ from training.checkpointing.output_dir import (
     prepare_output_dir,
 )
 from training.config import TrainConfig, check_fp8_precision
-from training.memory.quantization import pipeline_quantization
+from training.memory.quantization import (
+    denoiser_quantization,
+    pipeline_quantization,
+    quantize_with_torchao,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +179,17 @@ def pretrained_pipeline(
     With ``--quantize_base`` the ``denoiser`` component's linear weights load quantized, with
     ``--quantize_text_encoders`` those of the frozen ``text_encoder*`` components.
     """
+    single_file = config.denoiser_file is not None
     quantization = None
     if hasattr(config, "quantize_base"):
         text_encoders = [name for name in frozen if name.startswith("text_encoder")]
-        quantization = pipeline_quantization(config, denoiser, text_encoders, weight_dtype(config))
+        quantization = pipeline_quantization(
+            config, None if single_file else denoiser, text_encoders, weight_dtype(config)
+        )
+    if single_file:
+        components[denoiser] = single_file_denoiser(pipeline_cls, config, denoiser)
     pipe = pipeline_cls.from_pretrained(
-        config.pretrained_model_name_or_path,
+        config.pipeline_source,
         dtype=weight_dtype(config),
         quantization_config=quantization,
         **components,
@@ -188,6 +198,26 @@ def pretrained_pipeline(
     for name in frozen:
         getattr(pipe, name).requires_grad_(False).eval()
     return pipe
+
+
+def single_file_denoiser(pipeline_cls, config: TrainConfig, denoiser: str):
+    """The ``denoiser`` component of ``pipeline_cls`` from the single .safetensors file
+    --pretrained_model_name_or_path names, through diffusers' ``from_single_file`` (which
+    converts the original layouts model sites share), its config from the pipeline folder, in
+    the --mixed_precision dtype, quantized by --quantize_base."""
+    model_cls = typing.get_type_hints(pipeline_cls.__init__)[denoiser]
+    quantization = denoiser_quantization(config, weight_dtype(config))
+    torchao = isinstance(quantization, diffusers.TorchAoConfig)
+    model = model_cls.from_single_file(
+        config.denoiser_file,
+        config=config.pipeline_source,
+        subfolder=denoiser,
+        torch_dtype=weight_dtype(config),
+        quantization_config=None if torchao else quantization,
+    )
+    if torchao:
+        quantize_with_torchao(model, quantization)
+    return model
 
 
 def keep_frozen_parameters_local(model: torch.nn.Module) -> None:

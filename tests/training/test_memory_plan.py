@@ -209,6 +209,7 @@ class TestThePlanOfATinyRun:
             resolution=64,
             rank=4,
             quantize_base=mode,
+            mixed_precision="no",  # what auto settles to on this CPU, as the run plans it
         )
         plan = plan_memory(config, kontext.MEMORY_PLAN)
         pipe = pretrained_pipeline(FluxKontextPipeline, config, ("vae",))

@@ -11,6 +11,7 @@ import transformers
 
 from training.config import LowMemoryConfig, TrainConfig
 from training.memory.quantization import pipeline_quantization
+from training.runtime import resolve_mixed_precision
 
 
 @dataclass(kw_only=True)
@@ -25,8 +26,12 @@ def flags(**values) -> Flags:
 class TestChecks:
     def test_fp8_computes_in_bf16(self):
         with pytest.raises(ValueError, match="--mixed_precision bf16"):
-            flags(quantize_base="fp8")
+            flags(quantize_base="fp8", mixed_precision="no")
         assert flags(quantize_base="fp8", mixed_precision="bf16").quantize_base == "fp8"
+        # auto is settled on the machine that trains: fp32 on this CPU, which fp8 refuses.
+        auto = flags(quantize_base="fp8")
+        with pytest.raises(ValueError, match="--mixed_precision bf16"):
+            resolve_mixed_precision(auto)
 
     @pytest.mark.parametrize(
         "flag,mode,package",

@@ -54,8 +54,8 @@ def flux_encoder_fingerprint(pipe, config: TrainConfig | FluxConfig, **settings)
     """A cache fingerprint of what a FLUX pipeline's VAE and text encoders produce: model path,
     their configs and weight files, prompt length, dtype, and the script's ``settings``."""
     return fingerprint(
-        model=config.pretrained_model_name_or_path,
-        weights=encoder_weights(config.pretrained_model_name_or_path, FLUX_ENCODERS),
+        model=config.pipeline_source,
+        weights=encoder_weights(config.pipeline_source, FLUX_ENCODERS),
         vae=dict(pipe.vae.config),
         text_encoders=[pipe.text_encoder.config.to_dict(), pipe.text_encoder_2.config.to_dict()],
         max_sequence_length=config.max_sequence_length,

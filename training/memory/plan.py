@@ -356,7 +356,7 @@ def meta_component(config, family: str, name: str, dtype: torch.dtype) -> torch.
     """Component ``name`` of --pretrained_model_name_or_path on the meta device in ``dtype``:
     from its own config when the checkpoint is a local folder, else at the family's published
     size."""
-    root = Path(config.pretrained_model_name_or_path)
+    root = Path(config.pipeline_source)
     folder = root / name
     with built_on("meta", dtype):
         if not (folder / "config.json").is_file():

@@ -58,12 +58,39 @@ def _text_encoder_config(mode: str, compute_dtype: torch.dtype):
     return transformers.TorchAoConfig(_torchao_config(mode))
 
 
+def denoiser_quantization(config, compute_dtype: torch.dtype):
+    """The diffusers quantization config of the denoiser by --quantize_base; None without it
+    (or for a script without the flag)."""
+    mode = getattr(config, "quantize_base", "none")
+    if mode == "none":
+        return None
+    _require_cuda("quantize_base", mode)
+    return _denoiser_config(mode, compute_dtype)
+
+
+def quantize_with_torchao(model: torch.nn.Module, quantization) -> None:
+    """Quantize ``model`` in place by ``quantization`` (a diffusers ``TorchAoConfig``) as
+    diffusers does while loading a folder: every ``nn.Linear`` but ``modules_to_not_convert``.
+    For a denoiser from a single file: ``from_single_file`` applies bitsandbytes itself but
+    leaves torchao's quantization undone, without a word."""
+    from torchao.quantization import quantize_
+
+    skip = quantization.modules_to_not_convert or []
+    quantize_(
+        model,
+        quantization.quant_type,
+        filter_fn=lambda module, name: (
+            isinstance(module, torch.nn.Linear) and not any(part in name for part in skip)
+        ),
+    )
+
+
 def pipeline_quantization(
-    config, denoiser: str, text_encoders: Sequence[str], compute_dtype: torch.dtype
+    config, denoiser: str | None, text_encoders: Sequence[str], compute_dtype: torch.dtype
 ):
-    """The ``quantization_config`` for ``from_pretrained``: ``denoiser`` (a diffusers model)
-    by --quantize_base, ``text_encoders`` (transformers models) by --quantize_text_encoders;
-    None when neither asks for it.
+    """The ``quantization_config`` for ``from_pretrained``: ``denoiser`` (a diffusers model;
+    None: it loads apart) by --quantize_base, ``text_encoders`` (transformers models) by
+    --quantize_text_encoders; None when neither asks for it.
 
     Raises:
         RuntimeError: nf4 without a CUDA GPU.
@@ -71,9 +98,8 @@ def pipeline_quantization(
     from diffusers import PipelineQuantizationConfig
 
     mapping = {}
-    if config.quantize_base != "none":
-        _require_cuda("quantize_base", config.quantize_base)
-        mapping[denoiser] = _denoiser_config(config.quantize_base, compute_dtype)
+    if denoiser is not None and config.quantize_base != "none":
+        mapping[denoiser] = denoiser_quantization(config, compute_dtype)
     if config.quantize_text_encoders != "none":
         _require_cuda("quantize_text_encoders", config.quantize_text_encoders)
         for name in text_encoders:
