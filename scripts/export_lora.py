@@ -36,6 +36,7 @@ from training.lora.export import (
     write_conversion,
 )
 from training.lora.merge import DEFAULT_MAX_SHARD_SIZE, merge_lora
+from training.runtime import refuse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.dtype:
             cast_lora_file(written, DTYPES[args.dtype])
         print(f"wrote {written}" + (f" in {args.dtype}" if args.dtype else ""))
-    except ValueError as error:  # includes LayoutError: a clear message, no traceback
-        parser.exit(1, f"error: {error}\n")
+    except ValueError as error:  # LayoutError too, and what diffusers cannot merge
+        refuse(error)
 
 
 if __name__ == "__main__":

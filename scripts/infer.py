@@ -30,6 +30,7 @@ from training.inference import (
     load_family_pipeline,
     run_with_and_without,
 )
+from training.runtime import refuse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             pipeline_kwargs=kwargs,
         )
-    except ValueError as error:  # bad inputs (DataError too): a message, no traceback
-        parser.exit(1, f"error: {error}\n")
+    except ValueError as error:  # bad inputs (DataError too), a LoRA diffusers cannot read
+        refuse(error)
     print(
         f"{len(examples)} example(s) without and with the LoRA in {args.output_dir}; grid: {grid}"
     )

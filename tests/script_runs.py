@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from training.lora.adapters import LORA_WEIGHTS_NAME
+from training.lora.export import LORA_WEIGHTS_NAME
 from training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import train_kontext_lora as kontext
 import train_sd15_inpaint as sd15
 from data.synthetic import write_inpainting_dataset, write_kontext_dataset
 from training.checkpointing.checkpoints import complete_checkpoints
-from training.lora.adapters import LORA_WEIGHTS_NAME
+from training.lora.export import LORA_WEIGHTS_NAME
 from training.metrics import read_metrics
 from worlds.tiny_models import (
     tiny_flux_fill_pipeline,

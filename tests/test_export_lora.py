@@ -36,6 +36,7 @@ from lora_helpers import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from script_refusals import refusal
 from transformers import CLIPTextModel
 
 from scripts import export_lora
@@ -65,6 +66,15 @@ def export(*argv) -> str:
 
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+def kohya_module(name: str, pair: LoraPair) -> dict[str, torch.Tensor]:
+    """``pair`` as kohya's tensors of the module ``name``."""
+    return {
+        f"{name}.lora_down.weight": pair.down,
+        f"{name}.lora_up.weight": pair.up,
+        f"{name}.alpha": torch.tensor(pair.alpha),
+    }
 
 
 def assert_round_trip(original, back) -> None:
@@ -240,6 +250,24 @@ class TestKohyaExport:
         export(kohya, "--to", "diffusers", "--out", back)
         assert_round_trip(tmp_path / "lora", back)
 
+    def test_a_flux_projection_trained_fused_back_to_diffusers(self, tmp_path):
+        # kohya's sd-scripts train a single block's linear1 as one layer: a dense up, whose four
+        # parts share its down (widths 1, 1, 1, 4 of 32 inputs: 224 rows).
+        g = generator()
+        name = "lora_unet_single_blocks_0_linear1"
+        fused = LoraPair(torch.randn(4, 32, generator=g), torch.randn(224, 4, generator=g), 2.0)
+        kohya = tmp_path / "kohya.safetensors"
+        save_file(kohya_module(name, fused), kohya)
+        back = tmp_path / "back.safetensors"
+        export(kohya, "--to", "diffusers", "--out", back, "--family", "flux")
+        parts = read_lora(back).pairs
+        block = "transformer.single_transformer_blocks.0"
+        names = [f"{block}.attn.to_q", f"{block}.attn.to_k", f"{block}.attn.to_v"]
+        names.append(f"{block}.proj_mlp")
+        assert sorted(parts) == sorted(names)
+        stacked = torch.cat([parts[n].scale * parts[n].up @ parts[n].down for n in names])
+        torch.testing.assert_close(stacked, fused.scale * fused.up @ fused.down)
+
 
 SINGLE_BLOCK_LAYERS = [
     "attn.to_q",
@@ -365,8 +393,9 @@ class TestRefusals:
         out = tmp_path / "kohya.safetensors"
         with pytest.raises(SystemExit) as stopped:
             export_lora.main([str(path), "--to", "kohya", "--out", str(out)])
-        assert stopped.value.code == 1
-        assert "kohya's FLUX layout has no name for: pos_embed" in capsys.readouterr().err
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert f"error: {path}: kohya's FLUX layout has no name for: pos_embed" in error
         assert not out.exists()
 
     def test_flattened_names(self):
@@ -493,6 +522,25 @@ class TestMerge:
         with pytest.raises(ValueError, match="already holds files"):
             merge_lora(kontext / "lora", base, taken)
         assert weights == {p: p.read_bytes() for p in weights}
+
+    def test_a_lora_diffusers_cannot_load_ends_in_one_line(self, tmp_path):
+        # SD2's transformer blocks take proj_in as a linear layer, SD1.5's as a 1x1 conv: an
+        # SD2-shaped LoRA has SD1.5's module names and weights that do not fit them.
+        tiny_sd15_inpaint_pipeline().save_pretrained(tmp_path / "model")
+        g = generator()
+        linear = LoraPair(torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 1.0)
+        lora = tmp_path / "sd2.safetensors"
+        save_file(kohya_module("lora_unet_down_blocks_0_attentions_0_proj_in", linear), lora)
+        out = tmp_path / "merged"
+        message = refusal(
+            "export_lora.py", lora, "--merge", "--model", tmp_path / "model", "--out", out
+        )
+        assert message.startswith(
+            f"{lora}: diffusers cannot load it into {tmp_path / 'model'} (RuntimeError in "
+        )
+        assert "size mismatch for down_blocks.0.attentions.0.proj_in.lora_A" in message
+        assert message.endswith("Nothing was written.")
+        assert not out.exists()
 
     def test_a_lora_of_another_model_family_is_refused(self, kontext, tmp_path):
         flux = tiny_flux_kontext_pipeline()

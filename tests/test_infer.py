@@ -27,6 +27,8 @@ from lora_helpers import (
     save_random_lora,
 )
 from PIL import Image
+from safetensors.torch import save_file
+from script_refusals import refusal
 
 from data.images import DataError
 from data.synthetic import write_inpainting_dataset, write_kontext_dataset
@@ -231,7 +233,7 @@ class TestInputs:
         args = ["--family", "kontext", "--model", tmp_path / "model", "--lora", tmp_path]
         with pytest.raises(SystemExit) as stopped:
             run_infer(*args, "--input", tmp_path / "a.png", "--prompt", "x")
-        assert stopped.value.code == 1
+        assert stopped.value.code == 2
         message = capsys.readouterr().err
         assert "holds a StableDiffusionInpaintPipeline; --family kontext runs" in message
 
@@ -259,5 +261,68 @@ class TestLoraThatDoesNotFit:
         damaged.write_bytes(b"\x00" * 64)
         with pytest.raises(ValueError, match=r"lora\.safetensors': not a readable safetensors"):
             check_lora_fits(tiny_sd15_inpaint_pipeline(), damaged)
-        with pytest.raises(ValueError, match=r"lora\.safetensors: not a readable safetensors"):
+        with pytest.raises(ValueError, match=r"lora\.safetensors': not a readable safetensors"):
             LoraFormat(StableDiffusionInpaintPipeline, "unet").read(damaged)
+
+
+def kohya_pair(name: str, down: tuple[int, ...], up: tuple[int, ...]) -> dict:
+    """One module of a kohya file: random ``lora_down`` and ``lora_up`` weights, alpha 1."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"{name}.lora_down.weight": torch.randn(down, generator=g),
+        f"{name}.lora_up.weight": torch.randn(up, generator=g),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+
+
+class TestLoraDiffusersCannotRead:
+    """Kohya FLUX files that diffusers' own converter (``_convert_kohya_flux_lora_to_diffusers``)
+    stops on, loaded by the real loader: one line naming the file and what is wrong, exit 2."""
+
+    @pytest.fixture
+    def kontext(self, tmp_path):
+        tiny_flux_kontext_pipeline().save_pretrained(tmp_path / "model")
+        sample_image().save(tmp_path / "a.png")
+        return tmp_path
+
+    def infer_args(self, root: Path, lora: Path) -> list:
+        args = ["--family", "kontext", "--model", root / "model", "--lora", lora]
+        args += ["--input", root / "a.png", "--prompt", PROMPT, "--output_dir", root / "out"]
+        return [*args, "--num_inference_steps", 1]
+
+    def test_a_bare_assert_of_diffusers_ends_in_one_line(self, kontext):
+        # A single block's linear1 (q, k, v and the MLP input fused) at this transformer's width:
+        # diffusers splits it at FLUX.1's widths only, and asserts without a message.
+        lora = kontext / "linear1.safetensors"
+        save_file(kohya_pair("lora_unet_single_blocks_0_linear1", (4, 32), (7 * 32, 4)), lora)
+        message = refusal("infer.py", *self.infer_args(kontext, lora))
+        assert message.startswith(
+            f"{lora}: its keys are not a LoRA of flux that diffusers can read (AssertionError in "
+        )
+        assert message.endswith(
+            f"; scripts/export_lora.py {lora} --to diffusers --out FILE writes a copy it reads"
+        )
+        assert not (kontext / "out").exists()
+
+        # What the message says to do works: the suite's own mapping reads the file.
+        converted = kontext / "converted.safetensors"
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_lora.main([str(lora), "--to", "diffusers", "--out", str(converted)])
+        printed = run_infer(*self.infer_args(kontext, converted))
+        assert "1 example(s) without and with the LoRA" in printed
+
+    def test_a_key_no_flux_module_has_is_named(self, kontext, capsys):
+        # diffusers lists the keys it cannot place in a multi-line ValueError.
+        lora = kontext / "bogus.safetensors"
+        tensors = kohya_pair("lora_unet_double_blocks_0_img_attn_proj", (2, 32), (32, 2))
+        tensors |= kohya_pair("lora_unet_double_blocks_0_img_bogus", (2, 32), (32, 2))
+        save_file(tensors, lora)
+        with pytest.raises(SystemExit) as stopped:
+            run_infer(*self.infer_args(kontext, lora))
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.rstrip("\n").rsplit("\n", 1)[-1]
+        assert error.endswith(
+            f": error: {lora}: its keys are not a LoRA of flux that diffusers can read (cannot "
+            "place these kohya modules: lora_unet_double_blocks_0_img_bogus is no FLUX module "
+            "in kohya's layout)"
+        )

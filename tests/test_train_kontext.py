@@ -43,7 +43,8 @@ from data.synthetic import write_kontext_dataset
 from scripts import export_lora
 from training.config import parse_config
 from training.inputs.flux import FLUX_ENCODERS, FLUX_LORA_LAYERS
-from training.lora.adapters import LORA_WEIGHTS_NAME, add_lora
+from training.lora.adapters import add_lora
+from training.lora.export import LORA_WEIGHTS_NAME
 from training.metrics import read_metrics
 from training.validation import to_pil
 from worlds.tiny_models import tiny_flux_kontext_pipeline, write_tiny_dinov2

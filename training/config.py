@@ -212,8 +212,9 @@ class TrainConfig:
     """Comma-separated module names to adapt (e.g. attn.to_q,attn.to_k); the script's default,
     or the modules stored in --init_lora_weights."""
     init_lora_weights: str | None = None
-    """A LoRA .safetensors file (diffusers format) to start from instead of a fresh adapter; its
-    rank, alpha and modules are read from the file (a flag that disagrees is an error)."""
+    """A LoRA .safetensors file (or a run's --output_dir), in diffusers' layout or kohya's and
+    ComfyUI's, to start from instead of a fresh adapter; its rank, alpha and modules (each
+    module's own, for a kohya file) are read from the file (a flag that disagrees is an error)."""
     seed: int = bounded(0, low=0)
     """Seed for weights, data order, noise and timesteps."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"

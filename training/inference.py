@@ -28,11 +28,15 @@ from data.images import DataError, ImageRef, mask_to_tensor
 from data.rows import FolderRows, RowFields, validated_sizes
 from models.qwen_processor import load_image_only_processor
 from training.lora.export import (
+    DIFFUSERS_LOAD_ERRORS,
+    KOHYA,
     PIPELINE_FAMILIES,
+    describe_load_error,
     families_of_modules,
     lora_file_path,
     read_lora,
 )
+from training.lora.layouts import LAYOUTS, LayoutError
 from training.validation import image_grid, mask_overlay
 
 logger = logging.getLogger(__name__)
@@ -229,6 +233,39 @@ def check_lora_fits(pipe, lora: str | Path) -> None:
         )
 
 
+def load_lora(pipe, lora: str | Path) -> None:
+    """``pipe.load_lora_weights`` on ``lora`` as the adapter "lora". Raises ``ValueError`` naming
+    the file and saying what is wrong when diffusers cannot read it: its key converters stop on
+    keys they do not know with bare asserts and KeyErrors, its loaders on shapes that do not fit
+    with RuntimeErrors."""
+    path = lora_file_path(lora)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
+    except DIFFUSERS_LOAD_ERRORS as error:
+        family = PIPELINE_FAMILIES[type(pipe).__name__]
+        raise ValueError(why_unreadable(path, family, error)) from error
+
+
+def why_unreadable(path: Path, family: str, error: BaseException) -> str:
+    """One line on a LoRA file of ``family`` that diffusers failed to load with ``error``: the
+    kohya modules the family's layout has no name for, when it has some, else diffusers' own
+    error and, for a kohya file the suite's layout reads, how to convert it first."""
+    lora = read_lora(path)
+    if lora.layout != KOHYA:
+        return f"{path}: diffusers cannot load it as a {family} LoRA ({describe_load_error(error)})"
+    problem = f"{path}: its keys are not a LoRA of {family} that diffusers can read"
+    try:
+        LAYOUTS[family].from_kohya(lora.pairs)
+    except LayoutError as unknown:
+        return f"{problem} ({unknown})"
+    # Every module has its place in the family's layout: diffusers' converter is the narrower
+    # (it splits FLUX's fused linear1 at FLUX.1's widths only).
+    return (
+        f"{problem} ({describe_load_error(error)}); scripts/export_lora.py {path} --to diffusers "
+        "--out FILE writes a copy it reads"
+    )
+
+
 def run_with_and_without(
     pipe,
     family: InferenceFamily,
@@ -244,9 +281,9 @@ def run_with_and_without(
     folder, in either key layout) at ``lora_scale``, from the same ``seed``; save
     ``<name>_base.png``, ``<name>_lora.png`` and the grid in ``output_dir``. Returns the grid."""
     check_lora_fits(pipe, lora)
+    load_lora(pipe, lora)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipe.load_lora_weights(str(lora_file_path(lora)), adapter_name=ADAPTER_NAME)
     pipe.set_adapters(ADAPTER_NAME, lora_scale)
     rows = []
     for example in examples:

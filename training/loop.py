@@ -37,7 +37,8 @@ from training.checkpointing.stopping import NonFiniteSteps, StopSignals, describ
 from training.compiling import compile_repeated_blocks
 from training.config import LoraFileConfig, TrainConfig
 from training.inputs.captions import CaptionDropout
-from training.lora.adapters import LORA_WEIGHTS_NAME, SAVE_DTYPES, cast_lora_file
+from training.lora.adapters import SAVE_DTYPES, cast_lora_file
+from training.lora.export import LORA_WEIGHTS_NAME
 from training.metrics import MetricsLog, mean_across_ranks
 from training.model_card import ModelCardInfo, publish_run
 from training.optimizers import (

@@ -23,8 +23,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from training.config import TrainConfig
-from training.lora.adapters import LORA_WEIGHTS_NAME
-from training.lora.export import most_common_rank_alpha, read_lora
+from training.lora.export import LORA_WEIGHTS_NAME, most_common_rank_alpha, read_lora
 from training.metrics import METRICS_FILE, read_metrics
 from training.validation import VALIDATION_DIR
 

@@ -10,7 +10,7 @@ import train_kontext_lora as kontext
 import train_qwen_edit_mask as qwen
 from data.synthetic import write_kontext_dataset
 from training.inputs.captions import CaptionDropout
-from training.lora.adapters import LORA_WEIGHTS_NAME
+from training.lora.export import LORA_WEIGHTS_NAME
 from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 RESOLUTION = 32

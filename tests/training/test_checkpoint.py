@@ -32,7 +32,8 @@ from training.checkpointing.checkpoints import (
     run_identity,
 )
 from training.config import TrainConfig
-from training.lora.adapters import LORA_WEIGHTS_NAME, LoraFormat, add_lora
+from training.lora.adapters import LoraFormat, add_lora
+from training.lora.export import LORA_WEIGHTS_NAME
 from training.optimizers import OPTIMIZERS, build_optimizer, scheduler_warmup_steps
 from training.runtime import build_accelerator
 from worlds.tiny_models import tiny_flux_kontext_pipeline

@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 
 from training.config import TrainConfig
 from training.lora.adapters import (
-    LORA_WEIGHTS_NAME,
     LoraFormat,
     add_lora,
     lora_config,
     lora_disabled,
     target_modules,
 )
+from training.lora.export import LORA_WEIGHTS_NAME
 from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")

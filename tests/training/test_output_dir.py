@@ -41,7 +41,7 @@ def finished_run(root):
 
 class TestWhatIsOurs:
     def test_the_names_a_run_writes(self):
-        from training.lora.adapters import LORA_WEIGHTS_NAME
+        from training.lora.export import LORA_WEIGHTS_NAME
         from training.metrics import METRICS_FILE
         from training.model_card import CARD_FILE
         from training.validation import VALIDATION_DIR

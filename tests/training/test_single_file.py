@@ -19,7 +19,7 @@ import train_multispectral_vae as multispectral
 import train_sd15_inpaint as sd15
 from data.synthetic import write_kontext_dataset
 from training.inputs.flux import FLUX_ENCODERS
-from training.lora.adapters import LORA_WEIGHTS_NAME
+from training.lora.export import LORA_WEIGHTS_NAME
 from training.runtime import pretrained_pipeline
 from worlds.tiny_models import tiny_flux_kontext_pipeline, tiny_sd15_inpaint_pipeline
 

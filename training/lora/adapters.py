@@ -3,7 +3,9 @@
 The saved file is what the family's pipeline loads with ``pipe.load_lora_weights(dir)``:
 safetensors, diffusers key names, and the adapter's LoRA config as metadata. A warm start
 (``--init_lora_weights``) takes its rank, alpha and target modules from that metadata, so a LoRA
-resumes at the strength it was trained at.
+resumes at the strength it was trained at; from a file in kohya's layout (ComfyUI's, kohya's
+sd-scripts') it takes each module's rank and alpha from the file's own tensors, read with the
+family's key mapping (:mod:`training.lora.export`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,25 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from training.config import TrainConfig
+from training.lora.export import (
+    DIFFUSERS,
+    KOHYA,
+    PIPELINE_FAMILIES,
+    convert,
+    families_of_modules,
+    lora_file_path,
+    lora_layout,
+    peft_config,
+    read_lora,
+    save_lora_state_dicts,
+)
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_RANK = 16
 # LoraConfig fields that shape an adapter and that a warm start takes from the file's metadata.
 _SHAPE_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
@@ -37,9 +50,10 @@ _SHAPE_FIELDS += ("use_rslora", "use_dora")
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A diffusers-format LoRA file read for one component: weights in peft's key names
-    (``blocks.0.attn.to_q.lora_A.weight``) and the adapter's LoRA config from its metadata
-    (empty when the file has none, as files of other trainers may)."""
+    """A LoRA file read for one component: weights in peft's key names
+    (``blocks.0.attn.to_q.lora_A.weight``) and the adapter's LoRA config (a diffusers file's
+    metadata, empty when the file has none, as files of other trainers may; a kohya file's
+    ranks and alphas as :func:`training.lora.export.peft_config` gives them)."""
 
     path: Path
     weights: dict[str, torch.Tensor]
@@ -63,37 +77,62 @@ class LoraFormat:
     pipeline_cls: type
     component: str = "transformer"
 
+    @property
+    def family(self) -> str:
+        """The model family of the pipeline ("flux", "qwen-image", "sd15"): whose kohya names
+        a file in kohya's layout is read with."""
+        return PIPELINE_FAMILIES[self.pipeline_cls.__name__]
+
     def save(self, model: torch.nn.Module, directory: str | Path) -> Path:
         """Write ``model``'s adapter to ``directory/pytorch_lora_weights.safetensors``."""
         return save_lora_components(self.pipeline_cls, {self.component: model}, directory)
 
     def read(self, path: str | Path) -> LoraFile:
-        """The component's weights and LoRA config in a file (or a folder holding one).
+        """The component's weights and LoRA config in a file (or a folder holding one), in
+        diffusers' layout or kohya's.
 
-        Raises ``ValueError`` naming the file when it does not exist or holds no weights for
-        the component.
+        Raises ``ValueError`` naming the file when it does not exist, is not safetensors, is a
+        kohya LoRA of another family or with modules the family's layout has no name for, or
+        holds no weights for the component.
         """
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"LoRA file {path} does not exist")
-        if path.is_dir() and (path / LORA_WEIGHTS_NAME).is_file():
-            path = path / LORA_WEIGHTS_NAME
-        # safetensors only: a pickled .bin beside it is never read.
-        try:
-            loaded = self.pipeline_cls.lora_state_dict(
-                str(path), return_lora_metadata=True, use_safetensors=True
-            )
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"LoRA file {path}: not a readable safetensors file ({error})"
-            ) from error
+        path = lora_file_path(path)
+        if lora_layout(path) == KOHYA:
+            return self._read_kohya(path)
+        loaded = self.pipeline_cls.lora_state_dict(
+            str(path), return_lora_metadata=True, use_safetensors=True
+        )
         state_dict, metadata = loaded[0], loaded[-1] or {}
+        weights = self._own(state_dict, path)
         prefix = f"{self.component}."
-        weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not weights:
-            raise ValueError(f"LoRA file {path} holds no {self.component} weights")
         own = {k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}
         return LoraFile(path, convert_unet_state_dict_to_peft(weights), own)
+
+    def _read_kohya(self, path: Path) -> LoraFile:
+        """A kohya file's pairs of the component, mapped to diffusers' modules by the family's
+        layout (fused projections split, each part keeping its rank and alpha), as peft weights
+        and the config that gives every module its own rank and alpha."""
+        lora = read_lora(path)
+        theirs = families_of_modules(lora)
+        if theirs and self.family not in theirs:
+            raise ValueError(
+                f"LoRA file {path} is a {' or '.join(theirs)} LoRA in kohya's layout (by its "
+                f"module names); {self.pipeline_cls.__name__} is a {self.family} pipeline"
+            )
+        pairs = self._own(convert(lora, DIFFUSERS, self.family).pairs, path)
+        weights = {}
+        for module, pair in pairs.items():
+            weights[f"{module}.lora_A.weight"] = pair.down
+            weights[f"{module}.lora_B.weight"] = pair.up
+        return LoraFile(path, weights, peft_config(pairs).to_dict())
+
+    def _own(self, named: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The entries of ``named`` (keyed ``component.name``) of this component, keyed by
+        ``name``. Raises ``ValueError`` naming the file when there are none."""
+        prefix = f"{self.component}."
+        own = {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(f"LoRA file {path} holds no {self.component} weights")
+        return own
 
     def load(self, model: torch.nn.Module, path: str | Path) -> None:
         """Load a file's weights into ``model``'s existing adapter.
@@ -149,24 +188,6 @@ def save_lora_components(
         for component, model in models.items()
     }
     return save_lora_state_dicts(pipeline_cls, layers, directory)
-
-
-def save_lora_state_dicts(
-    pipeline_cls,
-    layers: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
-    directory: str | Path,
-    weight_name: str = LORA_WEIGHTS_NAME,
-) -> Path:
-    """Write ``{component: (peft state dict, LoRA config dict)}`` to ``directory/weight_name``
-    with ``pipeline_cls.save_lora_weights``: diffusers' keys, each config as metadata."""
-    arguments = {}
-    for component, (state_dict, config) in layers.items():
-        arguments[f"{component}_lora_layers"] = state_dict
-        arguments[f"{component}_lora_adapter_metadata"] = config
-    pipeline_cls.save_lora_weights(
-        str(directory), **arguments, weight_name=weight_name, safe_serialization=True
-    )
-    return Path(directory) / weight_name
 
 
 def target_modules(config: TrainConfig, default: Sequence[str]) -> list[str]:

@@ -1,5 +1,6 @@
-"""A trained LoRA in other tools' hands: its file read in either key layout, converted between
-diffusers' and kohya's (:mod:`training.lora.layouts`), or merged into its base model.
+"""A LoRA's file in either key layout, diffusers' or kohya's: read, converted between them
+(:mod:`training.lora.layouts`) and written. The warm start (:mod:`training.lora.adapters`), the
+merge (:mod:`training.lora.merge`) and the scripts read LoRA files through it.
 
 Files are safetensors only. A LoRA is given as a file or as a folder holding
 ``pytorch_lora_weights.safetensors`` (a training run's ``--output_dir``). Its family (``flux``:
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +27,9 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from training.lora.adapters import LORA_WEIGHTS_NAME, save_lora_state_dicts
 from training.lora.layouts import LAYOUTS, LayoutError, LoraPair, Mapped, listed
 
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DIFFUSERS, KOHYA = "diffusers", "kohya"
 FAMILIES = tuple(LAYOUTS)
 # The pipeline whose save_lora_weights writes a family's diffusers-format file.
@@ -71,6 +74,10 @@ _KOHYA_KEY = re.compile(
     r"^(?P<module>lora_[a-z0-9]+_[^.]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# What diffusers' LoRA loaders raise on keys or shapes they cannot take: bare asserts and
+# KeyErrors in its key converters, ValueErrors listing leftover keys, RuntimeErrors of shapes
+# that do not fit (NotImplementedError is one).
+DIFFUSERS_LOAD_ERRORS = (AssertionError, KeyError, ValueError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -100,18 +107,35 @@ def lora_file_path(path: str | Path) -> Path:
     return path
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Every tensor of a LoRA file, as pairs; the layout is kohya's when its keys say
-    ``lora_down``, diffusers' otherwise. Raises :class:`LayoutError` naming any tensor that is
-    not part of a pair (DoRA magnitudes, biases...), so that nothing is dropped unnoticed."""
-    path = lora_file_path(path)
+def _header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and the metadata of the safetensors file ``path``. Raises
+    :class:`LayoutError` naming the file when it is not one."""
     try:
-        tensors = load_file(path)
         with safe_open(path, "pt") as file:
-            metadata = file.metadata() or {}
+            return list(file.keys()), file.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise LayoutError(f"'{path}': not a readable safetensors LoRA ({error})") from error
-    if any(".lora_down." in key for key in tensors):
+
+
+def lora_layout(path: Path) -> str:
+    """The key layout of the LoRA file ``path``. Raises :class:`LayoutError` naming an
+    unreadable file."""
+    return _layout(_header(path)[0])
+
+
+def _layout(names) -> str:
+    """Kohya's when the tensor ``names`` say ``lora_down``, diffusers' otherwise."""
+    return KOHYA if any(".lora_down." in name for name in names) else DIFFUSERS
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Every tensor of a LoRA file, as pairs, in its :func:`lora_layout`. Raises
+    :class:`LayoutError` naming any tensor that is not part of a pair (DoRA magnitudes,
+    biases...), so that nothing is dropped unnoticed."""
+    path = lora_file_path(path)
+    names, metadata = _header(path)
+    tensors = load_file(path)
+    if _layout(names) == KOHYA:
         return LoraFile(
             path, KOHYA, _pairs(tensors, _KOHYA_KEY, path, "lora_down", "lora_up"), len(tensors)
         )
@@ -272,17 +296,29 @@ def convert(lora: LoraFile, to: str, family: str) -> Conversion:
     layout = LAYOUTS[family]
     if lora.layout == to:
         raise ValueError(f"{lora.path} is in the {to} layout already")
-    if to == KOHYA:
-        pairs, mapped = layout.to_kohya(lora.pairs)
-        covered = Counter(module for entry in mapped for module in entry.modules)
-    else:
-        pairs, mapped = layout.from_kohya(lora.pairs)
-        covered = Counter(entry.kohya for entry in mapped)
+    try:
+        if to == KOHYA:
+            pairs, mapped = layout.to_kohya(lora.pairs)
+            covered = Counter(module for entry in mapped for module in entry.modules)
+        else:
+            pairs, mapped = layout.from_kohya(lora.pairs)
+            covered = Counter(entry.kohya for entry in mapped)
+    except LayoutError as error:
+        raise LayoutError(f"{lora.path}: {error}") from error
     unmapped = sorted(set(lora.pairs) - covered.keys())
     repeated = sorted(name for name, count in covered.items() if count > 1)
     if unmapped or repeated:
         raise LayoutError(f"{lora.path}: unmapped modules {unmapped}, mapped twice {repeated}")
     return Conversion(lora, family, to, pairs, mapped)
+
+
+def describe_load_error(error: BaseException) -> str:
+    """``error``, raised inside a diffusers loader (one of :data:`DIFFUSERS_LOAD_ERRORS`), in
+    one line: its type, the function that raised it (a bare ``assert`` says nothing else) and
+    the start of its message."""
+    where = traceback.extract_tb(error.__traceback__)[-1].name
+    message = textwrap.shorten(str(error), width=240, placeholder=" ...")
+    return f"{type(error).__name__} in {where}" + (f": {message}" if message else "")
 
 
 def write_conversion(conversion: Conversion, out: str | Path) -> Path:
@@ -343,11 +379,31 @@ def write_diffusers(modules: dict[str, LoraPair], family: str, out: Path) -> Non
     for component, pairs in components.items():
         weights = {}
         for module, pair in pairs.items():
-            weights[f"{module}.lora_A.weight"] = pair.down.contiguous()
+            # The parts of a projection trained fused share its down tensor (layouts.split), and
+            # safetensors stores no tensor twice: each part gets its own copy.
+            weights[f"{module}.lora_A.weight"] = pair.down.clone()
             weights[f"{module}.lora_B.weight"] = pair.up.contiguous()
         layers[component] = (weights, peft_config(pairs).to_dict())
     pipeline_cls = getattr(diffusers, SAVING_PIPELINES[family])
     save_lora_state_dicts(pipeline_cls, layers, out.parent, out.name)
+
+
+def save_lora_state_dicts(
+    pipeline_cls,
+    layers: dict[str, tuple[dict[str, torch.Tensor], dict]],
+    directory: str | Path,
+    weight_name: str = LORA_WEIGHTS_NAME,
+) -> Path:
+    """Write ``{component: (peft state dict, LoRA config dict)}`` to ``directory/weight_name``
+    with ``pipeline_cls.save_lora_weights``: diffusers' keys, each config as metadata."""
+    arguments = {}
+    for component, (state_dict, config) in layers.items():
+        arguments[f"{component}_lora_layers"] = state_dict
+        arguments[f"{component}_lora_adapter_metadata"] = config
+    pipeline_cls.save_lora_weights(
+        str(directory), **arguments, weight_name=weight_name, safe_serialization=True
+    )
+    return Path(directory) / weight_name
 
 
 def diffusers_modules(lora: LoraFile, family: str) -> dict[str, LoraPair]:

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 
 from training.lora.export import (
+    DIFFUSERS_LOAD_ERRORS,
+    describe_load_error,
     detect_family,
     diffusers_modules,
     families_of_modules,
@@ -115,7 +117,13 @@ def merge_lora(
     for name, pair in modules.items():
         baked[f"{name}.lora_A.weight"] = pair.down * pair.scale
         baked[f"{name}.lora_B.weight"] = pair.up
-    pipe.load_lora_weights(baked, adapter_name=ADAPTER_NAME)
+    try:
+        pipe.load_lora_weights(baked, adapter_name=ADAPTER_NAME)
+    except DIFFUSERS_LOAD_ERRORS as error:  # shapes of another model: a traceback says less
+        raise ValueError(
+            f"{lora_file.path}: diffusers cannot load it into {model} "
+            f"({describe_load_error(error)}). Nothing was written."
+        ) from error
     pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER_NAME])
     pipe.unload_lora_weights()
     folders = {}
