@@ -83,13 +83,12 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_p
 from PIL import Image
 
 from data.cache import fingerprint
-from data.edit_sources import edit_rows
 from data.images import DataError
 from data.rows import collate_items
-from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset
+from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset, text_edit_rows
 from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
-from training.datasets import bucket_sampler, edit_columns, edit_sources
+from training.datasets import bucket_sampler, edit_columns, several_edit_rows
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
 from training.inputs.captions import caption_dropout
 from training.inputs.flow_matching import loss_weighting, noisy_latents, sample_sigmas
@@ -366,25 +365,33 @@ def text_edit_dataset(config: QwenEditConfig, pipeline: type) -> TextEditDataset
     --train_data_file or --dataset_name for ``pipeline`` (the Edit pipeline reads one reference,
     Plus several); with --strict_masks every row must have a mask (a DataError lists those
     without). Reads image headers only: runs before any model loads."""
+    use_text_mask = config.data.use_text_mask or config.text_mask_dir is not None
     options = {
         "resolution": config.resolution,
-        "use_text_mask": config.data.use_text_mask or config.text_mask_dir is not None,
-        "mask_dir_name": config.data.mask_dir_name,
         "reference_grid": partial(condition_grid, pipeline),
         "trigger_word": config.trigger_word,
         "max_references": None
         if pipeline is QwenImageEditPlusPipeline
         else (1, f"{pipeline.__name__} (Qwen-Image-Edit; Edit-2509 and 2511 read several)"),
     }
+
+    def read_masks(rows, data_set):
+        root = Path(data_set.train_data_dir or Path(data_set.train_data_file).parent)
+        return text_edit_rows(rows, root, use_text_mask, config.data.mask_dir_name)
+
     if config.dataset_name is None:
-        rows = edit_rows(TEXT_EDIT_FIELDS, **edit_sources(config, config.text_mask_dir))
-        root = Path(config.train_data_dir or Path(config.train_data_file).parent)
-        dataset = TextEditDataset.from_rows(rows, root, **options)
+        rows = several_edit_rows(config, TEXT_EDIT_FIELDS, "text_mask_dir", read_masks)
+        dataset = TextEditDataset.from_read_rows(rows, **options)
     else:
         dataset = TextEditDataset.from_hf(
-            config.dataset_name, split=config.dataset_split, **edit_columns(config), **options
+            config.dataset_name,
+            split=config.dataset_split,
+            use_text_mask=use_text_mask,
+            mask_dir_name=config.data.mask_dir_name,
+            **edit_columns(config),
+            **options,
         )
-    if options["use_text_mask"]:
+    if use_text_mask:
         missing = [i for i in range(len(dataset)) if "mask" not in dataset.rows[i].images]
         if missing and config.strict_masks:
             shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
@@ -477,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     parts = TrainingParts(
         model=pipe.transformer,
         dataset=items,
-        sampler=bucket_sampler(config, accelerator, dataset.batch_group_of_items),
+        sampler=bucket_sampler(
+            config, accelerator, dataset.batch_group_of_items, dataset.repeats_of_items
+        ),
         # Its prompt encoding holds the references: an empty caption is encoded per example,
         # from the raw batch (the config refuses --caption_dropout with --cache_latents).
         caption_dropout=caption_dropout(config, None),

@@ -86,6 +86,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             epoch never ends in the middle of an accumulation.
         shuffle: shuffle items within buckets and batches across buckets each epoch.
         drop_last: drop each bucket's last partial batch instead of keeping it.
+        repeats: how many times each item is drawn per epoch (several data sets, each with its
+            repeats); None: once each.
 
     Batches are dealt round-robin to ranks. When their count is not a multiple of
     ``num_replicas * gradient_accumulation_steps``, batches from the start of the epoch's order
@@ -105,6 +107,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         gradient_accumulation_steps: int = 1,
         shuffle: bool = True,
         drop_last: bool = False,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -119,9 +122,13 @@ class BucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not buckets_of_items:
             raise ValueError("no items to sample")
+        if repeats is None:
+            repeats = [1] * len(buckets_of_items)
+        if len(repeats) != len(buckets_of_items) or min(repeats) < 1:
+            raise ValueError("repeats needs a count >= 1 for every item")
         members: dict[int, list[int]] = {}
-        for index, bucket in enumerate(buckets_of_items):
-            members.setdefault(int(bucket), []).append(index)
+        for index, (bucket, count) in enumerate(zip(buckets_of_items, repeats, strict=True)):
+            members.setdefault(int(bucket), []).extend([index] * count)
         self._members = [members[bucket] for bucket in sorted(members)]
         self.batch_size = batch_size
         self.seed = seed

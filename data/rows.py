@@ -15,7 +15,9 @@ each item a content key for latent caches.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -118,6 +120,10 @@ class RowSource(ABC):
         """Faults of the source as a whole, not of one row (a file in only some folders)."""
         return []
 
+    def repeats_of_rows(self) -> list[int] | None:
+        """How many times an epoch draws each row; None: once each."""
+        return None
+
     def __getitem__(self, index: int) -> Row:
         row, problems = self.parse(index)
         if row is None:
@@ -187,6 +193,40 @@ class RowFilter(RowSource):
 
     def source_problems(self) -> list[str]:
         return self.rows.source_problems()
+
+    def repeats_of_rows(self) -> list[int] | None:
+        return self.rows.repeats_of_rows()
+
+
+class ConcatRows(RowSource):
+    """The rows of several sources (data sets of one layout family) one after another, the
+    rows of ``sources[k]`` drawn ``repeats[k]`` times per epoch."""
+
+    def __init__(self, sources: Sequence[RowSource], repeats: Sequence[int]) -> None:
+        if len(sources) != len(repeats) or not sources:
+            raise ValueError("one repeat count per source, and at least one source")
+        self.sources = list(sources)
+        self.repeats = list(repeats)
+        self.fields = sources[0].fields
+        self.description = " + ".join(source.description for source in sources)
+        self._starts = list(itertools.accumulate((len(source) for source in sources), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        position = bisect.bisect_right(self._starts, index) - 1
+        return self.sources[position].parse(index - self._starts[position])
+
+    def source_problems(self) -> list[str]:
+        return [problem for source in self.sources for problem in source.source_problems()]
+
+    def repeats_of_rows(self) -> list[int]:
+        return [
+            count
+            for source, count in zip(self.sources, self.repeats, strict=True)
+            for _ in range(len(source))
+        ]
 
 
 TRIGGER_TOKEN = "[trigger]"
@@ -533,6 +573,11 @@ class BucketedRowDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def repeats_of_items(self) -> list[int] | None:
+        """How many times an epoch draws each item (``BucketBatchSampler``'s ``repeats``)."""
+        return self.rows.repeats_of_rows()
 
     def describe(self, index: int) -> str:
         """Item ``index``'s files, for messages: ``image 'a.png', mask 'm.png'``."""

@@ -181,7 +181,26 @@ class TextEditDataset(BucketedRowDataset):
         """The edits of ``rows``, masks ignored unless ``use_text_mask`` (then missing ones looked
         up in ``root/mask_dir_name``); ``max_references``: ``(limit, the model that reads no
         more)``, rows with more refused."""
-        rows = text_edit_rows(rows, root, use_text_mask, mask_dir_name)
+        return cls.from_read_rows(
+            text_edit_rows(rows, root, use_text_mask, mask_dir_name),
+            resolution=resolution,
+            max_references=max_references,
+            reference_grid=reference_grid,
+            trigger_word=trigger_word,
+        )
+
+    @classmethod
+    def from_read_rows(
+        cls,
+        rows: RowSource,
+        *,
+        resolution: int,
+        max_references: tuple[int, str] | None = None,
+        reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+        trigger_word: str | None = None,
+    ) -> TextEditDataset:
+        """The edits of ``rows`` whose masks :func:`text_edit_rows` has settled already (each
+        data set's beside its own folder); the other options as :meth:`from_rows`."""
         if max_references is not None:
             rows = AtMostSeveral(rows, *max_references)
         return cls(

@@ -532,6 +532,11 @@ class ImagePairDataConfig(PromptConfig):
     train_data_file: str | None = None
     """A musubi-tuner style JSON Lines file (instead of --train_data_dir): image_path,
     control_path or control_path_0..N, caption, optional mask_path; paths relative to its folder."""
+    dataset_config: str | None = None
+    """A YAML list of data sets to train on together (instead of --train_data_dir), each a
+    mapping of this script's data flags (train_data_dir or train_data_file, control_dirs,
+    caption, caption_extension, its mask folder flag) and repeats: how many times an epoch draws
+    each of its examples (default 1)."""
     control_dirs: list[str] | None = None
     """Folders of reference images, each named as its target in --train_data_dir (which then
     holds the target images, with captions in <name>.txt beside them)."""
@@ -552,7 +557,7 @@ class ImagePairDataConfig(PromptConfig):
 
     @classmethod
     def data_sources(cls) -> tuple[str, ...]:
-        return (*super().data_sources(), "train_data_file")
+        return (*super().data_sources(), "train_data_file", "dataset_config")
 
     def __post_init__(self) -> None:
         super().__post_init__()

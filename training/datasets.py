@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
 from accelerate import Accelerator
 
 from data.buckets import BucketBatchSampler
 from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset
 from data.edit_sources import edit_rows
+from data.images import DataError
 from data.inpainting import InpaintingDataset
+from data.rows import ConcatRows, RowFields, RowSource
 from training.config import TrainConfig
+
+# The flags a data set of --dataset_config may set (those the script has), besides repeats.
+DATA_SET_FLAGS = (
+    "train_data_dir",
+    "train_data_file",
+    "control_dirs",
+    "caption",
+    "caption_extension",
+    "mask_dir",
+    "text_mask_dir",
+)
 
 
 def edit_columns(config) -> dict[str, str | None]:
@@ -32,6 +50,71 @@ def edit_sources(config, mask_dir: str | None) -> dict:
     }
 
 
+def data_sets(config) -> list[tuple[object, int]]:
+    """Each data set of --dataset_config as a copy of ``config`` with its data flags (checked
+    as the command line's are), with its repeats; ``[(config, 1)]`` without the file.
+
+    Raises:
+        DataError: naming the file, when it is not a list of mappings, or a data set names a
+            flag this script has no use for there or a repeat count that is not an integer
+            >= 1. Relative paths in it are relative to the file's folder.
+    """
+    if config.dataset_config is None:
+        return [(config, 1)]
+    path = Path(config.dataset_config)
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DataError(f"--dataset_config {path}: not a readable YAML file ({error})") from error
+    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
+        raise DataError(f"--dataset_config {path}: expected a list of data sets (mappings)")
+    known = [name for name in DATA_SET_FLAGS if hasattr(config, name)]
+    sets = []
+    for number, entry in enumerate(entries, start=1):
+        entry = dict(entry)
+        repeats = entry.pop("repeats", 1)
+        unknown = sorted(set(entry) - set(known))
+        if unknown or not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            problem = f"unknown key(s) {', '.join(unknown)}" if unknown else f"repeats {repeats!r}"
+            raise DataError(
+                f"--dataset_config {path}, data set {number}: {problem}; a data set takes "
+                f"{', '.join(known)} and repeats (an integer >= 1)"
+            )
+        for name in ("train_data_dir", "train_data_file"):
+            if entry.get(name) is not None:
+                entry[name] = str(path.parent / entry[name])
+        if entry.get("control_dirs"):
+            entry["control_dirs"] = [str(path.parent / name) for name in entry["control_dirs"]]
+        for name in ("mask_dir", "text_mask_dir"):
+            if entry.get(name) is not None:
+                entry[name] = str(path.parent / entry[name])
+        try:
+            sets.append((dataclasses.replace(config, dataset_config=None, **entry), repeats))
+        except ValueError as error:
+            raise DataError(f"--dataset_config {path}, data set {number}: {error}") from error
+    return sets
+
+
+def several_edit_rows(
+    config,
+    fields: RowFields,
+    mask_flag: str,
+    each: Callable[[RowSource, object], RowSource] | None = None,
+) -> RowSource:
+    """The edit rows the data flags name: one layout's (``data.edit_sources.edit_rows``), or
+    with --dataset_config every data set's, one after another with their repeats.
+    ``mask_flag`` names the script's mask folder flag; ``each(rows, data_set_config)`` rewrites
+    each data set's rows (masks looked up beside its own folder, say)."""
+    sets = data_sets(config)
+    sources = []
+    for entry, _ in sets:
+        rows = edit_rows(fields, **edit_sources(entry, getattr(entry, mask_flag)))
+        sources.append(each(rows, entry) if each else rows)
+    if config.dataset_config is None:
+        return sources[0]
+    return ConcatRows(sources, [repeats for _, repeats in sets])
+
+
 def edit_pair_dataset(config, latent_factor: int) -> EditPairDataset:
     """The edit pairs of --train_data_dir (metadata.jsonl, or target and control folders),
     --train_data_file or --dataset_name (HF dataset), their masks downsampled by
@@ -41,7 +124,7 @@ def edit_pair_dataset(config, latent_factor: int) -> EditPairDataset:
     """
     if config.dataset_name is None:
         return EditPairDataset(
-            edit_rows(EDIT_PAIR_FIELDS, **edit_sources(config, config.mask_dir)),
+            several_edit_rows(config, EDIT_PAIR_FIELDS, "mask_dir"),
             resolution=config.resolution,
             latent_factor=latent_factor,
             trigger_word=config.trigger_word,
@@ -85,13 +168,18 @@ def inpainting_dataset(config) -> InpaintingDataset:
 
 
 def bucket_sampler(
-    config: TrainConfig, accelerator: Accelerator, bucket_of_items: list[int]
+    config: TrainConfig,
+    accelerator: Accelerator,
+    bucket_of_items: list[int],
+    repeats: list[int] | None = None,
 ) -> BucketBatchSampler:
     """This rank's bucketed batches of --train_batch_size, seeded by --seed, whole optimizer
-    steps of --gradient_accumulation_steps per epoch."""
+    steps of --gradient_accumulation_steps per epoch; each item drawn ``repeats[i]`` times an
+    epoch (the data sets of --dataset_config)."""
     return BucketBatchSampler(
         bucket_of_items,
         config.train_batch_size,
+        repeats=repeats,
         seed=config.seed,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
