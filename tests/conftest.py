@@ -1,4 +1,5 @@
-"""Test-wide settings: no network, a throwaway Hugging Face cache, and a fixed seed."""
+"""Test-wide settings: no network, a throwaway Hugging Face cache, a fixed seed, and a clean
+accelerate state for the tests that run a script in this process."""
 
 import os
 import tempfile
@@ -13,3 +14,14 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate's process-wide state reset before and after the test."""
+    # Imported here: the Hugging Face libraries read the environment set above when imported.
+    from script_runs import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

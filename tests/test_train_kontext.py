@@ -28,7 +28,6 @@ from script_runs import (
     lora_tensors,
     model_card,
     pipeline_as_trained,
-    reset_accelerate,
     resume_copy,
     unloadable_copy,
 )
@@ -63,13 +62,6 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def help_text() -> str:
     return script_help("train_kontext_lora.py")
-
-
-@pytest.fixture
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
 
 
 SCRIPT = TrainScript(kontext, kontext.KontextConfig, RESOLUTION, seed=7)

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
-from script_runs import ROOT, TrainScript, listed, model_card, reset_accelerate, script_args
+from script_runs import ROOT, TrainScript, listed, model_card, script_args
 from script_runs import help_text as script_help
 
 import train_multispectral_vae as script
@@ -45,13 +45,6 @@ def assets(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def help_text() -> str:
     return script_help("train_multispectral_vae.py")
-
-
-@pytest.fixture
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
 
 
 SCRIPT = TrainScript(

@@ -35,13 +35,6 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
 SCRIPT = TrainScript(kontext, kontext.KontextConfig, RESOLUTION, seed=5)
 
 
