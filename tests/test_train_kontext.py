@@ -247,7 +247,8 @@ class TestLowMemory:
     def test_offload_needs_gradient_checkpointing(self, assets, capsys):
         with pytest.raises(SystemExit):
             flags = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
-            parse_config(kontext.KontextConfig, [*flags, "--offload_blocks", "4"])
+            off = ["--gradient_checkpointing", "false"]  # on by default
+            parse_config(kontext.KontextConfig, [*flags, *off, "--offload_blocks", "4"])
         assert "--offload_blocks needs --gradient_checkpointing" in capsys.readouterr().err
 
     def test_resuming_on_another_quantization_is_refused(self, assets, tmp_path, fresh_accelerate):
