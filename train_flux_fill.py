@@ -484,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     parts = TrainingParts(
         model=transformer,
         dataset=items,
-        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        sampler=bucket_sampler(
+            config, accelerator, dataset.bucket_of_items, dataset.repeats_of_items
+        ),
         caption_dropout=dropout,
         collate_fn=collate_items,
         compute_loss=FillLoss(pipe, config, encoder, encoded),

@@ -161,9 +161,7 @@ class SD15Encoder:
         pipe = self.pipe
         return fingerprint(
             model=self.config.pipeline_source,
-            weights=encoder_weights(
-                self.config.pipeline_source, ("vae", "text_encoder")
-            ),
+            weights=encoder_weights(self.config.pipeline_source, ("vae", "text_encoder")),
             vae=dict(pipe.vae.config),
             text_encoder=pipe.text_encoder.config.to_dict(),
             dtype=str(pipe.vae.dtype),
@@ -457,7 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     parts = TrainingParts(
         model=InpaintDenoiser(pipe.unet, text_encoder),
         dataset=items,
-        sampler=bucket_sampler(config, accelerator, dataset.bucket_of_items),
+        sampler=bucket_sampler(
+            config, accelerator, dataset.bucket_of_items, dataset.repeats_of_items
+        ),
         caption_dropout=dropout,
         collate_fn=collate_items,
         compute_loss=SD15Loss(pipe, config, encoder, config.cache_latents),

@@ -139,6 +139,8 @@ class FillLatentDataset(Dataset):
             raise DataError(f"precomputed Fill folder '{self.root}': bad records:\n{listed}")
         buckets = sorted(set(sizes))
         self.bucket_of_items = [buckets.index(size) for size in sizes]
+        # One folder, every record drawn once an epoch (the sampler's ``repeats``).
+        self.repeats_of_items = None
 
     def __len__(self) -> int:
         return len(self.records)

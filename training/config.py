@@ -905,6 +905,14 @@ class InpaintingDataConfig(PromptConfig):
     random_masks: bool = False
     """Draw strokes and boxes (5-50% coverage) for rows without a mask, fixed per item by --seed
     and the item's index, so they repeat on resume and in the latent cache."""
+    dataset_config: str | None = None
+    """A YAML list of data sets to train on together (instead of --train_data_dir), each a
+    mapping with train_data_dir (a folder with a metadata.jsonl, relative to the file's folder)
+    and repeats: how many times an epoch draws each of its examples (default 1)."""
+
+    @classmethod
+    def data_sources(cls) -> tuple[str, ...]:
+        return (*super().data_sources(), "dataset_config")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,7 +14,7 @@ from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset
 from data.edit_sources import edit_rows
 from data.images import DataError
 from data.inpainting import InpaintingDataset
-from data.rows import ConcatRows, RowFields, RowSource
+from data.rows import ConcatRows, FolderRows, RowFields, RowSource
 from training.config import TrainConfig
 
 # The flags a data set of --dataset_config may set (those the script has), besides repeats.
@@ -145,6 +145,19 @@ def inpainting_dataset(config) -> InpaintingDataset:
 
     ``config`` is a script config inheriting ``TrainConfig`` and ``InpaintingDataConfig``.
     """
+    if config.dataset_config is not None:
+        fields = InpaintingDataset.fields(config.random_masks)
+        sets = data_sets(config)
+        rows = [
+            FolderRows(s.train_data_dir, fields, config.allow_paths_outside_data) for s, _ in sets
+        ]
+        return InpaintingDataset(
+            ConcatRows(rows, [repeats for _, repeats in sets]),
+            resolution=config.resolution,
+            random_masks=config.random_masks,
+            seed=config.seed,
+            trigger_word=config.trigger_word,
+        )
     if config.train_data_dir is not None:
         return InpaintingDataset.from_folder(
             config.train_data_dir,

@@ -4,16 +4,22 @@ epoch: the YAML's checks, the rows one after another, the sampler's repeats, a r
 from collections import Counter
 
 import pytest
+import torch
 import yaml
 from diffusers import QwenImageEditPipeline
 from script_runs import TrainScript, reset_accelerate
 
+import train_flux_fill as fill
 import train_kontext_lora as kontext
 import train_qwen_edit_mask as qwen
 from data.buckets import BucketBatchSampler
 from data.images import DataError
-from data.synthetic import write_kontext_dataset, write_text_edit_dataset
-from training.datasets import data_sets, edit_pair_dataset
+from data.synthetic import (
+    write_inpainting_dataset,
+    write_kontext_dataset,
+    write_text_edit_dataset,
+)
+from training.datasets import data_sets, edit_pair_dataset, inpainting_dataset
 from training.metrics import read_metrics
 from worlds.tiny_models import tiny_flux_kontext_pipeline
 
@@ -136,3 +142,31 @@ def test_qwen_reads_each_data_sets_masks_beside_its_folder(tmp_path):
     dataset = qwen.text_edit_dataset(settings, QwenImageEditPipeline)
     assert len(dataset) == 4 and dataset.repeats_of_items == [1, 1, 2, 2]
     assert all("mask" in dataset.rows[i].images for i in range(4))
+
+
+def test_inpainting_data_sets_follow_each_other_with_their_repeats(tmp_path):
+    write_inpainting_dataset(tmp_path / "walls", n=2, resolution=RESOLUTION, seed=0)
+    write_inpainting_dataset(tmp_path / "floors", n=1, resolution=RESOLUTION, seed=1)
+    sets = write_sets(
+        tmp_path / "sets.yaml",
+        [{"train_data_dir": "walls", "repeats": 2}, {"train_data_dir": "floors"}],
+    )
+    settings = fill.FillConfig(
+        pretrained_model_name_or_path="m", dataset_config=sets, resolution=RESOLUTION
+    )
+    dataset = inpainting_dataset(settings)
+    floors = inpainting_dataset(
+        fill.FillConfig(
+            pretrained_model_name_or_path="m",
+            train_data_dir=str(tmp_path / "floors"),
+            resolution=RESOLUTION,
+        )
+    )
+    assert len(dataset) == 3 and dataset.repeats_of_items == [2, 2, 1]
+    assert dataset[2]["prompt"] == floors[0]["prompt"]
+    torch.testing.assert_close(dataset[2]["image"], floors[0]["image"])
+    bad = write_sets(tmp_path / "bad.yaml", [{"train_data_dir": "walls", "control_dirs": ["x"]}])
+    with pytest.raises(
+        DataError, match=r"unknown key\(s\) control_dirs; a data set takes train_data_dir"
+    ):
+        inpainting_dataset(fill.FillConfig(pretrained_model_name_or_path="m", dataset_config=bad))
