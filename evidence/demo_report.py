@@ -1,6 +1,6 @@
 """Before/after evidence of a Kontext LoRA trained on the tiny world: what ``make demo`` shows.
 
-    python evidence/demo_report.py --world outputs/world --run outputs/demo/kontext
+    python evidence/demo_report.py --world worlds/kontext_world_data --run outputs/demo/kontext
 
 writes into ``--run``: ``before_after.png`` (held-out pairs: context, target, the base model's
 output, the output with the LoRA; each output with its change mask outlined against the known
@@ -29,6 +29,7 @@ from evidence.plots import line_plot
 from train_kontext_lora import TERM_WEIGHT_FLAGS
 from training.metrics import read_metrics
 from training.validation import image_grid
+from worlds.kontext_world import SHIPPED_WORLD
 
 
 def weighted_terms(records: list[dict], weights: dict[str, float]) -> dict[str, tuple]:
@@ -48,7 +49,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def main(
-    world: Path = Path("outputs/world"),
+    world: Path = SHIPPED_WORLD,
     run: Path = Path("outputs/demo/kontext"),
     pairs: int = 6,
     inference_steps: int = 8,

@@ -1,6 +1,7 @@
 """Build (or reuse) a tiny pretrained world: the demo and the ablations train on it.
 
     python scripts/build_tiny_world.py --out outputs/world
+    python scripts/build_tiny_world.py --out outputs/world --ship worlds/kontext_world_data
     python scripts/build_tiny_world.py --family qwen-edit --out outputs/qwen_world
 
 ``kontext`` (``worlds/kontext_world.py``) writes ``model/`` (a ``FluxKontextPipeline`` folder: a 4x
@@ -11,6 +12,10 @@ prompt-named recolouring), ``train/`` and ``heldout/`` (placeholder-insertion ed
 with a 32x VAE trained on 1024x1024 text signs, a transformer pretrained on copying and
 recolouring words, and text-edit folders with their text masks. A folder already built with
 the same settings is reused as it is.
+
+The repository ships the Kontext world of the default settings in ``worlds/kontext_world_data``
+(the demo trains on it); ``--ship`` writes that copy of the world in ``--out`` (weights of the
+VAE and transformer in float16), after building it if needed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jsonargparse import auto_cli
 
-from worlds.kontext_world import WorldSettings, build_tiny_world
+from worlds.kontext_world import WorldSettings, build_tiny_world, ship_world
 from worlds.qwen_world import QwenWorldSettings, build_qwen_world
 
 
@@ -35,6 +40,7 @@ def main(
     family: Literal["kontext", "qwen-edit"] = "kontext",
     settings: WorldSettings | None = None,
     qwen_settings: QwenWorldSettings | None = None,
+    ship: Path | None = None,
 ) -> None:
     """Build the world in ``out`` unless it already holds one built with the same settings.
 
@@ -43,10 +49,16 @@ def main(
         family: ``kontext`` (FLUX.1 Kontext insertion) or ``qwen-edit`` (Qwen-Image-Edit text).
         settings: sizes, steps and seed of a Kontext build (default: ``WorldSettings()``).
         qwen_settings: the same for a Qwen build (default: ``QwenWorldSettings()``).
+        ship: also write the shipped copy of the Kontext world here (``worlds/kontext_world_data``
+            for the repository's).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if family == "kontext":
         record = build_tiny_world(out, settings or WorldSettings())
+        if ship is not None:
+            record = ship_world(out, ship)
+    elif ship is not None:
+        raise SystemExit("--ship writes the Kontext world only")
     else:
         record = build_qwen_world(out, qwen_settings or QwenWorldSettings())
     print(json.dumps({k: v for k, v in record.items() if k != "prompts"}, indent=2))

@@ -18,13 +18,18 @@ image, so no metric on their samples measures anything. ``build_tiny_world`` the
 4. saves a complete ``FluxKontextPipeline`` with ``save_pretrained`` (safetensors).
 
 The build is deterministic for its settings and is reused when ``world.json`` in the folder
-records the same settings.
+records the same settings. The repository ships the world of the default settings in
+:data:`SHIPPED_WORLD` (:func:`ship_world`: the same files, the VAE's and transformer's weights
+stored in float16), so the demo trains without a build; ``tests/worlds/test_shipped_world.py``
+fails when the build would now give another world.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
+from safetensors.torch import load_file, save_file
 
 from data.synthetic import (
     OBJECT_COLOURS,
@@ -41,6 +47,7 @@ from data.synthetic import (
     write_kontext_dataset,
 )
 from worlds.fitting import (
+    WORLD_FILE,
     fit_autoencoder,
     posterior_means,
     pretrain_by_flow_matching,
@@ -54,6 +61,14 @@ logger = logging.getLogger(__name__)
 # Holds "insert a <colour>" in the tiny T5's letter-by-letter tokens; the shape is in the
 # placeholder, and every text token costs attention on a CPU.
 WORLD_MAX_SEQUENCE_LENGTH = 16
+# The world of the default settings as the repository ships it (see :func:`ship_world`).
+SHIPPED_WORLD = Path(__file__).resolve().parent / "kontext_world_data"
+# Components whose weights the shipped world stores in float16: they load as float32, and the
+# demo's numbers do not move. The text encoders are a few hundred kB and stay as built.
+SHIPPED_HALF_COMPONENTS = ("vae", "transformer")
+# The last scenes of the pretraining pairs (four pairs each), held out of both stages: the VAE's
+# reconstruction PSNR in ``world.json`` is measured on them.
+HELDOUT_SCENES = 16
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,18 @@ def pretraining_pairs(settings: WorldSettings) -> PretrainingPairs:
     return PretrainingPairs(stack(contexts), stack(targets), prompts)
 
 
+def split_pretraining_pairs(pairs: PretrainingPairs) -> tuple[PretrainingPairs, PretrainingPairs]:
+    """``(trained on, held out)``: the last :data:`HELDOUT_SCENES` scenes' pairs are held out of
+    both stages, to measure the VAE on."""
+    return pairs[: -4 * HELDOUT_SCENES], pairs[-4 * HELDOUT_SCENES :]
+
+
+def heldout_reconstruction_psnr(vae: AutoencoderKL, heldout: PretrainingPairs) -> float:
+    """The VAE's mean reconstruction PSNR (dB) on the held-out pairs' contexts and targets: the
+    ``vae_reconstruction_psnr_db`` of ``world.json``."""
+    return reconstruction_psnr(vae, torch.cat([heldout.contexts, heldout.targets]))
+
+
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, settings: WorldSettings) -> list[float]:
     """Fit ``vae`` to ``pixels: [N, 3, H, W]`` (:func:`worlds.fitting.fit_autoencoder`).
     Returns the loss per step."""
@@ -260,6 +287,18 @@ def train_base(
     )
 
 
+def write_world_data(out: Path, settings: WorldSettings) -> None:
+    """The world's placeholder-insertion edit pairs: ``train/`` (what the LoRA trains on) and
+    ``heldout/`` (other pairs, for evaluation) in ``out``."""
+    for folder, n, seed in (
+        ("train", settings.n_train, settings.seed),
+        ("heldout", settings.n_heldout, settings.seed + 1000),
+    ):
+        write_kontext_dataset(
+            out / folder, n=n, resolution=settings.resolution, seed=seed, placeholder=True
+        )
+
+
 def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings()) -> dict:
     """Build (or reuse) the world in ``out``: ``model/`` (a ``FluxKontextPipeline`` folder),
     ``train/`` and ``heldout/`` (edit-pair folders) and ``world.json`` (settings and the
@@ -268,29 +307,14 @@ def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings())
     if (built := reusable_record(out, settings)) is not None:
         return built
     started = time.perf_counter()
-    write_kontext_dataset(
-        out / "train",
-        n=settings.n_train,
-        resolution=settings.resolution,
-        seed=settings.seed,
-        placeholder=True,
-    )
-    write_kontext_dataset(
-        out / "heldout",
-        n=settings.n_heldout,
-        resolution=settings.resolution,
-        seed=settings.seed + 1000,
-        placeholder=True,
-    )
+    write_world_data(out, settings)
     torch.manual_seed(settings.seed)
-    pairs = pretraining_pairs(settings)
-    # The last 16 scenes' pairs are held out of both stages, to measure the VAE on.
-    train_pairs, heldout = pairs[:-64], pairs[-64:]
+    train_pairs, heldout = split_pretraining_pairs(pretraining_pairs(settings))
     pixels = torch.cat([train_pairs.contexts, train_pairs.targets])
     vae = world_vae(settings.seed)
     vae_losses = train_vae(vae, pixels, settings)
     fit_latent_scale(vae, pixels)
-    psnr = reconstruction_psnr(vae, torch.cat([heldout.contexts, heldout.targets]))
+    psnr = heldout_reconstruction_psnr(vae, heldout)
     vae_seconds = time.perf_counter() - started
 
     components = {
@@ -320,5 +344,31 @@ def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings())
         ),
     }
     assert math.isfinite(psnr)
+    write_record(out, record)
+    return record
+
+
+def ship_world(built: str | Path, out: str | Path = SHIPPED_WORLD) -> dict:
+    """Copy the world in ``built`` to ``out`` (replaced as a whole), as the repository ships it:
+    the same data, configs and tokenizers, the weights of :data:`SHIPPED_HALF_COMPONENTS` stored
+    in float16 (``from_pretrained`` loads them as float32). Its ``world.json`` is the build's
+    record plus ``stored_dtypes``. Returns that record."""
+    built, out = Path(built), Path(out)
+    record = json.loads((built / WORLD_FILE).read_text(encoding="utf-8"))
+    if out.resolve() == built.resolve():
+        raise ValueError(f"ship the world in '{built}' to another folder, not to itself")
+    if out.exists() and any(out.iterdir()) and not (out / WORLD_FILE).exists():
+        raise FileExistsError(f"'{out}' holds something other than a world; choose another folder")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(WORLD_FILE))
+    stored = {}
+    for name in SHIPPED_HALF_COMPONENTS:
+        for weights in sorted((out / "model" / name).glob("*.safetensors")):
+            tensors = load_file(weights)
+            half = {key: value.to(torch.float16) for key, value in tensors.items()}
+            save_file(half, weights, metadata={"format": "pt"})
+        stored[name] = "float16"
+    record = {**record, "stored_dtypes": stored}
     write_record(out, record)
     return record

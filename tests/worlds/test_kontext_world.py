@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxKontextPipeline
+from safetensors.torch import load_file
 from script_runs import run_in_process
 
 import train_kontext_lora as kontext
 from data.synthetic import OBJECT_COLOURS
 from evidence.ablation import METRICS, heldout_pairs, reconstruction_reference
 from worlds.fitting import WORLD_FILE
-from worlds.kontext_world import WorldSettings, build_tiny_world, pretraining_pairs
+from worlds.kontext_world import (
+    WorldSettings,
+    build_tiny_world,
+    heldout_reconstruction_psnr,
+    pretraining_pairs,
+    ship_world,
+    split_pretraining_pairs,
+)
 
 TINY = WorldSettings(
     resolution=32, n_train=3, n_heldout=3, scenes=18, vae_steps=2, base_steps=2, base_batch_size=4
@@ -101,3 +109,43 @@ def test_the_ablation_scores_the_vaes_reconstruction_of_the_held_out_targets(wor
     # A two-step VAE reconstructs nothing: far from the targets, but a finite, scored image.
     assert 0 <= reference["iou"] <= 1 and 0 <= reference["object_iou"] <= 1
     assert 0 < reference["background_psnr"] < 99
+
+
+def test_a_shipped_world_is_the_built_one_with_float16_weights(world, tmp_path):
+    out, record = world
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / WORLD_FILE).write_text("{}")
+    (shipped / "stale.txt").write_text("old")
+    assert ship_world(out, shipped) == {
+        **record,
+        "stored_dtypes": {"vae": "float16", "transformer": "float16"},
+    }
+    assert json.loads((shipped / WORLD_FILE).read_text())["stored_dtypes"]["vae"] == "float16"
+    assert not (shipped / "stale.txt").exists()
+    for folder in ("train", "heldout", "model/tokenizer", "model/text_encoder"):
+        for path in (out / folder).rglob("*.*"):
+            assert path.read_bytes() == (shipped / path.relative_to(out)).read_bytes(), path
+    for name in ("vae", "transformer"):
+        built = load_file(out / "model" / name / "diffusion_pytorch_model.safetensors")
+        half = load_file(shipped / "model" / name / "diffusion_pytorch_model.safetensors")
+        assert built.keys() == half.keys()
+        for key, value in built.items():
+            assert half[key].dtype == torch.float16
+            assert torch.equal(half[key], value.half()), key
+    # Loaded back in float32, the float16 VAE reconstructs as the built one did.
+    pipe = FluxKontextPipeline.from_pretrained(shipped / "model")
+    assert pipe.vae.dtype == pipe.transformer.dtype == torch.float32
+    _, heldout = split_pretraining_pairs(pretraining_pairs(TINY))
+    psnr = heldout_reconstruction_psnr(pipe.vae, heldout)
+    assert psnr == pytest.approx(record["vae_reconstruction_psnr_db"], abs=0.01)
+
+
+def test_a_world_is_not_shipped_over_itself_or_over_other_files(world, tmp_path):
+    out, _ = world
+    with pytest.raises(ValueError, match="not to itself"):
+        ship_world(out, out)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="other than a world"):
+        ship_world(out, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
