@@ -95,6 +95,14 @@ def data_sets(config) -> list[tuple[object, int]]:
     return sets
 
 
+def data_folders(config) -> list[str | None]:
+    """Every folder the training data is read from: --train_data_dir, or each data set's of
+    --dataset_config (read and checked here, before anything loads)."""
+    if getattr(config, "dataset_config", None) is None:
+        return [config.train_data_dir]
+    return [data_set.train_data_dir for data_set, _ in data_sets(config)]
+
+
 def several_edit_rows(
     config,
     fields: RowFields,

@@ -25,6 +25,7 @@ from training.checkpointing.output_dir import (
     prepare_output_dir,
 )
 from training.config import TrainConfig, check_fp8_precision
+from training.datasets import data_folders
 from training.memory.quantization import (
     denoiser_quantization,
     pipeline_quantization,
@@ -51,7 +52,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     resolve_mixed_precision(config)
     set_max_image_pixels(config.max_image_pixels)
     try:
-        check_output_dir(config.output_dir, [config.train_data_dir])
+        check_output_dir(config.output_dir, data_folders(config))
     except OutputDirError as error:
         refuse(error)
     accelerator = Accelerator(

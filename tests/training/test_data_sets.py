@@ -21,6 +21,7 @@ from data.synthetic import (
 )
 from training.datasets import data_sets, edit_pair_dataset, inpainting_dataset
 from training.metrics import read_metrics
+from training.runtime import build_accelerator
 from worlds.tiny_models import tiny_flux_kontext_pipeline
 
 RESOLUTION = 32
@@ -170,3 +171,21 @@ def test_inpainting_data_sets_follow_each_other_with_their_repeats(tmp_path):
         DataError, match=r"unknown key\(s\) control_dirs; a data set takes train_data_dir"
     ):
         inpainting_dataset(fill.FillConfig(pretrained_model_name_or_path="m", dataset_config=bad))
+
+
+def test_the_output_folder_cannot_be_a_data_sets_folder(assets, tmp_path, capsys):
+    sets = write_sets(
+        tmp_path / "sets.yaml",
+        [{"train_data_dir": str(assets / "chairs")}, {"train_data_dir": str(assets / "lamps")}],
+    )
+    settings = kontext.KontextConfig(
+        pretrained_model_name_or_path=str(assets / "model"),
+        dataset_config=sets,
+        output_dir=str(assets / "lamps"),
+    )
+    reset_accelerate()
+    with pytest.raises(SystemExit) as stopped:
+        build_accelerator(settings)
+    reset_accelerate()
+    assert stopped.value.code == 2
+    assert "is the training data folder" in capsys.readouterr().err
