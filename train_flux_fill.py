@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from jsonargparse.typing import PositiveFloat
@@ -92,16 +91,17 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from data.fill_latents import (
-    MANIFEST_FILE,
     FillLatentDataset,
-    VaeScaling,
     mask_latents_from_pixels,
     pixels_from_mask_latents,
 )
-from data.inpainting import InpaintingDataset
 from data.rows import collate_items
 from losses import background_preservation_mse_latent, map_mask_to_latent, masked_flow_matching_loss
-from training.datasets import bucket_sampler, inpainting_dataset
+from training.datasets import (
+    bucket_sampler,
+    fill_dataset,
+    inpainting_validation_examples,
+)
 from training.grpo.loop import train_objective
 from training.grpo.sde import flow_sde_step
 from training.inputs.caching import encoded_items, offload_after_caching
@@ -368,38 +368,6 @@ class FillPolicy:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
 
-def fill_dataset(config: FillConfig, pipe: FluxFillPipeline):
-    """The raw examples (folder or HF dataset), or a precomputed folder (``manifest.json``)."""
-    if config.train_data_dir and (Path(config.train_data_dir) / MANIFEST_FILE).is_file():
-        if config.objective == "grpo":
-            raise ValueError(
-                f"{config.train_data_dir} is a precomputed folder: --objective grpo scores "
-                "sampled images against the source pixels, which it lacks; give the raw folder"
-            )
-        if config.trigger_word:
-            raise ValueError(
-                f"{config.train_data_dir} is a precomputed folder: its prompts are already "
-                "encoded, so --trigger_word cannot reach them; give the raw folder"
-            )
-        vae = pipe.vae.config
-        scaling = VaeScaling(vae.scaling_factor, vae.shift_factor or 0.0)
-        return FillLatentDataset(config.train_data_dir, scaling, require_latents=True)
-    return inpainting_dataset(config)
-
-
-def validation_examples(config: FillConfig, dataset) -> InpaintingDataset | None:
-    """The raw examples validation draws from: --validation_data_dir, else the training set,
-    or None when that is a precomputed folder."""
-    if config.validation_data_dir is not None:
-        return InpaintingDataset.from_folder(
-            config.validation_data_dir,
-            resolution=config.resolution,
-            seed=config.seed,
-            allow_paths_outside=config.allow_paths_outside_data,
-        )
-    return None if isinstance(dataset, FillLatentDataset) else dataset
-
-
 def planned_step_inputs(transformer, config: FillConfig, batch_size: int) -> dict:
     """The transformer's inputs in one step at --resolution, on the meta device: noisy tokens
     with the masked image's and the mask's channels, T5 at --max_sequence_length."""
@@ -446,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
-    dataset = fill_dataset(config, pipe)
+    dataset = fill_dataset(config, pipe.vae.config)
     encoder = FillEncoder(pipe, config)
     dropout = caption_dropout(config, encoder.encode_prompts)
     precomputed = isinstance(dataset, FillLatentDataset)
@@ -457,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     place_denoiser(transformer, config, accelerator.device)
     validate = None
-    examples = validation_examples(config, dataset)
+    examples = inpainting_validation_examples(config, dataset)
     if examples is None:
         logger.warning(
             "validation images need raw images, which the precomputed folder %s lacks: give "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import ClassVar, Literal
 
 from training.config import (
@@ -83,12 +82,11 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_p
 from PIL import Image
 
 from data.cache import fingerprint
-from data.images import DataError
 from data.rows import collate_items
-from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset, text_edit_rows
+from data.text_edits import TextEditDataset
 from losses import map_mask_to_latent, masked_flow_matching_loss
 from models.qwen_processor import load_image_only_processor
-from training.datasets import bucket_sampler, edit_columns, several_edit_rows
+from training.datasets import bucket_sampler, text_edits_dataset
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
 from training.inputs.captions import caption_dropout
 from training.inputs.flow_matching import loss_weighting, noisy_latents, sample_sigmas
@@ -361,52 +359,14 @@ class QwenEditLoss:
 
 
 def text_edit_dataset(config: QwenEditConfig, pipeline: type) -> TextEditDataset:
-    """The edits of --train_data_dir (metadata.jsonl, or target and control folders),
-    --train_data_file or --dataset_name for ``pipeline`` (the Edit pipeline reads one reference,
-    Plus several); with --strict_masks every row must have a mask (a DataError lists those
-    without). Reads image headers only: runs before any model loads."""
-    use_text_mask = config.data.use_text_mask or config.text_mask_dir is not None
-    options = {
-        "resolution": config.resolution,
-        "reference_grid": partial(condition_grid, pipeline),
-        "trigger_word": config.trigger_word,
-        "max_references": None
-        if pipeline is QwenImageEditPlusPipeline
-        else (1, f"{pipeline.__name__} (Qwen-Image-Edit; Edit-2509 and 2511 read several)"),
-    }
-
-    def read_masks(rows, data_set):
-        root = Path(data_set.train_data_dir or Path(data_set.train_data_file).parent)
-        return text_edit_rows(rows, root, use_text_mask, config.data.mask_dir_name)
-
-    if config.dataset_name is None:
-        rows = several_edit_rows(config, TEXT_EDIT_FIELDS, "text_mask_dir", read_masks)
-        dataset = TextEditDataset.from_read_rows(rows, **options)
-    else:
-        dataset = TextEditDataset.from_hf(
-            config.dataset_name,
-            split=config.dataset_split,
-            use_text_mask=use_text_mask,
-            mask_dir_name=config.data.mask_dir_name,
-            **edit_columns(config),
-            **options,
-        )
-    if use_text_mask:
-        missing = [i for i in range(len(dataset)) if "mask" not in dataset.rows[i].images]
-        if missing and config.strict_masks:
-            shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
-            raise DataError(
-                f"{dataset.rows.description}: {len(missing)} row(s) without a text mask "
-                f"(--strict_masks), e.g. {shown}"
-            )
-        if missing:
-            logger.warning(
-                "%d of %d rows have no text mask; they train with the plain loss "
-                "(metrics: masked_samples)",
-                len(missing),
-                len(dataset),
-            )
-    return dataset
+    """The data flags' edits for ``pipeline``: the Edit pipeline reads one reference, Plus
+    several, each resized by the pipeline's rule. Reads image headers only."""
+    one = (1, f"{pipeline.__name__} (Qwen-Image-Edit; Edit-2509 and 2511 read several)")
+    return text_edits_dataset(
+        config,
+        reference_grid=partial(condition_grid, pipeline),
+        max_references=None if pipeline is QwenImageEditPlusPipeline else one,
+    )
 
 
 # Tokens of the prompt as the vision-language encoder reads it in Qwen-Image-Edit: the

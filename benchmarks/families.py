@@ -23,7 +23,7 @@ import train_sd15_inpaint as sd15
 from data.rows import collate_items
 from data.synthetic import write_synthetic_dataset
 from training.config import MaskLossSettings, TextMaskSettings
-from training.datasets import inpainting_dataset
+from training.datasets import fill_dataset, inpainting_dataset
 from training.inputs.flux import FLUX_LORA_LAYERS
 from training.lora.adapters import LoraFormat, add_lora
 from worlds.tiny_models import (
@@ -126,7 +126,7 @@ def fill_bench(folder: Path, resolution: int) -> FamilyBench:
         script="train_flux_fill.py",
         aux_terms="region weighting + background",
         models={True: pipe.transformer, False: pipe.transformer},
-        dataset=fill.fill_dataset(off, pipe),
+        dataset=fill_dataset(off, pipe.vae.config),
         collate=collate_items,
         loss=lambda aux, encoded: fill.FillLoss(pipe, on if aux else off, encoder, encoded),
         encoder=encoder,

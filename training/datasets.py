@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +13,14 @@ from accelerate import Accelerator
 from data.buckets import BucketBatchSampler
 from data.edit_pairs import EDIT_PAIR_FIELDS, EditPairDataset
 from data.edit_sources import edit_rows
+from data.fill_latents import MANIFEST_FILE, FillLatentDataset, VaeScaling
 from data.images import DataError
 from data.inpainting import InpaintingDataset
 from data.rows import ConcatRows, FolderRows, RowFields, RowSource
+from data.text_edits import TEXT_EDIT_FIELDS, TextEditDataset, text_edit_rows
 from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 # The flags a data set of --dataset_config may set (those the script has), besides repeats.
 DATA_SET_FLAGS = (
@@ -186,6 +191,93 @@ def inpainting_dataset(config) -> InpaintingDataset:
         seed=config.seed,
         trigger_word=config.trigger_word,
     )
+
+
+def text_edits_dataset(
+    config, reference_grid: Callable, max_references: tuple[int, str] | None
+) -> TextEditDataset:
+    """The instruction edits of --train_data_dir (metadata.jsonl, or target and control
+    folders), --train_data_file, --dataset_config or --dataset_name; ``reference_grid`` and
+    ``max_references`` as ``TextEditDataset.from_read_rows`` takes them. With --strict_masks
+    every row must have a text mask (a DataError lists those without); without, the rows
+    lacking one are counted in a warning. Reads image headers only: runs before any model loads.
+
+    ``config`` is a script config inheriting ``TrainConfig`` and ``TextEditDataConfig``.
+    """
+    use_text_mask = config.data.use_text_mask or config.text_mask_dir is not None
+    options = {
+        "resolution": config.resolution,
+        "reference_grid": reference_grid,
+        "trigger_word": config.trigger_word,
+        "max_references": max_references,
+    }
+
+    def read_masks(rows: RowSource, data_set) -> RowSource:
+        root = Path(data_set.train_data_dir or Path(data_set.train_data_file).parent)
+        return text_edit_rows(rows, root, use_text_mask, config.data.mask_dir_name)
+
+    if config.dataset_name is None:
+        rows = several_edit_rows(config, TEXT_EDIT_FIELDS, "text_mask_dir", read_masks)
+        dataset = TextEditDataset.from_read_rows(rows, **options)
+    else:
+        dataset = TextEditDataset.from_hf(
+            config.dataset_name,
+            split=config.dataset_split,
+            use_text_mask=use_text_mask,
+            mask_dir_name=config.data.mask_dir_name,
+            **edit_columns(config),
+            **options,
+        )
+    if use_text_mask:
+        missing = [i for i in range(len(dataset)) if "mask" not in dataset.rows[i].images]
+        if missing and config.strict_masks:
+            shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
+            raise DataError(
+                f"{dataset.rows.description}: {len(missing)} row(s) without a text mask "
+                f"(--strict_masks), e.g. {shown}"
+            )
+        if missing:
+            logger.warning(
+                "%d of %d rows have no text mask; they train with the plain loss "
+                "(metrics: masked_samples)",
+                len(missing),
+                len(dataset),
+            )
+    return dataset
+
+
+def fill_dataset(config, vae_config):
+    """FLUX.1 Fill's examples: the raw ones (:func:`inpainting_dataset`), or a precomputed
+    folder (``manifest.json`` in --train_data_dir) read with the VAE's shift and scale from
+    ``vae_config``; a precomputed folder refuses GRPO and --trigger_word, which need pixels and
+    raw prompts."""
+    if config.train_data_dir and (Path(config.train_data_dir) / MANIFEST_FILE).is_file():
+        if config.objective == "grpo":
+            raise ValueError(
+                f"{config.train_data_dir} is a precomputed folder: --objective grpo scores "
+                "sampled images against the source pixels, which it lacks; give the raw folder"
+            )
+        if config.trigger_word:
+            raise ValueError(
+                f"{config.train_data_dir} is a precomputed folder: its prompts are already "
+                "encoded, so --trigger_word cannot reach them; give the raw folder"
+            )
+        scaling = VaeScaling(vae_config.scaling_factor, vae_config.shift_factor or 0.0)
+        return FillLatentDataset(config.train_data_dir, scaling, require_latents=True)
+    return inpainting_dataset(config)
+
+
+def inpainting_validation_examples(config, dataset) -> InpaintingDataset | None:
+    """The raw examples validation draws from: --validation_data_dir, else the training set,
+    or None when that is a precomputed folder."""
+    if config.validation_data_dir is not None:
+        return InpaintingDataset.from_folder(
+            config.validation_data_dir,
+            resolution=config.resolution,
+            seed=config.seed,
+            allow_paths_outside=config.allow_paths_outside_data,
+        )
+    return None if isinstance(dataset, FillLatentDataset) else dataset
 
 
 def bucket_sampler(
