@@ -37,12 +37,13 @@ def reset_accelerate() -> None:
 
 
 def script_args(values: dict) -> list[str]:
-    """``{"rank": 4, "seed": None}`` -> ``["--rank", "4"]``: None leaves a flag out."""
+    """``{"rank": 4, "seed": None, "control_dirs": ["a", "b"]}`` -> ``["--rank", "4",
+    "--control_dirs", "a", "b"]``: None leaves a flag out, a list gives its items."""
     return [
         token
         for key, value in values.items()
         if value is not None
-        for token in (f"--{key}", str(value))
+        for token in (f"--{key}", *map(str, value if isinstance(value, list) else [value]))
     ]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
-from script_runs import TrainScript, reset_accelerate, resume_copy
+from script_runs import TrainScript, resume_copy
 
 import train_flux_fill as fill
 import train_kontext_lora as kontext
@@ -103,12 +103,7 @@ def test_a_run_validates_the_given_images_at_step_0_and_later(assets, tmp_path, 
         "max_train_steps": 4,
         "checkpointing_steps": 2,
     }
-    values = SCRIPT.values(assets, tmp_path / "out", **flags)
-    args = []
-    for key, value in values.items():
-        args += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
-    reset_accelerate()
-    kontext.main(args)
+    SCRIPT.run(assets, tmp_path / "out", **flags)
     out = tmp_path / "out" / "validation"
     assert sorted(path.name for path in out.iterdir()) == [
         "step-000000.png",
@@ -137,19 +132,14 @@ def test_a_run_validates_the_given_images_at_step_0_and_later(assets, tmp_path, 
         num_inference_steps=2,
         guidance_scale=config.guidance_scale,
         max_sequence_length=config.max_sequence_length,
-        generator=torch.Generator().manual_seed(values["seed"]),
+        generator=torch.Generator().manual_seed(SCRIPT.defaults["seed"]),
     ).images[0]
     np.testing.assert_array_equal(prediction, np.asarray(expected))
     # Training moved the LoRA, so the last look differs from the first.
     assert not np.array_equal(prediction, end[HEADER : HEADER + height, 2 * width : 3 * width])
 
     resumed = resume_copy(tmp_path / "out", 2, tmp_path / "resumed")
-    values = SCRIPT.values(assets, resumed, resume_from_checkpoint="latest", **flags)
-    args = []
-    for key, value in values.items():
-        args += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
-    reset_accelerate()
-    kontext.main(args)
+    SCRIPT.run(assets, resumed, resume_from_checkpoint="latest", **flags)
     # A resumed run does not look at its start again.
     assert sorted(path.name for path in (resumed / "validation").iterdir()) == ["step-000004.png"]
 
