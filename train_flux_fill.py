@@ -65,9 +65,10 @@ class FillConfig(
     """Prefix of this script's files in configs/, which --help lists."""
     base_model_id: ClassVar[str] = "black-forest-labs/FLUX.1-Fill-dev"
     """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
-    resolution: int = bounded(1024, low=16)
-    """Target side length in pixels (FLUX.1 Fill's native 1024); buckets keep about resolution**2
-    pixels. A multiple of 16."""
+    resolution: int | list[int] = bounded(1024, low=16)
+    """Target side length in pixels (FLUX.1 Fill's native 1024); buckets keep about
+    resolution**2 pixels. A multiple of 16. Several (512,768,1024) train each item once at each
+    size."""
     guidance_scale: float = 30.0
     """Guidance embedding value (FluxFillPipeline's default guidance_scale)."""
     background_preservation_weight: float = bounded(0.0, low=0)
@@ -369,9 +370,9 @@ class FillPolicy:
 
 
 def planned_step_inputs(transformer, config: FillConfig, batch_size: int) -> dict:
-    """The transformer's inputs in one step at --resolution, on the meta device: noisy tokens
-    with the masked image's and the mask's channels, T5 at --max_sequence_length."""
-    latent = config.resolution // 8
+    """The transformer's inputs in one step at the largest --resolution, on the meta device:
+    noisy tokens with the masked image's and the mask's channels, T5 at --max_sequence_length."""
+    latent = config.largest_resolution // 8
     channels = transformer.config.in_channels - 64
     return fill_transformer_inputs(
         pipeline_holding(FluxFillPipeline, transformer),

@@ -48,9 +48,10 @@ class KontextConfig(
     """Prefix of this script's files in configs/, which --help lists."""
     base_model_id: ClassVar[str] = "black-forest-labs/FLUX.1-Kontext-dev"
     """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
-    resolution: int = bounded(1024, low=16)
-    """Target side length in pixels (FLUX.1 Kontext's native 1024); buckets keep about resolution**2
-    pixels. A multiple of 16."""
+    resolution: int | list[int] = bounded(1024, low=16)
+    """Target side length in pixels (FLUX.1 Kontext's native 1024); buckets keep about
+    resolution**2 pixels. A multiple of 16. Several (512,768,1024) train each item once at each
+    size."""
     guidance_scale: float = 3.5
     """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
     flow_matching_weight: float = bounded(1.0, low=0)
@@ -391,9 +392,9 @@ class KontextLoss:
 
 
 def planned_step_inputs(transformer, config: KontextConfig, batch_size: int) -> dict:
-    """The transformer's inputs in one step at --resolution, on the meta device: target and
-    context of that size, T5 embeddings at --max_sequence_length."""
-    latents = (batch_size, 16, config.resolution // 8, config.resolution // 8)
+    """The transformer's inputs in one step at the largest --resolution, on the meta device:
+    target and context of that size, T5 embeddings at --max_sequence_length."""
+    latents = (batch_size, 16, config.largest_resolution // 8, config.largest_resolution // 8)
     return kontext_transformer_inputs(
         pipeline_holding(FluxKontextPipeline, transformer),
         meta_tensor(transformer, *latents),

@@ -54,9 +54,10 @@ class QwenEditConfig(
     """Prefix of this script's files in configs/, which --help lists."""
     base_model_id: ClassVar[str] = "Qwen/Qwen-Image-Edit"
     """The Hub id a single-file denoiser's pipeline comes from without --base_model_folder."""
-    resolution: int = bounded(1024, low=16)
+    resolution: int | list[int] = bounded(1024, low=16)
     """Target side length in pixels (Qwen-Image-Edit's native 1024); buckets keep about
-    resolution**2 pixels. A multiple of 16."""
+    resolution**2 pixels. A multiple of 16. Several (512,768,1024) train each item once at each
+    size."""
     timestep_shift: float | Literal["auto"] = bounded("auto", low=0, low_open=True)
     """Shift of the sampled sigmas; 'auto' is the pipeline's own, from the target's token
     count (exp(mu)); a number fixes it; 1.0 is no shift."""
@@ -375,10 +376,10 @@ PLANNED_PROMPT_TOKENS = 37 * 37 + 64
 
 
 def planned_step_inputs(transformer, config: QwenEditConfig, batch_size: int) -> dict:
-    """The transformer's inputs in one step on the meta device: the target at --resolution, the
-    condition at the pipeline's 1024x1024, the prompt as Qwen-Image-Edit's encoder reads it
-    (Edit-2509/2511 read the image at 384x384: fewer tokens)."""
-    target, condition = config.resolution // 8, 1024 // 8
+    """The transformer's inputs in one step on the meta device: the target at the largest
+    --resolution, the condition at the pipeline's 1024x1024, the prompt as Qwen-Image-Edit's
+    encoder reads it (Edit-2509/2511 read the image at 384x384: fewer tokens)."""
+    target, condition = config.largest_resolution // 8, 1024 // 8
     width = transformer.config.joint_attention_dim
     return qwen_transformer_inputs(
         meta_tensor(transformer, batch_size, 16, target, target),

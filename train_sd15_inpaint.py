@@ -396,9 +396,9 @@ def load_sd15_lora(model: InpaintDenoiser, folder: Path) -> None:
 
 
 def planned_step_inputs(unet, config: SD15InpaintConfig, batch_size: int) -> dict:
-    """The UNet's inputs in one step at --resolution, on the meta device: the 9-channel latents,
-    the timestep and CLIP's 77 token embeddings."""
-    latent = config.resolution // 8
+    """The UNet's inputs in one step at the largest --resolution, on the meta device: the
+    9-channel latents, the timestep and CLIP's 77 token embeddings."""
+    latent = config.largest_resolution // 8
     return {
         "sample": meta_tensor(unet, batch_size, unet.config.in_channels, latent, latent),
         "timestep": torch.zeros(batch_size, device="meta", dtype=torch.long),

@@ -229,6 +229,26 @@ class ConcatRows(RowSource):
         ]
 
 
+class TiledRows(RowFilter):
+    """The rows of ``rows`` ``times`` times over: row ``i`` of ``rows`` is rows ``i``,
+    ``i + n``, ``i + 2n``, ... here (``n = len(rows)``), each drawn as often per epoch as the
+    original (several training sizes: one tile per size)."""
+
+    def __init__(self, rows: RowSource, times: int) -> None:
+        super().__init__(rows)
+        self.times = times
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.times
+
+    def parse(self, index: int) -> tuple[Row | None, list[str]]:
+        return self.rows.parse(index % len(self.rows))
+
+    def repeats_of_rows(self) -> list[int] | None:
+        repeats = self.rows.repeats_of_rows()
+        return None if repeats is None else repeats * self.times
+
+
 TRIGGER_TOKEN = "[trigger]"
 
 
@@ -534,7 +554,9 @@ class BucketedRowDataset(Dataset):
 
     Args:
         rows: where the rows come from (:class:`FolderRows`, :class:`HFRows`).
-        resolution: bucket area is about ``resolution**2``; a multiple of 16.
+        resolution: bucket area is about ``resolution**2``; a multiple of 16. Several sizes give
+            one item per row and size (:class:`TiledRows`): items ``0..n-1`` at the largest
+            size, the next ``n`` at the next one, and so on, each in its own size's buckets.
         max_aspect: the most elongated bucket's long/short side ratio.
         trigger_word: put in every prompt (:class:`WithTriggerWord`); None: prompts as written.
 
@@ -542,8 +564,9 @@ class BucketedRowDataset(Dataset):
         DataError: listing every bad row found (up to :data:`MAX_REPORTED_PROBLEMS`).
 
     Attributes:
+        row_count: how many rows the data holds (items are ``row_count`` times the sizes).
         image_sizes: every item's image sizes ``(height, width)`` by field, as validated.
-        buckets: ``(height, width)`` of every bucket.
+        buckets: ``(height, width)`` of every bucket, of every size.
         bucket_of_items: index into ``buckets`` of every item, for ``BucketBatchSampler``.
     """
 
@@ -555,16 +578,23 @@ class BucketedRowDataset(Dataset):
         self,
         rows: RowSource,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         max_aspect: float = 2.0,
         trigger_word: str | None = None,
     ) -> None:
-        self.buckets = make_buckets(resolution, max_aspect=max_aspect)
+        sizes = sorted({resolution} if isinstance(resolution, int) else set(resolution))[::-1]
+        bucket_sets = [make_buckets(size, max_aspect=max_aspect) for size in sizes]
+        self.buckets = sorted(set().union(*bucket_sets))
         self.rows = WithTriggerWord(rows, trigger_word) if trigger_word else rows
-        self.image_sizes = validated_image_sizes(rows)
+        if len(sizes) > 1:
+            self.rows = TiledRows(self.rows, len(sizes))
+        self.row_count = len(rows)
+        image_sizes = validated_image_sizes(rows)
+        self.image_sizes = image_sizes * len(sizes)
         self.bucket_of_items = [
-            self.buckets.index(nearest_bucket(*sizes[rows.fields.reference], self.buckets))
-            for sizes in self.image_sizes
+            self.buckets.index(nearest_bucket(*sizes[rows.fields.reference], bucket_set))
+            for bucket_set in bucket_sets
+            for sizes in image_sizes
         ]
         self._file_digests: dict[Path, str] = {}
         self._keys: dict[int, str] = {}

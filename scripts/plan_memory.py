@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if precision == "auto":
         precision = "auto (planned as bf16, what a current GPU trains in)"
     print(
-        f"{family} at {config.resolution} px, batch {config.train_batch_size}, "
+        f"{family} at {config.largest_resolution} px, batch {config.train_batch_size}, "
         f"--mixed_precision {precision}, --quantize_base {config.quantize_base}, "
         f"--optimizer {config.optimizer}, --gradient_checkpointing "
         f"{str(config.gradient_checkpointing).lower()}, --offload_blocks {config.offload_blocks}"

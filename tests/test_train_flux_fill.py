@@ -614,6 +614,13 @@ class TestGRPORun:
         with pytest.raises(ValueError, match="precomputed folder: its prompts are already"):
             run(assets, tmp_path / "out", train_data_dir=encoded, trigger_word="ohwx")
 
+    def test_several_sizes_cannot_resize_precomputed_latents(self, assets, tmp_path):
+        encoded = tmp_path / "encoded"
+        encoded.mkdir()
+        (encoded / MANIFEST_FILE).write_text("[]")
+        with pytest.raises(ValueError, match="--resolution 16,32 cannot resize them"):
+            run(assets, tmp_path / "out", train_data_dir=encoded, resolution=[16, 32])
+
     def test_precomputed_folder_is_refused(self, assets, tmp_path):
         encoded = tmp_path / "encoded"
         encoded.mkdir()

@@ -50,6 +50,9 @@ _OPTIMIZER_PACKAGES = {
 _QUANTIZATION_PACKAGES = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}
 # Where the optional packages of the low-memory modes come from.
 LOWMEM_EXTRA = "pip install '.[lowmem]'"
+# One training size in pixels, or several (`--resolution 512,768,1024`): each item is then
+# trained once at each size, in that size's aspect-ratio buckets.
+Resolution = int | list[int]
 
 
 def bounded(
@@ -124,13 +127,14 @@ def check_bounds(config, prefix: str = "") -> None:
         if bounds is None or value is None or isinstance(value, str):
             continue
         low, high, low_open, high_open = bounds
-        inside = (low is None or (value > low if low_open else value >= low)) and (
-            high is None or (value < high if high_open else value <= high)
-        )
-        if not inside:
-            raise ValueError(
-                f"--{prefix}{item.name} must be {_describe_range(*bounds)}, got {value}"
+        for each in value if isinstance(value, list) else [value]:
+            inside = (low is None or (each > low if low_open else each >= low)) and (
+                high is None or (each < high if high_open else each <= high)
             )
+            if not inside:
+                raise ValueError(
+                    f"--{prefix}{item.name} must be {_describe_range(*bounds)}, got {each}"
+                )
 
 
 @dataclass(kw_only=True)
@@ -159,8 +163,9 @@ class TrainConfig:
     default such a row is refused, so a data set never trains on files it does not hold."""
     output_dir: str = "output"
     """Where the LoRA, checkpoints, metrics.jsonl and validation images are written."""
-    resolution: int = bounded(512, low=16)
-    """Target side length in pixels; buckets keep about resolution**2 pixels. Multiple of 16."""
+    resolution: int | list[int] = bounded(512, low=16)
+    """Target side length in pixels; buckets keep about resolution**2 pixels. Multiple of 16.
+    Several (512,768,1024) train each item once at each size."""
     train_batch_size: int = 1
     """Batch size per device."""
     gradient_accumulation_steps: int = 1
@@ -288,8 +293,9 @@ class TrainConfig:
     model does not fit) instead of one error line."""
 
     def __post_init__(self) -> None:
-        if self.resolution % 16:
-            raise ValueError(f"--resolution must be a multiple of 16, got {self.resolution}")
+        for size in self.resolutions:
+            if size % 16:
+                raise ValueError(f"--resolution must be a multiple of 16, got {size}")
         check_bounds(self)
         sources = self.data_sources()
         if sum(getattr(self, name) is not None for name in sources) != 1:
@@ -325,6 +331,18 @@ class TrainConfig:
                     f"--report_to {tracker} needs the {tracker} package, which is not installed: "
                     "pip install '.[tracking]' (or drop it from --report_to)"
                 )
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Every --resolution, largest first, each once: the sizes an item is trained at."""
+        sizes = self.resolution if isinstance(self.resolution, list) else [self.resolution]
+        return sorted(set(sizes), reverse=True)
+
+    @property
+    def largest_resolution(self) -> int:
+        """The largest --resolution: what validation images are fitted to and memory is planned
+        for."""
+        return self.resolutions[0]
 
     @classmethod
     def data_sources(cls) -> tuple[str, ...]:
@@ -610,12 +628,22 @@ def _list_fields(cls: type) -> set[str]:
     }
 
 
+def _size_list_fields(cls: type) -> set[str]:
+    """Names of the top-level flags of dataclass ``cls`` that take one size or several
+    (:data:`Resolution`)."""
+    hints = typing.get_type_hints(cls)
+    return {item.name for item in dataclasses.fields(cls) if hints[item.name] == Resolution}
+
+
 def _normalise_argv(
-    argv: Sequence[str], bool_flags: set[str], list_flags: set[str] = frozenset()
+    argv: Sequence[str],
+    bool_flags: set[str],
+    list_flags: set[str] = frozenset(),
+    size_flags: set[str] = frozenset(),
 ) -> list[str]:
     """Let ``--flag`` alone mean ``--flag true``, ``--list_flag a b`` mean the list ``[a, b]``,
-    and move ``--config FILE`` first, so that every flag on the command line overrides the
-    file."""
+    ``--size_flag 512,768`` (or ``512 768``) the list ``[512, 768]``, and move ``--config FILE``
+    first, so that every flag on the command line overrides the file."""
     args = list(argv)
     out: list[str] = []
     configs: list[str] = []
@@ -630,13 +658,20 @@ def _normalise_argv(
             configs += ["--config", _without_init_args(args[i + 1])]
             i += 2
             continue
-        if token.startswith("--") and token[2:] in list_flags:
+        name, equals, value = token.partition("=")
+        if equals and name[2:] in list_flags | size_flags:
+            args[i : i + 1] = [name, value]  # --flag=value as --flag value
+            continue
+        if token.startswith("--") and token[2:] in list_flags | size_flags:
             values = []
             while i + 1 < len(args) and not args[i + 1].startswith("--"):
                 values.append(args[i + 1])
                 i += 1
             if len(values) == 1 and values[0].lstrip().startswith("["):
                 out += [token, values[0]]  # already a list, as YAML or JSON
+            elif token[2:] in size_flags:
+                sizes = [size for value in values for size in value.split(",") if size.strip()]
+                out += [token, *sizes] if len(sizes) < 2 else [token, f"[{','.join(sizes)}]"]
             else:
                 out += [token, json.dumps(values)]
             i += 1
@@ -877,7 +912,10 @@ def parse_config(
     parser = build_parser(cls, prog=sys.argv[0], description=description)
     namespace = parser.parse_args(
         _normalise_argv(
-            sys.argv[1:] if argv is None else argv, _bool_fields(cls), _list_fields(cls)
+            sys.argv[1:] if argv is None else argv,
+            _bool_fields(cls),
+            _list_fields(cls),
+            _size_list_fields(cls),
         )
     )
     values = parser.instantiate(namespace).as_dict()

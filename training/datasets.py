@@ -229,7 +229,8 @@ def text_edits_dataset(
             **options,
         )
     if use_text_mask:
-        missing = [i for i in range(len(dataset)) if "mask" not in dataset.rows[i].images]
+        rows = range(dataset.row_count)  # the first size's items: every row once
+        missing = [i for i in rows if "mask" not in dataset.rows[i].images]
         if missing and config.strict_masks:
             shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
             raise DataError(
@@ -241,7 +242,7 @@ def text_edits_dataset(
                 "%d of %d rows have no text mask; they train with the plain loss "
                 "(metrics: masked_samples)",
                 len(missing),
-                len(dataset),
+                dataset.row_count,
             )
     return dataset
 
@@ -262,6 +263,13 @@ def fill_dataset(config, vae_config):
                 f"{config.train_data_dir} is a precomputed folder: its prompts are already "
                 "encoded, so --trigger_word cannot reach them; give the raw folder"
             )
+        if len(config.resolutions) > 1:
+            sizes = ",".join(map(str, config.resolution))
+            raise ValueError(
+                f"{config.train_data_dir} is a precomputed folder: its latents keep the size "
+                f"they were encoded at, so --resolution {sizes} cannot resize them; "
+                "give the raw folder"
+            )
         scaling = VaeScaling(vae_config.scaling_factor, vae_config.shift_factor or 0.0)
         return FillLatentDataset(config.train_data_dir, scaling, require_latents=True)
     return inpainting_dataset(config)
@@ -273,7 +281,7 @@ def inpainting_validation_examples(config, dataset) -> InpaintingDataset | None:
     if config.validation_data_dir is not None:
         return InpaintingDataset.from_folder(
             config.validation_data_dir,
-            resolution=config.resolution,
+            resolution=config.largest_resolution,
             seed=config.seed,
             allow_paths_outside=config.allow_paths_outside_data,
         )

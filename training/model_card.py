@@ -142,7 +142,15 @@ def _data_summary(config: TrainConfig, examples: int) -> str:
     else:
         split = getattr(config, "dataset_split", "train")
         source = f"the dataset `{config.dataset_name}` (split `{split}`)"
-    summary = f"{examples} examples from {source}, at `--resolution {config.resolution}`."
+    sizes = config.resolutions
+    if len(sizes) == 1:
+        summary = f"{examples} examples from {source}, at `--resolution {sizes[0]}`."
+    else:  # the dataset holds every example once per size
+        listed = ",".join(map(str, sizes[::-1]))
+        summary = (
+            f"{examples // len(sizes)} examples from {source}, each at {len(sizes)} sizes "
+            f"(`--resolution {listed}`)."
+        )
     trigger = getattr(config, "trigger_word", None)
     if trigger:
         summary += f" Every training prompt held the trigger word `{trigger}`: put it in yours."

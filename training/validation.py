@@ -60,10 +60,10 @@ def save_grid(grid: Image.Image, output_dir: str | Path, step: int) -> Path:
 
 def validation_file_items(config) -> list[dict[str, torch.Tensor | None]]:
     """``--validation_images`` (and ``--validation_masks``), each scaled and centre-cropped to
-    its ``--resolution`` bucket as training images are: ``{"image": [3, H, W] in [-1, 1],
-    "mask": [1, H, W] in {0, 1} or None}``. A file that cannot be read raises ``DataError``
-    naming it."""
-    buckets = make_buckets(config.resolution)
+    its bucket of the largest ``--resolution`` as training images are: ``{"image": [3, H, W] in
+    [-1, 1], "mask": [1, H, W] in {0, 1} or None}``. A file that cannot be read raises
+    ``DataError`` naming it."""
+    buckets = make_buckets(config.largest_resolution)
     masks = config.validation_masks or [None] * len(config.validation_images)
     items = []
     for image_file, mask_file in zip(config.validation_images, masks, strict=True):

@@ -342,7 +342,7 @@ class FamilyPlan:
     ``models.published.PUBLISHED``, the adapted component (``denoiser``: "transformer" or
     "unet") with its default LoRA layers and format, the text encoders, and ``step_inputs``:
     ``(denoiser, config, batch_size) -> kwargs`` of the denoiser's call in one training step,
-    as meta tensors at --resolution (square)."""
+    as meta tensors at the largest --resolution (square)."""
 
     family: str
     denoiser: str
