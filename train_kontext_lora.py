@@ -23,12 +23,14 @@ then ``FluxKontextPipeline.from_pretrained(...).load_lora_weights("out")``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 from training.config import (
     EditPairDataConfig,
     FlowMatchingConfig,
     FluxConfig,
+    GeometryLossConfig,
     LoraFileConfig,
     LowMemoryConfig,
     TrainConfig,
@@ -40,7 +42,13 @@ from training.config import (
 
 @dataclass(kw_only=True)
 class KontextConfig(
-    EditPairDataConfig, FlowMatchingConfig, FluxConfig, LoraFileConfig, LowMemoryConfig, TrainConfig
+    GeometryLossConfig,
+    EditPairDataConfig,
+    FlowMatchingConfig,
+    FluxConfig,
+    LoraFileConfig,
+    LowMemoryConfig,
+    TrainConfig,
 ):
     """Train a FLUX.1 Kontext LoRA with mask geometry and embedding losses."""
 
@@ -54,30 +62,6 @@ class KontextConfig(
     size."""
     guidance_scale: float = 3.5
     """Guidance embedding value (FluxKontextPipeline's default guidance_scale)."""
-    flow_matching_weight: float = bounded(1.0, low=0)
-    """Weight of the flow-matching MSE on the target tokens."""
-    geometry_mse_weight: float = bounded(1.0, low=0)
-    """Geometry: boundary-band weighted MSE of x0_hat vs the target latents. Since
-    x0_hat - x0 = -sigma * (v - v_target), it is a sigma**2-weighted, band-weighted velocity MSE."""
-    background_weight: float = bounded(0.6, low=0)
-    """Geometry: MSE of x0_hat vs the context outside the dilated mask: the target's own change
-    there plus a sigma**2-weighted velocity error."""
-    dice_weight: float = bounded(0.9, low=0)
-    """Geometry: Dice of the soft change mask vs the mask."""
-    area_weight: float = bounded(0.2, low=0)
-    """Geometry: squared log area ratio of the change vs the mask."""
-    boundary_weight: float = bounded(0.4, low=0)
-    """Geometry: boundary loss on the mask's signed distance map."""
-    band_r: int = bounded(1, low=0)
-    """Boundary band radius in latent pixels."""
-    w_in: float = bounded(1.0, low=0)
-    """Weight inside the mask in the band-weighted MSE."""
-    w_band: float = bounded(6.0, low=0)
-    """Weight on the boundary band in the band-weighted MSE."""
-    w_out: float = bounded(0.2, low=0)
-    """Weight outside the mask in the band-weighted MSE."""
-    k_sigma: float = 2.0
-    """Change-mask threshold in background standard deviations."""
     identity_weight: float = bounded(1.0, low=0)
     """Embedding: penalise a prediction closer to the source than to the target."""
     geometry_match_weight: float | None = bounded(None, low=0)
@@ -92,15 +76,6 @@ class KontextConfig(
     """Cosine margin of the overlay term."""
     embedding_encoder: str | None = None
     """Local DINOv2 or CLIP checkpoint for the embedding losses; default: latent tokens."""
-
-    def geometry_weights(self) -> GeometryLossWeights:
-        return GeometryLossWeights(
-            mse=self.geometry_mse_weight,
-            bg=self.background_weight,
-            dice=self.dice_weight,
-            area=self.area_weight,
-            bnd=self.boundary_weight,
-        )
 
     def embedding_weights(self) -> EmbeddingLossWeights:
         geometry = self.geometry_match_weight
@@ -124,10 +99,10 @@ from diffusers import FluxKontextPipeline
 from data.rows import collate_items
 from losses import (
     EmbeddingLossWeights,
-    GeometryLossWeights,
     embedding_starter_loss,
     geometry_starter_loss,
     masked_flow_matching_loss,
+    masked_rows_loss,
 )
 from training.datasets import bucket_sampler, edit_pair_dataset
 from training.inputs.caching import encoded_items, encoder_weights, offload_after_caching
@@ -253,17 +228,6 @@ class KontextEncoder:
         return encoded
 
 
-def rows_of(tensors: dict, rows: torch.Tensor) -> dict:
-    """The ``rows: [B]`` (bool) of every batch-first tensor in ``tensors``."""
-    size = rows.shape[0]
-    return {
-        name: value[rows]
-        if isinstance(value, torch.Tensor) and value.shape[:1] == (size,)
-        else value
-        for name, value in tensors.items()
-    }
-
-
 class KontextLoss:
     """Flow matching + geometry + embedding losses for one batch (the loop's ``compute_loss``)."""
 
@@ -280,7 +244,7 @@ class KontextLoss:
         self.encoder = encoder
         self.embedder = embedder
         self.batches_are_encoded = batches_are_encoded
-        self.geometry = config.geometry_weights()
+        self.geometry = config.geometry_options()
         self.embedding = config.embedding_weights()
 
     def __call__(
@@ -313,36 +277,41 @@ class KontextLoss:
         with_mask = encoded["has_mask"].bool()
         components = {"fm": flow_matching.detach(), "masked_samples": with_mask.float().mean()}
         total = config.flow_matching_weight * flow_matching
-        masked = int(with_mask.sum())  # the step's one host sync for the masks
-        if masked == 0:
-            return total, components
-        # Clean latents as tokens, from tensors already packed: x_t's tokens are the first part
-        # of the transformer's input, and the velocities come packed (each 2x2 repacking copy
-        # costs more than the losses on small latents).
-        noisy_tokens = inputs["hidden_states"][:, :target_tokens].float()
-        tokens = {
-            "pred": predicted_x0(noisy_tokens, velocity, sigmas),
-            "target": predicted_x0(noisy_tokens, target_velocity.float(), sigmas),
-            "context": inputs["hidden_states"][:, target_tokens:].float(),
+        # Tensors already packed: x_t's tokens are the first part of the transformer's input,
+        # and the velocities come packed (each 2x2 repacking copy costs more than the losses on
+        # small latents).
+        rows = {
+            **encoded,
+            "noisy_tokens": inputs["hidden_states"][:, :target_tokens],
+            "context_tokens": inputs["hidden_states"][:, target_tokens:],
+            "velocity": velocity,
+            "target_velocity": target_velocity,
+            "sigmas": sigmas,
         }
-        share = None
-        if masked < batch_size:
-            # The mask terms see only the rows with a mask, weighted by their share of the batch.
-            encoded, tokens = rows_of(encoded, with_mask), rows_of(tokens, with_mask)
-            share = masked / batch_size
-        geometry, parts = self._geometry_losses(encoded, tokens["pred"], height, width)
+        terms = masked_rows_loss(
+            with_mask, rows, partial(self._mask_terms, components, height, width)
+        )
+        return (total if terms is None else total + terms), components
+
+    def _mask_terms(self, components: dict, height: int, width: int, rows: dict) -> torch.Tensor:
+        """The geometry and embedding terms on the masked ``rows``; their parts go into
+        ``components``."""
+        noisy = rows["noisy_tokens"].float()
+        tokens = {
+            "pred": predicted_x0(noisy, rows["velocity"], rows["sigmas"]),
+            "target": predicted_x0(noisy, rows["target_velocity"].float(), rows["sigmas"]),
+            "context": rows["context_tokens"].float(),
+        }
+        geometry, parts = self._geometry_losses(rows, tokens["pred"], height, width)
         components.update({f"geo_{name}": value.detach() for name, value in parts.items()})
-        embedding, parts = self._embedding_losses(encoded, tokens, height, width)
+        embedding, parts = self._embedding_losses(rows, tokens, height, width)
         components.update({f"emb_{name}": value.detach() for name, value in parts.items()})
-        if share is None:  # every row masked: the sum as it always was, bit for bit
-            return total + geometry + embedding, components
-        return total + share * (geometry + embedding), components
+        return geometry + embedding
 
     def _geometry_losses(
         self, encoded: dict, predicted_tokens: torch.Tensor, height: int, width: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        config = self.config
-        if not any(vars(self.geometry).values()):
+        if not any(vars(self.geometry["weights"]).values()):
             return predicted_tokens.new_zeros(()), {}
         scale = self.pipe.vae_scale_factor
         x0_hat = self.pipe._unpack_latents(predicted_tokens, height * scale, width * scale, scale)
@@ -351,13 +320,8 @@ class KontextLoss:
             encoded["target_latents"].float(),
             encoded["context_latents"].float(),
             encoded["mask_latent"],
-            weights=self.geometry,
             signed_distance_map=encoded["signed_distance_map"],
-            band_r=config.band_r,
-            w_in=config.w_in,
-            w_band=config.w_band,
-            w_out=config.w_out,
-            k_sigma=config.k_sigma,
+            **self.geometry,
         )
 
     def _embedding_losses(

@@ -16,7 +16,8 @@ Every public name is exported here with the name the specification uses:
   :func:`contrastive_pair_loss`, :func:`triplet_margin_loss`,
   :func:`margin_ranking_on_distances`, :func:`multi_negative_ranking_loss`,
   :func:`info_nce_loss`, :func:`loss_no_edit_identity`, :func:`loss_geometry_match`,
-  :func:`loss_overlay_avoidance` and the starter mix :func:`embedding_starter_loss`.
+  :func:`loss_overlay_avoidance` and the starter mix :func:`embedding_starter_loss`;
+- mask terms on a batch's masked rows only: :func:`masked_rows_loss`, :func:`rows_of`.
 """
 
 from losses.distance import signed_distance_map_from_mask
@@ -54,6 +55,7 @@ from losses.mask_ops import (
     erode,
     sure_background,
 )
+from losses.masked_rows import masked_rows_loss, rows_of
 from losses.sequence_mask import map_mask_to_latent, pack_pixel_mask
 from losses.spectral import (
     HIGH_COVERAGE,
@@ -93,10 +95,12 @@ __all__ = [
     "mask_coverage_stats",
     "masked_flow_matching_loss",
     "masked_mse_per_channel",
+    "masked_rows_loss",
     "masked_sam_loss",
     "multi_negative_ranking_loss",
     "pack_pixel_mask",
     "pair_distance",
+    "rows_of",
     "signed_distance_map_from_mask",
     "soft_change_mask_from_latents",
     "sure_background",

@@ -488,6 +488,57 @@ class FluxConfig:
     """T5 prompt length, as the pipeline's max_sequence_length."""
 
 
+@dataclass(kw_only=True)
+class GeometryLossConfig:
+    """Flow matching on the target tokens plus the geometry terms on x0_hat against an edit's
+    mask (FLUX.1 Kontext, FLUX.2), each weight a flag (0 switches a term off at no cost)."""
+
+    flow_matching_weight: float = bounded(1.0, low=0)
+    """Weight of the flow-matching MSE on the target tokens."""
+    geometry_mse_weight: float = bounded(1.0, low=0)
+    """Geometry: boundary-band weighted MSE of x0_hat vs the target latents. Since
+    x0_hat - x0 = -sigma * (v - v_target), it is a sigma**2-weighted, band-weighted velocity MSE."""
+    background_weight: float = bounded(0.6, low=0)
+    """Geometry: MSE of x0_hat vs the context outside the dilated mask: the target's own change
+    there plus a sigma**2-weighted velocity error."""
+    dice_weight: float = bounded(0.9, low=0)
+    """Geometry: Dice of the soft change mask vs the mask."""
+    area_weight: float = bounded(0.2, low=0)
+    """Geometry: squared log area ratio of the change vs the mask."""
+    boundary_weight: float = bounded(0.4, low=0)
+    """Geometry: boundary loss on the mask's signed distance map."""
+    band_r: int = bounded(1, low=0)
+    """Boundary band radius in cells of the latent grid the mask is taken to."""
+    w_in: float = bounded(1.0, low=0)
+    """Weight inside the mask in the band-weighted MSE."""
+    w_band: float = bounded(6.0, low=0)
+    """Weight on the boundary band in the band-weighted MSE."""
+    w_out: float = bounded(0.2, low=0)
+    """Weight outside the mask in the band-weighted MSE."""
+    k_sigma: float = 2.0
+    """Change-mask threshold in background standard deviations."""
+
+    def geometry_options(self) -> dict:
+        """``losses.geometry_starter_loss``'s keyword arguments from these flags."""
+        from losses import GeometryLossWeights  # torch: not imported for --help
+
+        weights = GeometryLossWeights(
+            mse=self.geometry_mse_weight,
+            bg=self.background_weight,
+            dice=self.dice_weight,
+            area=self.area_weight,
+            bnd=self.boundary_weight,
+        )
+        return {
+            "weights": weights,
+            "band_r": self.band_r,
+            "w_in": self.w_in,
+            "w_band": self.w_band,
+            "w_out": self.w_out,
+            "k_sigma": self.k_sigma,
+        }
+
+
 @dataclass
 class MaskLossSettings:
     """The region-weighted loss: (1 - weight) * plain + weight * region-weighted."""
