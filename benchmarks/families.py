@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+import train_flux2_edit_lora as flux2
 import train_flux_fill as fill
 import train_kontext_lora as kontext
 import train_multispectral_vae as multispectral
@@ -25,7 +26,9 @@ from data.synthetic import write_synthetic_dataset
 from training.config import MaskLossSettings, TextMaskSettings
 from training.datasets import fill_dataset, inpainting_dataset
 from training.inputs.flux import FLUX_LORA_LAYERS
+from training.inputs.flux2 import FLUX2_LORA_LAYERS
 from training.lora.adapters import LoraFormat, add_lora
+from worlds.tiny_flux2 import tiny_flux2_klein_pipeline
 from worlds.tiny_models import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
@@ -40,6 +43,7 @@ SCRIPTS = (
     "train_flux_fill.py",
     "train_sd15_inpaint.py",
     "train_multispectral_vae.py",
+    "train_flux2_edit_lora.py",
 )
 
 
@@ -89,6 +93,26 @@ def kontext_bench(folder: Path, resolution: int) -> FamilyBench:
         loss=lambda aux, encoded: kontext.KontextLoss(
             pipe, on if aux else off, encoder, None, encoded
         ),
+        encoder=encoder,
+    )
+
+
+def flux2_bench(folder: Path, resolution: int) -> FamilyBench:
+    pipe = tiny_flux2_klein_pipeline(seed=0)
+    common = _common(folder, resolution)
+    on = flux2.Flux2EditConfig(**common)
+    off = flux2.Flux2EditConfig(
+        **common, **{flag: 0 for name, flag in flux2.TERM_WEIGHT_FLAGS.items() if name != "fm"}
+    )
+    add_lora(pipe.transformer, on, FLUX2_LORA_LAYERS, LoraFormat(type(pipe)))
+    encoder = flux2.Flux2Encoder(pipe, on)
+    return FamilyBench(
+        script="train_flux2_edit_lora.py",
+        aux_terms="geometry (5)",
+        models={True: pipe.transformer, False: pipe.transformer},
+        dataset=flux2.text_edit_dataset(on),
+        collate=collate_items,
+        loss=lambda aux, encoded: flux2.Flux2Loss(pipe, on if aux else off, encoder, encoded),
         encoder=encoder,
     )
 
@@ -180,6 +204,7 @@ BUILDERS = {
     "train_flux_fill.py": ("flux-fill", fill_bench),
     "train_sd15_inpaint.py": ("sd15-inpaint", sd15_bench),
     "train_multispectral_vae.py": ("multispectral", multispectral_bench),
+    "train_flux2_edit_lora.py": ("kontext", flux2_bench),
 }
 
 

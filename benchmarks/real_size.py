@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxFillPipeline,
     FluxKontextPipeline,
     FluxTransformer2DModel,
@@ -27,6 +29,7 @@ from diffusers import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
+import train_flux2_edit_lora as flux2
 import train_flux_fill as fill
 import train_kontext_lora as kontext
 import train_qwen_edit_mask as qwen
@@ -35,6 +38,7 @@ from benchmarks.inpaint_step import random_encoding
 from data.fill_latents import mask_latents_from_pixels
 from losses import downsample_mask_area, map_mask_to_latent, signed_distance_map_from_mask
 from models.published import (
+    FLUX2_KLEIN_4B_TRANSFORMER,
     FLUX_FILL_TRANSFORMER,
     FLUX_TRANSFORMER,
     QWEN_IMAGE_TRANSFORMER,
@@ -43,8 +47,10 @@ from models.published import (
 )
 from training.config import MaskLossSettings
 from training.inputs.flux import FLUX_LORA_LAYERS
+from training.inputs.flux2 import FLUX2_LORA_LAYERS, reference_tokens
 from training.lora.adapters import LoraFormat, add_lora
 from training.memory.plan import built_on, pipeline_holding
+from worlds.tiny_flux2 import FLUX2_SCHEDULER, tiny_flux2_klein_pipeline
 from worlds.tiny_models import (
     FLUX_DEV_SCHEDULER,
     QWEN_IMAGE_SCHEDULER,
@@ -87,6 +93,11 @@ def flow_case_pipeline(family: str, tiny: bool, device, dtype, prepare=None):
 def flux_transformer(fill_model: bool = False) -> FluxTransformer2DModel:
     """FLUX.1 [dev]/Kontext's transformer (Fill's with ``fill_model``), on the default device."""
     return FluxTransformer2DModel(**(FLUX_FILL_TRANSFORMER if fill_model else FLUX_TRANSFORMER))
+
+
+def flux2_klein_transformer() -> Flux2Transformer2DModel:
+    """FLUX.2 [klein] 4B's transformer, on the default device."""
+    return Flux2Transformer2DModel(**FLUX2_KLEIN_4B_TRANSFORMER)
 
 
 def qwen_image_transformer() -> QwenImageTransformer2DModel:
@@ -177,6 +188,12 @@ FLOW_FAMILIES = {
         lambda: flux_transformer(fill_model=True),
         FLUX_DEV_SCHEDULER,
     ),
+    "flux2": (
+        tiny_flux2_klein_pipeline,
+        Flux2KleinPipeline,
+        flux2_klein_transformer,
+        FLUX2_SCHEDULER,
+    ),
     "qwen": (
         tiny_qwen_image_edit_pipeline,
         QwenImageEditPipeline,
@@ -210,6 +227,34 @@ def fill_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=No
     loss = fill.FillLoss(pipe, config, None, True)
     encoded = _to(encoded, device, dtype)
     return Case("FLUX.1 Fill", resolution, pipe.transformer, loss, encoded, pipe.transformer)
+
+
+def flux2_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=None) -> Case:
+    """A FLUX.2 [klein] step: the target and one reference of its size, a square mask."""
+    pipe = flow_case_pipeline("flux2", tiny, device, dtype, prepare)
+    config = flux2.Flux2EditConfig(**_flags(resolution))
+    add_lora(pipe.transformer, config, FLUX2_LORA_LAYERS, LoraFormat(type(pipe)))
+    grid = resolution // 16
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(batch, 1, resolution, resolution)
+    mask[..., resolution // 4 : resolution * 3 // 4, resolution // 3 : resolution * 2 // 3] = 1
+    mask_latent = downsample_mask_area(mask, (grid, grid))
+    context = torch.randn(batch, 128, grid, grid, generator=generator)
+    tokens, ids = reference_tokens(pipe, [context])
+    width = pipe.transformer.config.joint_attention_dim
+    encoded = {
+        "target_latents": torch.randn(batch, 128, grid, grid, generator=generator),
+        "context_latents": context,
+        "reference_tokens": tokens,
+        "reference_ids": ids,
+        "prompt_embeds": torch.randn(batch, T5_TOKENS, width, generator=generator),
+        "mask_latent": mask_latent,
+        "signed_distance_map": signed_distance_map_from_mask(mask_latent > 0.5, normalize=True),
+        "has_mask": torch.ones(batch, dtype=torch.bool),
+    }
+    loss = flux2.Flux2Loss(pipe, config, None, True)
+    encoded = _to(encoded, device, dtype)
+    return Case("FLUX.2 [klein] 4B", resolution, pipe.transformer, loss, encoded, pipe.transformer)
 
 
 def qwen_case(tiny: bool, batch: int, resolution: int, device, dtype, prepare=None) -> Case:
@@ -271,6 +316,7 @@ CASES = {
     "kontext": (kontext_case, 1024, 11.9e9),
     "flux-fill": (fill_case, 1024, 11.9e9),
     "qwen-edit": (qwen_case, 1024, 20.4e9),
+    "flux2-klein": (flux2_case, 1024, 3.88e9),
     "sd15-inpaint": (sd15_case, 512, 0.86e9),
 }
 

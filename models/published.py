@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     UNet2DConditionModel,
@@ -20,6 +22,8 @@ from transformers import (
     CLIPTextModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
 )
@@ -130,6 +134,27 @@ QWEN25_VL_7B = {
     "tie_word_embeddings": False,
 }
 
+# black-forest-labs/FLUX.2-klein-4B (and -base-4B) transformer/config.json: 5 double-stream and
+# 20 single-stream blocks of 24 heads of 128, the prompt as 3 layers of Qwen3-4B side by side.
+FLUX2_KLEIN_4B_TRANSFORMER = {
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3 * 2560,
+    "guidance_embeds": False,
+}
+# Qwen/Qwen3-4B (FLUX.2 [klein] 4B's text_encoder).
+QWEN3_4B = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+}
+
 
 def _t5(config: dict) -> T5EncoderModel:
     return T5EncoderModel(T5Config(**config))
@@ -141,6 +166,10 @@ def _clip(config: dict) -> CLIPTextModel:
 
 def _qwen_vl(config: dict) -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+
+
+def _qwen3(config: dict) -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(Qwen3Config(**config))
 
 
 # Per family, each component's class (or builder) and published configuration.
@@ -162,6 +191,12 @@ PUBLISHED = {
         # diffusers' defaults are Qwen-Image's VAE.
         "vae": (AutoencoderKLQwenImage, {}),
         "text_encoder": (_qwen_vl, QWEN25_VL_7B),
+    },
+    "flux2-klein": {
+        "transformer": (Flux2Transformer2DModel, FLUX2_KLEIN_4B_TRANSFORMER),
+        # diffusers' defaults are FLUX.2's VAE.
+        "vae": (AutoencoderKLFlux2, {}),
+        "text_encoder": (_qwen3, QWEN3_4B),
     },
     "sd15-inpaint": {
         "unet": (UNet2DConditionModel, SD15_INPAINT_UNET),

@@ -3,8 +3,9 @@
     python scripts/make_tiny_models.py --out tiny-models [--seed 0]
 
 writes ``flux-kontext``, ``flux-fill``, ``qwen-image-edit``, ``qwen-image-edit-plus``,
-``sd15-inpaint`` (diffusers pipelines) and ``sd3-vae`` (an ``AutoencoderKL``) under ``--out``;
-see ``worlds/tiny_models.py`` for what each holds.
+``flux2-klein``, ``flux2-dev``, ``sd15-inpaint`` (diffusers pipelines) and ``sd3-vae`` (an
+``AutoencoderKL``) under ``--out``; see ``worlds/tiny_models.py`` and ``worlds/tiny_flux2.py``
+for what each holds.
 Nothing is downloaded: weights are random and tokenizers are built from a small vocabulary.
 """
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jsonargparse import auto_cli
 
-from worlds.tiny_models import write_tiny_models
+from worlds.tiny_set import write_tiny_models
 
 
 def make_tiny_models(*, out: Path, seed: int = 0) -> None:

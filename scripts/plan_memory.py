@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
+import train_flux2_edit_lora
 import train_flux_fill
 import train_kontext_lora
 import train_qwen_edit_mask
@@ -39,6 +40,7 @@ FAMILIES = {
     "qwen-edit": (train_qwen_edit_mask, train_qwen_edit_mask.QwenEditConfig),
     "flux-fill": (train_flux_fill, train_flux_fill.FillConfig),
     "sd15-inpaint": (train_sd15_inpaint, train_sd15_inpaint.SD15InpaintConfig),
+    "flux2": (train_flux2_edit_lora, train_flux2_edit_lora.Flux2EditConfig),
 }
 # A local checkpoint's pipeline class, or words of a Hub name, -> family.
 PIPELINES = {
@@ -47,8 +49,10 @@ PIPELINES = {
     "QwenImageEditPlusPipeline": "qwen-edit",
     "FluxFillPipeline": "flux-fill",
     "StableDiffusionInpaintPipeline": "sd15-inpaint",
+    "Flux2KleinPipeline": "flux2",
+    "Flux2Pipeline": "flux2",
 }
-NAME_WORDS = {"kontext": "kontext", "qwen": "qwen-edit", "fill": "flux-fill"}
+NAME_WORDS = {"kontext": "kontext", "qwen": "qwen-edit", "fill": "flux-fill", "flux.2": "flux2"}
 NAME_WORDS["inpainting"] = "sd15-inpaint"
 
 

@@ -61,16 +61,17 @@ def test_grpo_benchmark_runs():
     assert "s/iteration" in printed
 
 
-def test_the_table_runs(capsys):
-    """One script through ``benchmarks/run.py`` (every script takes minutes on a small CPU):
-    a row with every column filled, the cache's columns included."""
+@pytest.mark.parametrize("script", ["train_kontext_lora.py", "train_flux2_edit_lora.py"])
+def test_the_table_runs(capsys, script):
+    """A script through ``benchmarks/run.py`` (every script takes minutes on a small CPU): a row
+    with every column filled, the cache's columns included."""
     from benchmarks.run import HEADER, main
 
     reset_accelerate()  # the table's cache fill forms an accelerate state
     try:
         main(
             [
-                *("--scripts", "train_kontext_lora.py", "--resolution", "32", "--items", "1"),
+                *("--scripts", script, "--resolution", "32", "--items", "1"),
                 *("--batch", "1", "--blocks", "1", "--steps", "1", "--passes", "1"),
             ]
         )
@@ -80,5 +81,5 @@ def test_the_table_runs(capsys):
     header = next(i for i, line in enumerate(lines) if line.startswith("| script"))
     assert lines[header] == "| " + " | ".join(HEADER) + " |"
     row = lines[header + 2].strip("|").split("|")
-    assert row[0].strip() == "train_kontext_lora.py"
+    assert row[0].strip() == script
     assert len(row) == len(HEADER) and "n/a" not in lines[header + 2]

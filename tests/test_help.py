@@ -66,6 +66,7 @@ def test_help_names_the_shipped_configs(printed):
         "train_flux_fill.py": "flux_fill",
         "train_sd15_inpaint.py": "sd15_inpaint",
         "train_multispectral_vae.py": "multispectral",
+        "train_flux2_edit_lora.py": "flux2",
     }[script]
     assert listed == sorted(path.name for path in (ROOT / "configs").glob(f"{prefix}*.yaml"))
     assert len(listed) >= 2
@@ -120,6 +121,8 @@ def test_every_flag_is_under_a_topic(script):
         ("train_kontext_lora.py", "report_to", "logging"),
         ("train_qwen_edit_mask.py", "mask_loss.weight", "loss"),
         ("train_qwen_edit_mask.py", "data.use_text_mask", "data"),
+        ("train_flux2_edit_lora.py", "background_weight", "loss"),
+        ("train_flux2_edit_lora.py", "max_sequence_length", "model"),
         ("train_flux_fill.py", "reward", "grpo"),
         ("train_flux_fill.py", "noise_level", "grpo"),
         ("train_sd15_inpaint.py", "eta", "grpo"),

@@ -21,6 +21,7 @@ PARAMETERS = {
     "kontext": 11_901_408_320,
     "flux-fill": 11_902_391_360,
     "qwen-edit": 20_430_401_088,
+    "flux2-klein": 3_875_544_576,
     "sd15-inpaint": 859_535_364,
 }
 
@@ -29,7 +30,7 @@ PARAMETERS = {
 def test_real_size_cases_build_with_the_published_sizes(family):
     """What ``run.py --gpu`` builds, on the meta device: the frozen base has the published
     parameter count in bf16, the LoRA is added, the batch has the size the issue asks for."""
-    build, resolution, published = CASES[family]  # 11.9B, 11.9B, 20.4B, 0.86B
+    build, resolution, published = CASES[family]  # 11.9B, 11.9B, 20.4B, 0.86B, 3.88B
     case = build(False, 1, resolution, "meta", torch.bfloat16)
     frozen = [p for p in case.denoiser.parameters() if not p.requires_grad]
     trainable = [p for p in case.denoiser.parameters() if p.requires_grad]
@@ -38,7 +39,8 @@ def test_real_size_cases_build_with_the_published_sizes(family):
     assert {p.dtype for p in frozen} == {torch.bfloat16} and trainable
     assert {p.dtype for p in trainable} == {torch.float32}  # LoRA trains in fp32
     latents = case.batch.get("target_latents", case.batch.get("latents_mean"))
-    assert latents.shape[-1] * 8 == resolution
+    # FLUX.2's latents are the 2x2-patchified grid: 16 pixels per cell.
+    assert latents.shape[-1] * (16 if family == "flux2-klein" else 8) == resolution
 
 
 # The FLOP checks run the real widths with 2 + 2 (FLUX) and 2 (Qwen) blocks: the formula is per

@@ -8,7 +8,8 @@ step in milliseconds on a CPU.
 Tokenizers are built in code from a small vocabulary (byte-level BPE, or a Unigram model for T5),
 so any prompt tokenizes without a download.
 
-``write_tiny_models(out_dir)`` saves them with ``save_pretrained`` in the layout that
+``worlds.tiny_set.write_tiny_models(out_dir)`` saves them (and the FLUX.2 ones of
+:mod:`worlds.tiny_flux2`) with ``save_pretrained`` in the layout that
 ``scripts/make_tiny_models.py`` documents; tests load them back with ``from_pretrained``.
 """
 
@@ -518,37 +519,6 @@ def tiny_sd15_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-# Folder name -> factory, in the order `write_tiny_models` writes them.
-TINY_MODEL_FACTORIES = {
-    "flux-kontext": tiny_flux_kontext_pipeline,
-    "flux-fill": tiny_flux_fill_pipeline,
-    "qwen-image-edit": tiny_qwen_image_edit_pipeline,
-    "qwen-image-edit-plus": tiny_qwen_image_edit_plus_pipeline,
-    "sd15-inpaint": tiny_sd15_inpaint_pipeline,
-    "sd3-vae": tiny_sd3_vae,
-}
-
-
-def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Build every tiny model with ``seed`` and save it under ``out_dir/<name>``.
-
-    Returns ``{name: folder}`` for ``flux-kontext``, ``flux-fill``, ``qwen-image-edit``,
-    ``qwen-image-edit-plus``, ``sd15-inpaint`` (pipelines) and ``sd3-vae`` (an
-    ``AutoencoderKL``). Each loads with its class's ``from_pretrained(folder)``; the Qwen
-    pipelines name the standard ``Qwen2VLProcessor``, which transformers builds only with
-    torchvision, so without it pass ``processor=load_image_only_processor(folder)``.
-    """
-    out_dir = Path(out_dir)
-    folders = {}
-    for name, factory in TINY_MODEL_FACTORIES.items():
-        folders[name] = out_dir / name
-        if name.startswith("qwen"):
-            save_qwen_edit_pipeline(factory(seed), folders[name])
-        else:
-            factory(seed).save_pretrained(folders[name])
-    return folders
 
 
 def write_tiny_dinov2(out_dir: str | Path, seed: int = 0) -> Path:

@@ -147,6 +147,9 @@ CARD_CONFIGS = {
     "flux_fill_24gb.yaml": 24,
     "qwen_edit_24gb.yaml": 24,
     "qwen_edit_48gb.yaml": 48,
+    "flux2_klein_4b.yaml": 24,
+    "flux2_klein_4b_16gb.yaml": 16,
+    "flux2_klein_4b_12gb.yaml": 12,
 }
 
 

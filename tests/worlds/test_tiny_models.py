@@ -35,7 +35,6 @@ from worlds.tiny_models import (
     FLUX_DEV_SCHEDULER,
     QWEN_IMAGE_SCHEDULER,
     QWEN_VISION_MERGE,
-    TINY_MODEL_FACTORIES,
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
     tiny_qwen2_5_vl_text_encoder,
@@ -46,8 +45,8 @@ from worlds.tiny_models import (
     tiny_qwen_image_vae,
     tiny_sd3_vae,
     tiny_sd15_inpaint_pipeline,
-    write_tiny_models,
 )
+from worlds.tiny_set import TINY_MODEL_FACTORIES, write_tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Replace the cat with a small dog, keep the sofa!"

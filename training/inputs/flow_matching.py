@@ -8,6 +8,7 @@ drawn continuously in (0, 1) rather than indexed from a 1000-step table.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -43,8 +44,12 @@ def sample_sigmas(
     image_seq_len: int,
     scheduler_config,
     generator: torch.Generator,
+    auto_shift: Callable[[int], float] | None = None,
 ) -> torch.Tensor:
     """Per-sample noise levels ``[B]`` in (0, 1) for --weighting_scheme and --timestep_shift.
+
+    --timestep_shift auto takes ``auto_shift(image_seq_len)``, the family's own rule, by default
+    the FLUX.1 and Qwen-Image pipelines' :func:`resolution_shift`.
 
     diffusers' examples turn the density's draw ``u`` into a timestep by indexing the scheduler's
     descending table, i.e. ``sigma = 1 - u``; the same convention here keeps --logit_mean and
@@ -59,11 +64,12 @@ def sample_sigmas(
         device=generator.device,
         generator=generator,
     )
-    shift = (
-        resolution_shift(image_seq_len, scheduler_config)
-        if config.timestep_shift == "auto"
-        else float(config.timestep_shift)
-    )
+    if config.timestep_shift != "auto":
+        shift = float(config.timestep_shift)
+    elif auto_shift is not None:
+        shift = auto_shift(image_seq_len)
+    else:
+        shift = resolution_shift(image_seq_len, scheduler_config)
     return shift_sigmas(1 - u, shift)
 
 
