@@ -5,13 +5,14 @@
     python scripts/export_lora.py outputs/kontext --merge --model FLUX.1-Kontext-dev \\
         --out merged [--scale 0.8]
 
-``--to kohya`` writes the layout ComfyUI's LoRA loader and kohya-based tools read (FLUX: Black
-Forest Labs' module names with q/k/v fused; Qwen-Image and SD1.5: diffusers' names underscored),
-keeping each module's alpha; diffusers' ``load_lora_weights`` reads it too. ``--to diffusers``
-reads such a file back into diffusers' layout. Both print a key-coverage report and stop with an
-error, writing nothing, when a module has no place in the target layout. ``--merge`` fuses the
-LoRA into the transformer or UNet (and SD1.5's text encoder when the LoRA adapts it) and saves
-them under ``--out/<component>`` with ``save_pretrained`` (safetensors, sharded).
+``--to kohya`` writes the layout ComfyUI's LoRA loader and kohya-based tools read (FLUX.1 and
+FLUX.2: Black Forest Labs' module names with q/k/v fused; Qwen-Image and SD1.5: diffusers' names
+underscored), keeping each module's alpha; diffusers' ``load_lora_weights`` reads it too.
+``--to diffusers`` reads such a file back into diffusers' layout. Both print a key-coverage
+report and stop with an error, writing nothing, when a module has no place in the target layout.
+``--merge`` fuses the LoRA into the transformer or UNet (and SD1.5's text encoder when the LoRA
+adapts it) and saves them under ``--out/<component>`` with ``save_pretrained`` (safetensors,
+sharded).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--family",
         choices=FAMILIES,
         help="model family (flux: FLUX.1 dev, Kontext, Fill; qwen-image: Qwen-Image and its "
-        "Edit models; sd15); default: from --model, the module names, or the training run's "
-        "model card",
+        "Edit models; sd15; flux2: FLUX.2 klein and dev); default: from --model, the module "
+        "names, or the training run's model card",
     )
     parser.add_argument(
         "--model",

@@ -5,6 +5,8 @@
     python scripts/infer.py --family sd15-inpaint \\
         --model stable-diffusion-v1-5/stable-diffusion-inpainting --lora outputs/sd15-inpaint \\
         --input room.png --mask mask.png --prompt "a red armchair"
+    python scripts/infer.py --family flux2 --model black-forest-labs/FLUX.2-klein-base-4B \\
+        --lora outputs/flux2 --input my_edits --output_dir outputs/flux2/inference
 
 Every example is run twice from the same seed, without and with the LoRA; ``--output_dir``
 receives ``<nnn>_<name>_base.png``, ``<nnn>_<name>_lora.png`` and ``grid.png`` (input | mask |
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(FAMILIES),
         help="which pipeline runs the LoRA: kontext (FluxKontextPipeline), qwen-edit "
         "(QwenImageEditPipeline or QwenImageEditPlusPipeline, from the model), flux-fill "
-        "(FluxFillPipeline), sd15-inpaint (StableDiffusionInpaintPipeline)",
+        "(FluxFillPipeline), sd15-inpaint (StableDiffusionInpaintPipeline), flux2 "
+        "(Flux2KleinPipeline or Flux2Pipeline, from the model)",
     )
     parser.add_argument(
         "--model", required=True, help="base pipeline: a diffusers folder or a Hub id"

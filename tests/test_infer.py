@@ -1,5 +1,5 @@
-"""scripts/infer.py end to end on the tiny pipelines (32 px, 2 steps): what it saves, checked
-against the family's pipeline run directly with and without the LoRA."""
+"""scripts/infer.py end to end on the tiny pipelines (32 px, FLUX.2's 64 px, 2 steps): what it
+saves, checked against the family's pipeline run directly with and without the LoRA."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    Flux2KleinPipeline,
     FluxFillPipeline,
     FluxKontextPipeline,
     QwenImageEditPipeline,
@@ -35,7 +36,9 @@ from data.synthetic import write_inpainting_dataset, write_kontext_dataset
 from scripts import export_lora, infer
 from training.inference import FAMILIES, check_lora_fits, load_examples
 from training.inputs.flux import FLUX_LORA_LAYERS
+from training.inputs.flux2 import FLUX2_LORA_LAYERS
 from training.lora.adapters import LoraFormat
+from worlds.tiny_flux2 import tiny_flux2_klein_pipeline
 from worlds.tiny_models import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
@@ -45,6 +48,7 @@ from worlds.tiny_models import (
 )
 
 SIZE = 32
+FLUX2_SIZE = 64  # the FLUX.2 pipelines take no smaller reference
 STEPS = 2
 
 
@@ -59,8 +63,9 @@ def saved(out: Path, name: str) -> np.ndarray:
     return np.asarray(Image.open(out / f"{name}.png"))
 
 
-def direct(pipe_cls, model: Path, lora: Path, family: str, examples, scale: float) -> dict:
-    """Each example through ``pipe_cls`` as a user would call it: ``{name: (base, lora)}``."""
+def direct(pipe_cls, model: Path, lora: Path, family: str, examples, scale: float, **call) -> dict:
+    """Each example through ``pipe_cls`` as a user would call it, with the ``call`` arguments:
+    ``{name: (base, lora)}``."""
     pipe = pipe_cls.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
 
@@ -71,6 +76,7 @@ def direct(pipe_cls, model: Path, lora: Path, family: str, examples, scale: floa
                     **FAMILIES[family].call_arguments(example),
                     num_inference_steps=STEPS,
                     generator=torch.Generator().manual_seed(0),
+                    **call,
                 ).images[0]
             )
             for example in examples
@@ -83,13 +89,13 @@ def direct(pipe_cls, model: Path, lora: Path, family: str, examples, scale: floa
     return {name: (base[name], adapted[name]) for name in base}
 
 
-def assert_saved_as_direct(out: Path, expected: dict, columns: int) -> None:
+def assert_saved_as_direct(out: Path, expected: dict, columns: int, size: int = SIZE) -> None:
     for name, (base, adapted) in expected.items():
         assert np.array_equal(saved(out, f"{name}_base"), base), name
         assert np.array_equal(saved(out, f"{name}_lora"), adapted), name
         assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0, name
     grid = Image.open(out / "grid.png")
-    assert grid.size == (columns * SIZE, 14 + len(expected) * SIZE)
+    assert grid.size == (columns * size, 14 + len(expected) * size)
 
 
 class TestInfer:
@@ -171,6 +177,27 @@ class TestInfer:
         assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0
         assert Image.open(out / "grid.png").size == (3 * SIZE, 14 + SIZE)
 
+    def test_flux2_klein_on_a_file_with_a_kohya_lora(self, tmp_path):
+        pipe = tiny_flux2_klein_pipeline()
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.transformer, list(FLUX2_LORA_LAYERS), seed=6)
+        save_random_lora(Flux2KleinPipeline, {"transformer": pipe.transformer}, tmp_path / "lora")
+        kohya = tmp_path / "kohya.safetensors"
+        with contextlib.redirect_stdout(io.StringIO()):
+            export_lora.main([str(tmp_path / "lora"), "--to", "kohya", "--out", str(kohya)])
+        sample_image(size=FLUX2_SIZE).save(tmp_path / "shelf.png")
+        out = tmp_path / "inference"
+        args = ["--family", "flux2", "--model", tmp_path / "model", "--lora", kohya]
+        args += ["--input", tmp_path / "shelf.png", "--prompt", PROMPT, "--output_dir", out]
+        # Without classifier-free guidance: one transformer pass a step on the CPU.
+        run_infer(*args, "--num_inference_steps", STEPS, "--guidance_scale", 1.0)
+        examples = load_examples(FAMILIES["flux2"], [tmp_path / "shelf.png"], prompts=[PROMPT])
+        assert examples[0].image.size == (FLUX2_SIZE, FLUX2_SIZE)
+        expected = direct(
+            Flux2KleinPipeline, tmp_path / "model", kohya, "flux2", examples, 1, guidance_scale=1.0
+        )
+        assert_saved_as_direct(out, expected, columns=3, size=FLUX2_SIZE)
+
 
 class TestSeveralReferences:
     @staticmethod
@@ -198,6 +225,27 @@ class TestSeveralReferences:
         arguments = FAMILIES["qwen-edit"].call_arguments(example)
         assert [image.size for image in arguments["image"]] == [(SIZE, SIZE), (24, 40)]
         base, adapted = saved(out, "000_person_base"), saved(out, "000_person_lora")
+        assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0
+
+    def test_flux2_gets_every_reference(self, tmp_path):
+        pipe = tiny_flux2_klein_pipeline(is_distilled=True)
+        pipe.save_pretrained(tmp_path / "model")
+        add_random_lora(pipe.transformer, list(FLUX2_LORA_LAYERS), seed=7)
+        save_random_lora(Flux2KleinPipeline, {"transformer": pipe.transformer}, tmp_path)
+        data = tmp_path / "data"
+        data.mkdir()
+        sample_image(size=FLUX2_SIZE).save(data / "person.png")
+        sample_image(1, size=96).crop((0, 0, 64, 96)).save(data / "product.png")
+        row = {"context": ["person.png", "product.png"], "prompt": "she holds it"}
+        (data / "metadata.jsonl").write_text(json.dumps(row))
+        out = tmp_path / "inference"
+        args = ["--family", "flux2", "--model", tmp_path / "model", "--lora", tmp_path]
+        run_infer(*args, "--input", data, "--output_dir", out, "--num_inference_steps", STEPS)
+        (example,) = load_examples(FAMILIES["flux2"], [data])
+        arguments = FAMILIES["flux2"].call_arguments(example)
+        assert [image.size for image in arguments["image"]] == [(64, 64), (64, 96)]
+        base, adapted = saved(out, "000_person_base"), saved(out, "000_person_lora")
+        assert base.shape == adapted.shape == (FLUX2_SIZE, FLUX2_SIZE, 3)
         assert np.abs(base.astype(int) - adapted.astype(int)).max() > 0
 
     def test_a_pipeline_that_reads_one_refuses_before_loading(self, tmp_path, capsys):
@@ -255,6 +303,8 @@ class TestLoraThatDoesNotFit:
         with pytest.raises(ValueError, match=r"is a flux LoRA .*StableDiffusionInpaintPipeline"):
             check_lora_fits(tiny_sd15_inpaint_pipeline(), lora)
         check_lora_fits(tiny_flux_fill_pipeline(), lora)  # same family: loads
+        with pytest.raises(ValueError, match=r"is a flux LoRA .*Flux2KleinPipeline is a flux2"):
+            check_lora_fits(tiny_flux2_klein_pipeline(), lora)
 
     def test_a_damaged_file_is_named(self, tmp_path):
         damaged = tmp_path / "lora.safetensors"

@@ -102,6 +102,13 @@ FAMILIES = {
     ),
     "flux-fill": InferenceFamily(("FluxFillPipeline",), "image", True),
     "sd15-inpaint": InferenceFamily(("StableDiffusionInpaintPipeline",), "image", True),
+    # FLUX.2 [klein] and [dev] both edit from every reference in the image list.
+    "flux2": InferenceFamily(
+        ("Flux2KleinPipeline", "Flux2Pipeline"),
+        "context",
+        False,
+        several_references=("Flux2KleinPipeline", "Flux2Pipeline"),
+    ),
 }
 
 # (input images, the first the one shown, mask or None, prompt from the folder or "")
@@ -223,12 +230,11 @@ def check_lora_fits(pipe, lora: str | Path) -> None:
     to another family of models than ``pipe``'s: diffusers would load the part that happens to
     fit, warn, and run a half-applied LoRA."""
     lora_file = read_lora(lora)
-    found = families_of_modules(lora_file)
-    theirs = found[0] if len(found) == 1 else None
+    theirs = families_of_modules(lora_file)
     ours = PIPELINE_FAMILIES.get(type(pipe).__name__)
-    if theirs is not None and ours is not None and theirs != ours:
+    if theirs and ours is not None and ours not in theirs:
         raise ValueError(
-            f"'{lora_file.path}' is a {theirs} LoRA (by its module names); "
+            f"'{lora_file.path}' is a {' or '.join(theirs)} LoRA (by its module names); "
             f"{type(pipe).__name__} is a {ours} pipeline. Give the matching --family and --model."
         )
 

@@ -4,8 +4,9 @@ file's exact delta.
 
 Each LoRA has random non-zero weights, scale alpha / r = 1.5 and one module of another rank and
 alpha (2, 5.0: scale 2.5), is saved as the train scripts save it, and exported to kohya's layout
-with the suite's exporter (FLUX fuses q, k and v; the single blocks' q, k, v and MLP input into
-one ``linear1``). A reader that lost an alpha, a rank or a fused part would change a delta.
+with the suite's exporter (FLUX.1 and FLUX.2 fuse q, k and v; FLUX.1 the single blocks' q, k, v
+and MLP input into one ``linear1``). A reader that lost an alpha, a rank or a fused part would
+change a delta.
 """
 
 from __future__ import annotations
@@ -15,15 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxFillPipeline, FluxKontextPipeline, QwenImageEditPipeline
+from diffusers import (
+    Flux2KleinPipeline,
+    FluxFillPipeline,
+    FluxKontextPipeline,
+    QwenImageEditPipeline,
+)
 from diffusers import StableDiffusionInpaintPipeline as SD15Pipeline
 from lora_helpers import ALPHA, RANK, add_random_lora, save_random_lora
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
-from training.lora.adapters import LoraFormat, add_lora
+from training.inputs.flux2 import FLUX2_LORA_LAYERS
+from training.lora.adapters import LoraFile, LoraFormat, add_lora
 from training.lora.export import KOHYA, convert, read_lora, write_conversion
+from worlds.tiny_flux2 import QWEN3_DIM, tiny_flux2_transformer
 from worlds.tiny_models import (
     tiny_flux_fill_pipeline,
     tiny_flux_kontext_pipeline,
@@ -46,6 +54,9 @@ FLUX_TARGETS = [
     "norm_out.linear",
     "x_embedder",
 ]
+# FLUX.2: train_flux2_edit_lora.py's layers (q, k, v fused twice, the single blocks' fused
+# projection as it is), an MLP and the final norm.
+FLUX2_TARGETS = [*FLUX2_LORA_LAYERS, "ff.linear_out", "norm_out.linear"]
 QWEN_TARGETS = [
     "attn.to_q",
     "attn.to_k",
@@ -71,6 +82,19 @@ def deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             down = module.lora_A["default"].weight.double().flatten(1)
             up = module.lora_B["default"].weight.double().flatten(1)
             found[name] = module.scaling["default"] * up @ down
+    return found
+
+
+def read_deltas(lora_file: LoraFile) -> dict[str, torch.Tensor]:
+    """Each module's delta in a file as :meth:`LoraFormat.read` gives it, before any adapter:
+    ``(alpha / r) * B @ A`` in float64 with the alpha its config gives the module."""
+    config = lora_file.metadata
+    found = {}
+    for module in lora_file.modules():
+        down = lora_file.weights[f"{module}.lora_A.weight"].double()
+        up = lora_file.weights[f"{module}.lora_B.weight"].double()
+        alpha = config["alpha_pattern"].get(module, config["lora_alpha"])
+        found[module] = alpha / down.shape[0] * up @ down
     return found
 
 
@@ -126,6 +150,20 @@ def flux(tmp_path_factory):
     return flux_lora("kontext", tmp_path_factory.mktemp("flux"))
 
 
+def klein_transformer():
+    return tiny_flux2_transformer(3 * QWEN3_DIM, guidance_embeds=False)
+
+
+@pytest.fixture(scope="module")
+def flux2(tmp_path_factory):
+    """A FLUX.2 [klein] transformer's LoRA (``attn.to_v`` at the other rank)."""
+    root = tmp_path_factory.mktemp("flux2")
+    transformer = klein_transformer()
+    random_lora(transformer, FLUX2_TARGETS, seed=5, other="attn.to_v")
+    save_random_lora(Flux2KleinPipeline, {"transformer": transformer}, root)
+    return deltas(transformer), to_kohya(root, "flux2", root / "kohya.safetensors")
+
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     """A Qwen-Image transformer's LoRA (``img_mlp.net.2`` at the other rank)."""
@@ -172,6 +210,18 @@ class TestWarmStartFromKohya:
         trainable = [p for n, p in transformer.named_parameters() if p.requires_grad]
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
 
+    def test_flux2(self, flux2):
+        expected, kohya = flux2
+        tensors = load_file(kohya)
+        assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (9 * 32, 4)
+        assert tensors["lora_unet_double_blocks_0_txt_attn_qkv.alpha"].item() == 3 * ALPHA
+        lora_format = LoraFormat(Flux2KleinPipeline)
+        assert_same_deltas(read_deltas(lora_format.read(kohya)), expected)
+        transformer = warm_started(klein_transformer(), kohya, lora_format, ["proj_out"])
+        assert_same_deltas(deltas(transformer), expected)
+        to_v = transformer.get_submodule("transformer_blocks.0.attn.to_v")
+        assert to_v.r["default"] == OTHER_RANK
+
     def test_qwen_image(self, qwen):
         expected, kohya = qwen
         assert "lora_unet_transformer_blocks_0_img_mod_1.alpha" in load_file(kohya)
@@ -215,6 +265,8 @@ class TestRefusals:
             ("qwen", LoraFormat(FluxFillPipeline), "qwen-image", "flux"),
             ("flux", LoraFormat(QwenImageEditPipeline), "flux", "qwen-image"),
             ("flux", LoraFormat(SD15Pipeline, "unet"), "flux", "sd15"),
+            ("flux", LoraFormat(Flux2KleinPipeline), "flux", "flux2"),
+            ("flux2", LoraFormat(FluxKontextPipeline), "flux2", "flux"),
         ],
     )
     def test_a_kohya_file_of_another_family(self, request, source, lora_format, theirs, ours):

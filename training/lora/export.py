@@ -4,9 +4,10 @@ merge (:mod:`training.lora.merge`) and the scripts read LoRA files through it.
 
 Files are safetensors only. A LoRA is given as a file or as a folder holding
 ``pytorch_lora_weights.safetensors`` (a training run's ``--output_dir``). Its family (``flux``:
-FLUX.1 dev, Kontext and Fill; ``qwen-image``: Qwen-Image and its Edit models; ``sd15``) comes from
-the caller, from the base model's ``model_index.json``, from the module names, or from the
-training run's model card, in that order.
+FLUX.1 dev, Kontext and Fill; ``qwen-image``: Qwen-Image and its Edit models; ``sd15``;
+``flux2``: FLUX.2 [klein] and [dev]) comes from the caller, from the base model's
+``model_index.json``, from the module names, or from the training run's model card, in that
+order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import textwrap
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import diffusers
@@ -37,6 +39,7 @@ SAVING_PIPELINES = {
     "flux": "FluxPipeline",
     "qwen-image": "QwenImagePipeline",
     "sd15": "StableDiffusionPipeline",
+    "flux2": "Flux2KleinPipeline",
 }
 # model_index.json's pipeline class -> family.
 PIPELINE_FAMILIES = {
@@ -48,23 +51,99 @@ PIPELINE_FAMILIES = {
     "QwenImageEditPlusPipeline": "qwen-image",
     "StableDiffusionPipeline": "sd15",
     "StableDiffusionInpaintPipeline": "sd15",
+    "Flux2KleinPipeline": "flux2",
+    "Flux2Pipeline": "flux2",
 }
 # Model-card tags (training.model_card writes them) -> family.
-TAG_FAMILIES = {"flux": "flux", "qwen-image": "qwen-image", "stable-diffusion": "sd15"}
-# Module names only one family has (diffusers' names, or kohya's with their prefix). Both
-# transformers name their attention projections alike, so a Qwen-Image LoRA on attention alone
-# matches neither pattern and needs another hint.
-_FAMILY_MARKERS = {
-    "flux": re.compile(
-        r"^transformer\.(single_transformer_blocks|x_embedder|context_embedder|.*\.ff\.|"
-        r".*(ff_context|norm1|norm1_context)\.|time_text_embed\.(text|guidance)_embedder)"
-        r"|^lora_unet_(double_blocks|single_blocks|time_in|vector_in|guidance_in|final_layer)_"
+TAG_FAMILIES = {
+    "flux": "flux",
+    "qwen-image": "qwen-image",
+    "stable-diffusion": "sd15",
+    "flux2": "flux2",
+}
+
+
+@dataclass(frozen=True)
+class FamilyMarker:
+    """Module names (diffusers' with the component, or kohya's with their prefix) that only
+    ``families`` have; with a ``width``, only where the module has that many outputs per input
+    (``up: [out, r]``, ``down: [r, in]``)."""
+
+    families: tuple[str, ...]
+    names: re.Pattern
+    width: Fraction | None = None
+
+    def marks(self, module: str, pair: LoraPair) -> bool:
+        if not self.names.search(module):
+            return False
+        return self.width is None or Fraction(pair.up.shape[0], pair.down.shape[1]) == self.width
+
+
+# Kohya names FLUX.1 and FLUX.2 share that their widths tell apart (outputs per input, FLUX.1's,
+# FLUX.2's): FLUX.1's MLPs are 4 times the hidden size, FLUX.2's SwiGLU ones 3 times with an
+# input projection of twice that, so a single block's linear1 (q, k, v and the MLP's input) is
+# 3 + 4 or 3 + 6 hidden sizes wide and its linear2 reads 1 + 4 or 1 + 3.
+_FLUX_WIDTHS = {
+    r"single_blocks_\d+_linear1": (Fraction(7), Fraction(9)),
+    r"single_blocks_\d+_linear2": (Fraction(1, 5), Fraction(1, 4)),
+    r"double_blocks_\d+_(img|txt)_mlp_0": (Fraction(4), Fraction(6)),
+    r"double_blocks_\d+_(img|txt)_mlp_2": (Fraction(1, 4), Fraction(1, 3)),
+}
+# FLUX.1, FLUX.2 and Qwen-Image name their double blocks' attention projections alike in
+# diffusers' layout, and FLUX.1 and FLUX.2 all their blocks in kohya's, so a LoRA on those alone
+# is marked by none, or by FLUX.1 and FLUX.2 both, and needs another hint.
+_FAMILY_MARKERS = (
+    FamilyMarker(
+        ("flux",),
+        re.compile(
+            r"^transformer\.(single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out|"
+            r"norm\.linear)$|.*\.ff(_context)?\.net\.|.*\.norm1(_context)?\.|"
+            r"time_text_embed\.(text|guidance)_embedder)"
+            r"|^lora_unet_(double_blocks_\d+_(img|txt)_mod_lin|single_blocks_\d+_modulation_lin|"
+            r"vector_in_)"
+        ),
     ),
-    "qwen-image": re.compile(
-        r"^transformer\.(img_in|txt_in|.*(img|txt)_(mod|mlp)\.)|^lora_unet_transformer_blocks_"
+    FamilyMarker(
+        ("flux2",),
+        re.compile(
+            r"^transformer\.(single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)$|"
+            r".*\.ff(_context)?\.linear_(in|out)$|(double|single)_stream_modulation|"
+            r"time_guidance_embed\.)"
+            r"|^lora_unet_(double_stream_modulation_(img|txt)|single_stream_modulation)_lin$"
+        ),
     ),
-    "sd15": re.compile(
-        r"^(unet|text_encoder)\.|^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"
+    FamilyMarker(
+        ("flux", "flux2"),
+        re.compile(
+            r"^transformer\.(x_embedder|context_embedder)$"
+            r"|^lora_unet_(double_blocks|single_blocks|time_in|guidance_in|final_layer)_"
+        ),
+    ),
+    *(
+        FamilyMarker((family,), re.compile(rf"^lora_unet_{name}$"), width)
+        for name, widths in _FLUX_WIDTHS.items()
+        for family, width in zip(("flux", "flux2"), widths, strict=True)
+    ),
+    FamilyMarker(
+        ("qwen-image",),
+        re.compile(
+            r"^transformer\.(img_in|txt_in|.*(img|txt)_(mod|mlp)\.)|^lora_unet_transformer_blocks_"
+        ),
+    ),
+    FamilyMarker(
+        ("sd15",),
+        re.compile(
+            r"^(unet|text_encoder)\.|^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"
+        ),
+    ),
+)
+# Kohya modules that diffusers' kohya reader of a family (0.42) drops: FLUX.1's top-level ones,
+# FLUX.2's guidance embedding, modulations and final norm. ComfyUI and kohya load them all.
+_DIFFUSERS_SKIPS = {
+    "flux": re.compile(r"^lora_unet_(?!(double|single)_blocks_)"),
+    "flux2": re.compile(
+        r"^lora_unet_(guidance_in|double_stream_modulation|single_stream_modulation|"
+        r"final_layer_adaLN)_"
     ),
 }
 _DIFFUSERS_KEY = re.compile(
@@ -191,12 +270,19 @@ def _with_peft_alphas(pairs: dict[str, LoraPair], configs: dict, path: Path) -> 
 
 
 def families_of_modules(lora: LoraFile) -> list[str]:
-    """The families whose module names ``lora`` has (one, none, or several)."""
-    return [
-        name
-        for name, marker in _FAMILY_MARKERS.items()
-        if any(marker.search(module) for module in lora.pairs)
+    """The families ``lora``'s module names (and, where FLUX.1 and FLUX.2 share one, widths)
+    belong to: those that every marked module allows, or when its modules disagree, every
+    family one of them names (one, none, or several)."""
+    marked = [
+        set(marker.families)
+        for module, pair in lora.pairs.items()
+        for marker in _FAMILY_MARKERS
+        if marker.marks(module, pair)
     ]
+    if not marked:
+        return []
+    found = set.intersection(*marked) or set.union(*marked)
+    return [family for family in FAMILIES if family in found]
 
 
 def detect_family(
@@ -271,15 +357,13 @@ class Conversion:
             f"every tensor mapped: {len(self.source.pairs)} modules in, {len(self.pairs)} out "
             f"({written} tensors); none dropped"
         )
-        if self.family == "flux" and self.layout == KOHYA:
-            top = [
-                e.kohya for e in self.mapped if not re.search(r"_(double|single)_blocks_", e.kohya)
-            ]
-            if top:
-                lines.append(
-                    "note: ComfyUI and kohya load every module; diffusers' kohya FLUX reader "
-                    f"(0.42) loads block modules only and skips {', '.join(sorted(top))}"
-                )
+        skips = _DIFFUSERS_SKIPS.get(self.family)
+        skipped = [e.kohya for e in self.mapped if skips and skips.search(e.kohya)]
+        if skipped and self.layout == KOHYA:
+            lines.append(
+                f"note: ComfyUI and kohya load every module; diffusers' kohya {self.family} "
+                f"reader (0.42) skips {', '.join(sorted(skipped))}"
+            )
         return lines
 
 

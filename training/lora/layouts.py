@@ -17,6 +17,11 @@ Kohya's names, by family:
   ``up`` their ups block-diagonally, so ``up @ down`` is the parts' deltas stacked row-wise
   (kohya's split-qkv LoRAs are saved so), and diffusers' kohya reader recognises the
   block-diagonal ``up`` and splits it back exactly. A part the LoRA does not adapt is a zero block.
+- FLUX.2 ([klein] and [dev]): Black Forest Labs' names again, as diffusers' kohya FLUX.2 reader
+  and its single-file converter spell them. The double blocks are FLUX.1's, q/k/v fused alike,
+  with a SwiGLU MLP (``img_mlp_0`` -> ``ff.linear_in``); the single blocks' ``linear1`` is one
+  diffusers module too (``attn.to_qkv_mlp_proj``), so nothing else is fused; the modulations
+  are shared by all blocks (``double_stream_modulation_img_lin``, ``single_stream_modulation_lin``).
 - Qwen-Image: the diffusers names with dots as underscores (ComfyUI's names for its modules).
 - SD1.5: the UNet's diffusers names and the CLIP text encoder's (``text_model.``-prefixed, as
   ComfyUI and transformers 4 name them) with dots as underscores.
@@ -182,6 +187,39 @@ _FLUX_BLOCKS = (
     ("double_blocks", "transformer_blocks", FLUX_DOUBLE_BLOCK),
     ("single_blocks", "single_transformer_blocks", FLUX_SINGLE_BLOCK),
 )
+# FLUX.2's blocks under FLUX.1's kohya names: SwiGLU MLPs (ff.linear_in / linear_out), and single
+# blocks whose fused projection diffusers keeps whole (attn.to_qkv_mlp_proj).
+FLUX2_DOUBLE_BLOCK = (
+    FluxEntry("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v"), _QKV),
+    FluxEntry("img_attn_proj", ("attn.to_out.0",)),
+    FluxEntry("img_mlp_0", ("ff.linear_in",)),
+    FluxEntry("img_mlp_2", ("ff.linear_out",)),
+    FluxEntry("txt_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), _QKV),
+    FluxEntry("txt_attn_proj", ("attn.to_add_out",)),
+    FluxEntry("txt_mlp_0", ("ff_context.linear_in",)),
+    FluxEntry("txt_mlp_2", ("ff_context.linear_out",)),
+)
+FLUX2_SINGLE_BLOCK = (
+    FluxEntry("linear1", ("attn.to_qkv_mlp_proj",)),
+    FluxEntry("linear2", ("attn.to_out",)),
+)
+FLUX2_TOP_LEVEL = (
+    FluxEntry("img_in", ("x_embedder",)),
+    FluxEntry("txt_in", ("context_embedder",)),
+    FluxEntry("time_in_in_layer", ("time_guidance_embed.timestep_embedder.linear_1",)),
+    FluxEntry("time_in_out_layer", ("time_guidance_embed.timestep_embedder.linear_2",)),
+    FluxEntry("guidance_in_in_layer", ("time_guidance_embed.guidance_embedder.linear_1",)),
+    FluxEntry("guidance_in_out_layer", ("time_guidance_embed.guidance_embedder.linear_2",)),
+    FluxEntry("double_stream_modulation_img_lin", ("double_stream_modulation_img.linear",)),
+    FluxEntry("double_stream_modulation_txt_lin", ("double_stream_modulation_txt.linear",)),
+    FluxEntry("single_stream_modulation_lin", ("single_stream_modulation.linear",)),
+    FluxEntry("final_layer_linear", ("proj_out",)),
+    FluxEntry("final_layer_adaLN_modulation_1", ("norm_out.linear",), swap_halves=True),
+)
+_FLUX2_BLOCKS = (
+    ("double_blocks", "transformer_blocks", FLUX2_DOUBLE_BLOCK),
+    ("single_blocks", "single_transformer_blocks", FLUX2_SINGLE_BLOCK),
+)
 _BLOCK_NAME = re.compile(r"^(?P<block>[a-z_]+?)[._](?P<index>\d+)[._](?P<rest>.+)$")
 
 
@@ -251,18 +289,28 @@ def split(pair: LoraPair, widths: Sequence[int]) -> list[LoraPair | None]:
 
 
 class FluxTransformerNames:
-    """Kohya names of the FLUX transformer (Black Forest Labs' module names, q/k/v fused)."""
+    """Kohya names of a FLUX transformer (Black Forest Labs' module names, q/k/v fused): ``blocks``
+    as ``(kohya block prefix, diffusers block prefix, entries)``, the ``top_level`` entries, and
+    the ``model`` that errors name."""
 
     component = "transformer"
     prefix = "lora_unet_"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        model: str,
+        blocks: Sequence[tuple[str, str, Sequence[FluxEntry]]],
+        top_level: Sequence[FluxEntry],
+    ) -> None:
+        self.model = model
+        self._kohya_blocks = [kohya_block for kohya_block, _, _ in blocks]
+        self._blocks = [block for _, block, _ in blocks]
         # (diffusers block kind, name within the block) -> (kohya block kind, entry, part), and
         # (kohya block kind, name within the block) -> (diffusers block kind, entry); the block
         # index carries over unchanged. The top level's block kind is "".
         self._by_module: dict[tuple[str, str], tuple[str, FluxEntry, int]] = {}
         self._by_kohya: dict[tuple[str, str], tuple[str, FluxEntry]] = {}
-        for kohya_block, block, entries in (*_FLUX_BLOCKS, ("", "", FLUX_TOP_LEVEL)):
+        for kohya_block, block, entries in (*blocks, ("", "", top_level)):
             for entry in entries:
                 self._by_kohya[(kohya_block, entry.kohya)] = (block, entry)
                 for j, part in enumerate(entry.parts):
@@ -280,7 +328,7 @@ class FluxTransformerNames:
         groups: dict[str, tuple[FluxEntry, dict[int, str]]] = {}
         unknown = []
         for module in modules:
-            block, index, rest = self._split_name(module, [b for _, b, _ in _FLUX_BLOCKS])
+            block, index, rest = self._split_name(module, self._blocks)
             found = self._by_module.get((block, rest))
             if found is None:
                 unknown.append(module)
@@ -289,7 +337,7 @@ class FluxTransformerNames:
             name = f"{kohya_block}_{index}_{entry.kohya}" if kohya_block else entry.kohya
             groups.setdefault(name, (entry, {}))[1][part] = module
         if unknown:
-            raise LayoutError(f"kohya's FLUX layout has no name for: {listed(unknown)}")
+            raise LayoutError(f"kohya's {self.model} layout has no name for: {listed(unknown)}")
         out = []
         for name, (entry, parts) in groups.items():
             pairs = [modules[parts[j]] if j in parts else None for j in range(len(entry.parts))]
@@ -306,10 +354,10 @@ class FluxTransformerNames:
     def from_kohya(self, flat: str, pair: LoraPair) -> list[tuple[str, LoraPair]]:
         """``[(module, pair)]`` of the kohya module ``flat`` (its name without the prefix): its
         parts when fused, zero parts left out."""
-        kohya_block, index, rest = self._split_name(flat, [k for k, _, _ in _FLUX_BLOCKS])
+        kohya_block, index, rest = self._split_name(flat, self._kohya_blocks)
         found = self._by_kohya.get((kohya_block, rest))
         if found is None:
-            raise LayoutError(f"{self.prefix}{flat} is no FLUX module in kohya's layout")
+            raise LayoutError(f"{self.prefix}{flat} is no {self.model} module in kohya's layout")
         block, entry = found
         if entry.swap_halves:
             pair = LoraPair(pair.down, _swap_halves(pair.up), pair.alpha)
@@ -394,7 +442,8 @@ class Layout:
 
 _CLIP = FlatNames("text_encoder", "lora_te_", CLIP_WORDS, root="text_model.")
 LAYOUTS = {
-    "flux": Layout("flux", (FluxTransformerNames(),)),
+    "flux": Layout("flux", (FluxTransformerNames("FLUX", _FLUX_BLOCKS, FLUX_TOP_LEVEL),)),
     "qwen-image": Layout("qwen-image", (FlatNames("transformer", "lora_unet_", QWEN_WORDS),)),
     "sd15": Layout("sd15", (FlatNames("unet", "lora_unet_", UNET_WORDS), _CLIP)),
+    "flux2": Layout("flux2", (FluxTransformerNames("FLUX.2", _FLUX2_BLOCKS, FLUX2_TOP_LEVEL),)),
 }

@@ -85,10 +85,10 @@ def merge_lora(
     lora_file = read_lora(lora)
     family = detect_family(lora_file, family, model)
     by_modules = families_of_modules(lora_file)
-    if len(by_modules) == 1 and by_modules[0] != family:
+    if by_modules and family not in by_modules:
         raise ValueError(
-            f"{lora_file.path} is a {by_modules[0]} LoRA (by its module names); {model} is a "
-            f"{family} model: nothing of it would merge as trained"
+            f"{lora_file.path} is a {' or '.join(by_modules)} LoRA (by its module names); "
+            f"{model} is a {family} model: nothing of it would merge as trained"
         )
     modules = diffusers_modules(lora_file, family)
     components = sorted({name.split(".", 1)[0] for name in modules})
