@@ -16,6 +16,7 @@ DataLoader workers, never in the training step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class EditPairDataset(BucketedRowDataset):
 
     Args:
         rows: where the rows come from; prefer :meth:`from_folder` and :meth:`from_hf`.
-        resolution: bucket area is about ``resolution**2``; a multiple of 16.
+        resolution: bucket area is about ``resolution**2``; a multiple of 16 (several: every
+            row once per size, see :class:`data.rows.BucketedRowDataset`).
         max_aspect: the most elongated bucket's long/short side ratio.
         latent_factor: pixels per latent cell (the VAE's downsampling, 8 for FLUX).
 
@@ -68,7 +70,7 @@ class EditPairDataset(BucketedRowDataset):
         self,
         rows: RowSource,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         max_aspect: float = 2.0,
         latent_factor: int = 8,
         trigger_word: str | None = None,
@@ -84,7 +86,7 @@ class EditPairDataset(BucketedRowDataset):
         cls,
         root: str | Path,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         max_aspect: float = 2.0,
         latent_factor: int = 8,
         allow_paths_outside: bool = False,
@@ -103,7 +105,7 @@ class EditPairDataset(BucketedRowDataset):
         cls,
         name_or_path: str | Path,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         split: str = "train",
         context_column: str = "context",
         target_column: str = "target",

@@ -13,6 +13,7 @@ seed and the item's index: the same mask on every epoch, on resume and in a late
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ class InpaintingDataset(BucketedRowDataset):
 
     Args:
         rows: where the rows come from; prefer :meth:`from_folder` and :meth:`from_hf`.
-        resolution: bucket area is about ``resolution**2``; a multiple of 16.
+        resolution: bucket area is about ``resolution**2``; a multiple of 16 (several: every
+            row once per size, see :class:`data.rows.BucketedRowDataset`).
         random_masks: draw a mask for rows without one (rows must then have no ``mask``, or
             may have one, which is used).
         seed: seeds the drawn masks, with the item's index.
@@ -88,7 +90,7 @@ class InpaintingDataset(BucketedRowDataset):
         self,
         rows: RowSource,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         random_masks: bool = False,
         seed: int = 0,
         max_aspect: float = 2.0,

@@ -12,7 +12,7 @@ its item says so (``has_mask``) and the loss falls back to the plain one for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,8 @@ class TextEditDataset(BucketedRowDataset):
 
     Args:
         rows: where the rows come from; prefer :meth:`from_folder` and :meth:`from_hf`.
-        resolution: bucket area is about ``resolution**2``; a multiple of 16.
+        resolution: bucket area is about ``resolution**2``; a multiple of 16 (several: every
+            row once per size, see :class:`data.rows.BucketedRowDataset`).
         max_aspect: the most elongated bucket's long/short side ratio.
         reference_grid: ``(height, width)`` of a reference as handed over -> the shape it reaches
             the denoiser in (the pipeline's resize rule), to group batches by; default: the
@@ -138,7 +139,7 @@ class TextEditDataset(BucketedRowDataset):
         self,
         rows: RowSource,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         max_aspect: float = 2.0,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
         trigger_word: str | None = None,
@@ -171,7 +172,7 @@ class TextEditDataset(BucketedRowDataset):
         rows: RowSource,
         root: Path,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         use_text_mask: bool = False,
         mask_dir_name: str = "text_masks",
         max_references: tuple[int, str] | None = None,
@@ -194,7 +195,7 @@ class TextEditDataset(BucketedRowDataset):
         cls,
         rows: RowSource,
         *,
-        resolution: int,
+        resolution: int | Sequence[int],
         max_references: tuple[int, str] | None = None,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
         trigger_word: str | None = None,
