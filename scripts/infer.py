@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--guidance_scale",
         type=float,
-        help="the pipeline's guidance_scale; default: the pipeline's own",
+        help="the pipeline's guidance_scale; default: the pipeline's own (1.0 for a "
+        "step-distilled FLUX.2 [klein], which ignores it)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every example's noise")
     parser.add_argument(
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = {"num_inference_steps": args.num_inference_steps}
         if args.guidance_scale is not None:
             kwargs["guidance_scale"] = args.guidance_scale
+        elif getattr(pipe.config, "is_distilled", False):
+            # A step-distilled FLUX.2 [klein] ignores guidance, and warns on every call above 1.
+            kwargs["guidance_scale"] = 1.0
         grid = run_with_and_without(
             pipe,
             family,

@@ -459,7 +459,7 @@ class TestData:
         data = tmp_path / "data"
         write_text_edit_dataset(data, n=2, resolution=RESOLUTION, seed=0)
         (data / "text_masks" / "0001_target.png").unlink()
-        with pytest.raises(DataError, match=r"1 row\(s\) without a text mask.*0001_target"):
+        with pytest.raises(DataError, match=r"1 row\(s\) without a mask.*0001_target"):
             run(
                 assets,
                 tmp_path / "out",

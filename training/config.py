@@ -572,10 +572,11 @@ class RegionLossConfig:
 
 @dataclass
 class TextMaskSettings:
-    """Where text masks come from (a nested data block)."""
+    """Where an edit's masks come from (a nested data block): the text region of a text edit, the
+    edited region of an edit."""
 
     use_text_mask: bool = False
-    """Load text masks: a row's 'mask', else <dataset>/<mask_dir_name>/<target stem>.png|jpg."""
+    """Load masks: a row's 'mask', else <dataset>/<mask_dir_name>/<target stem>.png|jpg."""
     mask_dir_name: str = "text_masks"
     """Folder of the dataset holding masks named after their targets."""
 
@@ -646,15 +647,15 @@ class EditPairDataConfig(ImagePairDataConfig):
 
 @dataclass(kw_only=True)
 class TextEditDataConfig(ImagePairDataConfig):
-    """Instruction-edit data with optional text masks."""
+    """Instruction-edit data with optional masks of the region an edit is about."""
 
     data: TextMaskSettings = field(default_factory=TextMaskSettings)
-    """Text masks: use_text_mask, mask_dir_name (YAML: nested, init_args allowed)."""
+    """Masks: use_text_mask, mask_dir_name (YAML: nested, init_args allowed)."""
     strict_masks: bool = False
     """With data.use_text_mask, refuse rows without a mask instead of training them plainly."""
     text_mask_dir: str | None = None
-    """With --control_dirs: the folder of text masks, each named as its target (reads masks
-    without data.use_text_mask)."""
+    """With --control_dirs: the folder of masks, each named as its target (reads masks without
+    data.use_text_mask)."""
 
 
 def _bool_fields(cls: type, prefix: str = "") -> set[str]:

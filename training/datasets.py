@@ -234,12 +234,12 @@ def text_edits_dataset(
         if missing and config.strict_masks:
             shown = ", ".join(dataset.rows[i].images["target"].label for i in missing[:5])
             raise DataError(
-                f"{dataset.rows.description}: {len(missing)} row(s) without a text mask "
+                f"{dataset.rows.description}: {len(missing)} row(s) without a mask "
                 f"(--strict_masks), e.g. {shown}"
             )
         if missing:
             logger.warning(
-                "%d of %d rows have no text mask; they train with the plain loss "
+                "%d of %d rows have no mask; they train with the plain loss "
                 "(metrics: masked_samples)",
                 len(missing),
                 dataset.row_count,
