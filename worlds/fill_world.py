@@ -28,9 +28,8 @@ records the same settings (``worlds.fitting.reusable_record``).
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,8 @@ from worlds.fitting import (
     pretrain_by_flow_matching,
     reconstruction_psnr,
     reusable_record,
+    with_world_models,
+    world_record,
     write_record,
 )
 from worlds.kontext_world import (
@@ -277,27 +278,13 @@ def build_fill_world(out: str | Path, settings: FillWorldSettings = FillWorldSet
     psnr = reconstruction_psnr(vae, torch.cat([heldout.images, heldout.masked_images()]))
     vae_seconds = time.perf_counter() - started
 
-    components = {
-        name: value
-        for name, value in tiny_flux_fill_pipeline(settings.seed).components.items()
-        if name not in ("vae", "transformer")
-    }
-    pipe = FluxFillPipeline(
-        vae=vae.requires_grad_(False), transformer=fill_transformer(settings.seed), **components
+    pipe = with_world_models(
+        tiny_flux_fill_pipeline(settings.seed),
+        vae.requires_grad_(False),
+        fill_transformer(settings.seed),
     )
     base_losses = train_base(pipe, trained, settings)
     pipe.save_pretrained(out / "model", safe_serialization=True)
-    assert math.isfinite(psnr)
-    record = {
-        "settings": asdict(settings),
-        "vae_reconstruction_psnr_db": round(psnr, 2),
-        "vae_loss_first_last": [round(vae_losses[0], 4), round(vae_losses[-1], 4)],
-        "base_loss_first_last": [
-            round(float(np.mean(base_losses[:20])), 4),
-            round(float(np.mean(base_losses[-20:])), 4),
-        ],
-        "vae_seconds": round(vae_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
+    record = world_record(settings, psnr, vae_losses, base_losses, started, vae_seconds)
     write_record(out, record)
     return record

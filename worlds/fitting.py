@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -149,6 +152,45 @@ def reusable_record(out: Path, settings) -> dict | None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     return None
+
+
+def world_record(
+    settings,
+    psnr: float,
+    vae_losses: list[float],
+    base_losses: list[float],
+    started: float,
+    vae_seconds: float,
+    **extra,
+) -> dict:
+    """A build's ``world.json`` record: its ``settings`` (a dataclass), the VAE's held-out
+    reconstruction ``psnr``, the VAE's first and last loss, the base's first and last 20 steps'
+    mean loss, the VAE's seconds and the seconds since ``started`` (``time.perf_counter``), then
+    the world's ``extra`` fields."""
+    assert math.isfinite(psnr)
+    return {
+        "settings": asdict(settings),
+        "vae_reconstruction_psnr_db": round(psnr, 2),
+        "vae_loss_first_last": [round(vae_losses[0], 4), round(vae_losses[-1], 4)],
+        "base_loss_first_last": [
+            round(float(np.mean(base_losses[:20])), 4),
+            round(float(np.mean(base_losses[-20:])), 4),
+        ],
+        "vae_seconds": round(vae_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        **extra,
+    }
+
+
+def with_world_models(tiny_pipeline, vae: torch.nn.Module, transformer: torch.nn.Module):
+    """``tiny_pipeline``'s class holding the world's ``vae`` and ``transformer``, and the tiny
+    pipeline's other components (scheduler, tokenizers, text encoders)."""
+    components = {
+        name: value
+        for name, value in tiny_pipeline.components.items()
+        if name not in ("vae", "transformer")
+    }
+    return type(tiny_pipeline)(vae=vae, transformer=transformer, **components)
 
 
 def write_record(out: Path, record: dict) -> None:

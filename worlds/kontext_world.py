@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +52,8 @@ from worlds.fitting import (
     pretrain_by_flow_matching,
     reconstruction_psnr,
     reusable_record,
+    with_world_models,
+    world_record,
     write_record,
 )
 from worlds.tiny_models import CLIP_DIM, T5_DIM, _seeded, tiny_flux_kontext_pipeline
@@ -317,33 +318,26 @@ def build_tiny_world(out: str | Path, settings: WorldSettings = WorldSettings())
     psnr = heldout_reconstruction_psnr(vae, heldout)
     vae_seconds = time.perf_counter() - started
 
-    components = {
-        name: value
-        for name, value in tiny_flux_kontext_pipeline(settings.seed).components.items()
-        if name not in ("vae", "transformer")
-    }
-    pipe = FluxKontextPipeline(
-        vae=vae.requires_grad_(False), transformer=world_transformer(settings.seed), **components
+    pipe = with_world_models(
+        tiny_flux_kontext_pipeline(settings.seed),
+        vae.requires_grad_(False),
+        world_transformer(settings.seed),
     )
     base_losses = train_base(pipe, train_pairs, settings)
     pipe.save_pretrained(out / "model", safe_serialization=True)
-    record = {
-        "settings": asdict(settings),
-        "vae_reconstruction_psnr_db": round(psnr, 2),
-        "vae_loss_first_last": [round(vae_losses[0], 4), round(vae_losses[-1], 4)],
-        "base_loss_first_last": [
-            round(float(np.mean(base_losses[:20])), 4),
-            round(float(np.mean(base_losses[-20:])), 4),
-        ],
-        "vae_seconds": round(vae_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "prompts": sorted(
+    record = world_record(
+        settings,
+        psnr,
+        vae_losses,
+        base_losses,
+        started,
+        vae_seconds,
+        prompts=sorted(
             f"insert {'an' if c[0] in 'aeiou' else 'a'} {c} {o}"
             for c in OBJECT_COLOURS
             for o in OBJECT_OF_SHAPE.values()
         ),
-    }
-    assert math.isfinite(psnr)
+    )
     write_record(out, record)
     return record
 

@@ -27,10 +27,9 @@ The build is deterministic for its settings and reused when ``world.json`` recor
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +50,8 @@ from worlds.fitting import (
     pretrain_by_flow_matching,
     reconstructions,
     reusable_record,
+    with_world_models,
+    world_record,
     write_record,
 )
 from worlds.tiny_models import (
@@ -317,13 +318,8 @@ def build_qwen_world(out: str | Path, settings: QwenWorldSettings = QwenWorldSet
     )
     vae_seconds = time.perf_counter() - started
 
-    components = {
-        name: value
-        for name, value in tiny_qwen_image_edit_pipeline(settings.seed).components.items()
-        if name not in ("vae", "transformer")
-    }
-    pipe = QwenImageEditPipeline(
-        vae=vae, transformer=qwen_world_transformer(settings.seed), **components
+    pipe = with_world_models(
+        tiny_qwen_image_edit_pipeline(settings.seed), vae, qwen_world_transformer(settings.seed)
     )
     # The pipeline's own condition pixels (for these squares, the image itself).
     vae_pixels = torch.cat([condition_images(pipe, [image])[1][0] for image in pretraining.images])
@@ -332,18 +328,14 @@ def build_qwen_world(out: str | Path, settings: QwenWorldSettings = QwenWorldSet
     mean, std = latent_statistics(vae)
     base_losses = train_qwen_base(pipe, pretraining, ((raw - mean) / std)[:, :, 0], settings)
     save_qwen_edit_pipeline(pipe, out / "model")
-    record = {
-        "settings": asdict(settings),
-        "vae_reconstruction_psnr_db": round(psnr, 2),
-        "vae_text_box_psnr_db": round(text_psnr, 2),
-        "vae_loss_first_last": [round(vae_losses[0], 4), round(vae_losses[-1], 4)],
-        "base_loss_first_last": [
-            round(float(np.mean(base_losses[:20])), 4),
-            round(float(np.mean(base_losses[-20:])), 4),
-        ],
-        "vae_seconds": round(vae_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    assert math.isfinite(psnr)
+    record = world_record(
+        settings,
+        psnr,
+        vae_losses,
+        base_losses,
+        started,
+        vae_seconds,
+        vae_text_box_psnr_db=round(text_psnr, 2),
+    )
     write_record(out, record)
     return record
