@@ -83,13 +83,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
 from data.rows import collate_items
-from losses import (
-    downsample_mask_area,
-    geometry_starter_loss,
-    masked_flow_matching_loss,
-    masked_rows_loss,
-    signed_distance_map_from_mask,
-)
+from losses import geometry_starter_loss, masked_flow_matching_loss, masked_rows_loss
 from training.datasets import bucket_sampler, text_edits_dataset
 from training.inputs.caching import encoded_items, offload_after_caching
 from training.inputs.captions import caption_dropout
@@ -97,6 +91,7 @@ from training.inputs.flow_matching import loss_weighting, noisy_latents, predict
 from training.inputs.flux2 import (
     FLUX2_ENCODERS,
     FLUX2_LORA_LAYERS,
+    TOKEN_PIXELS,
     flux2_encoder_fingerprint,
     flux2_prompt_encoding,
     flux2_transformer_inputs,
@@ -130,7 +125,8 @@ class Flux2Encoder:
     """A batch of pixels and prompts -> what the loss needs, with the pipeline's own encoders:
     the target's and each reference's normalised latents (the references at the pipeline's
     sizes, as tokens with their ids), the context in the target's bucket for the background
-    terms, the prompt embeddings, and the mask on the token grid with its signed distances."""
+    terms and the prompt embeddings; the mask on the token grid and its signed distances come
+    from the data loader."""
 
     def __init__(self, pipe, config: Flux2EditConfig) -> None:
         self.pipe = pipe
@@ -162,16 +158,14 @@ class Flux2Encoder:
             context = references[0]
         else:
             context = normalised_latents(pipe, batch["context"])
-        grid = target.shape[-2:]
-        mask_latent = downsample_mask_area(batch["mask"].to(target.device), grid)
         return {
             "target_latents": target,
             "context_latents": context,
             "reference_tokens": tokens,
             "reference_ids": ids,
             **self.encode_prompts(batch["prompt"]),
-            "mask_latent": mask_latent,
-            "signed_distance_map": signed_distance_map_from_mask(mask_latent > 0.5, normalize=True),
+            "mask_latent": batch["mask_latent"],
+            "signed_distance_map": batch["signed_distance_map"],
             "has_mask": batch["has_mask"],
         }
 
@@ -245,8 +239,11 @@ class Flux2Loss:
 
 def text_edit_dataset(config: Flux2EditConfig):
     """The data flags' edits, each reference's token grid by the pipelines' resize rule (they
-    read any number). Reads image headers only."""
-    return text_edits_dataset(config, reference_grid=reference_grid, max_references=None)
+    read any number), the mask also on the token grid with its signed distances (made in the
+    data loader). Reads image headers only."""
+    return text_edits_dataset(
+        config, reference_grid=reference_grid, max_references=None, mask_factor=TOKEN_PIXELS
+    )
 
 
 def planned_step_inputs(transformer, config: Flux2EditConfig, batch_size: int) -> dict:

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from data.rows import AtMostSeveral, BucketedRowDataset, FolderRows, HFRows, RowFields, RowSource
-from losses import downsample_mask_area, signed_distance_map_from_mask
 
 EDIT_PAIR_FIELDS = RowFields(
     "edit-pair",
@@ -161,17 +160,13 @@ class EditPairDataset(BucketedRowDataset):
             overlay = self.fitted_image(row.images["overlay"], size)
         else:
             overlay = composite_overlay(context, target, mask)
-        latent_size = (size[0] // self.latent_factor, size[1] // self.latent_factor)
-        mask_latent = downsample_mask_area(mask, latent_size)[0]
-        signed_distance_map = signed_distance_map_from_mask(mask_latent > 0.5, normalize=True)[0]
         return {
             "context": context,
             "target": target,
             "overlay": overlay,
             "mask": mask,
             "has_mask": torch.tensor(has_mask),
-            "mask_latent": mask_latent,
-            "signed_distance_map": signed_distance_map,
+            **self.mask_geometry(mask, self.latent_factor),
             "prompt": row.prompt,
             "index": index,
         }

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from data.buckets import fit_to_bucket, make_buckets, nearest_bucket
 from data.images import DataError, ImageRef, mask_to_tensor, to_model_range
+from losses import downsample_mask_area, signed_distance_map_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -656,6 +657,17 @@ class BucketedRowDataset(Dataset):
     def fitted_image(ref: ImageRef, size: tuple[int, int]) -> torch.Tensor:
         """``ref`` scaled and centre-cropped to ``size``: ``[3, h, w]`` in [-1, 1]."""
         return to_model_range(fit_to_bucket(ref.open("RGB"), size))
+
+    @staticmethod
+    def mask_geometry(mask: torch.Tensor, factor: int) -> dict[str, torch.Tensor]:
+        """``mask: [1, h, w]`` on the latent grid of ``factor`` pixels a cell: ``mask_latent``
+        ``[1, h/f, w/f]`` (area fractions in [0, 1]) and ``signed_distance_map`` ``[1, h/f,
+        w/f]`` of ``mask_latent > 0.5``, normalised to [-1, 1]: what the geometry losses read,
+        made here, in the data loader, never in the training step."""
+        grid = (mask.shape[-2] // factor, mask.shape[-1] // factor)
+        mask_latent = downsample_mask_area(mask, grid)[0]
+        distances = signed_distance_map_from_mask(mask_latent > 0.5, normalize=True)[0]
+        return {"mask_latent": mask_latent, "signed_distance_map": distances}
 
     @staticmethod
     def fitted_mask(ref: ImageRef, size: tuple[int, int]) -> torch.Tensor:

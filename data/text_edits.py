@@ -131,6 +131,9 @@ class TextEditDataset(BucketedRowDataset):
         reference_grid: ``(height, width)`` of a reference as handed over -> the shape it reaches
             the denoiser in (the pipeline's resize rule), to group batches by; default: the
             size itself.
+        mask_factor: pixels per cell of the latent grid the geometry losses read the mask on:
+            items then carry ``mask_latent`` and ``signed_distance_map`` on it
+            (:meth:`mask_geometry`); None: not needed.
     """
 
     key_version = "text-edit/cover-crop/lanczos+bilinear-mask/references/v2"
@@ -143,10 +146,12 @@ class TextEditDataset(BucketedRowDataset):
         max_aspect: float = 2.0,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
         trigger_word: str | None = None,
+        mask_factor: int | None = None,
     ) -> None:
         super().__init__(
             rows, resolution=resolution, max_aspect=max_aspect, trigger_word=trigger_word
         )
+        self.mask_factor = mask_factor
         grid = reference_grid or (lambda size: size)
         groups: dict[tuple, int] = {}
         self.batch_group_of_items = [
@@ -178,6 +183,7 @@ class TextEditDataset(BucketedRowDataset):
         max_references: tuple[int, str] | None = None,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
         trigger_word: str | None = None,
+        mask_factor: int | None = None,
     ) -> TextEditDataset:
         """The edits of ``rows``, masks ignored unless ``use_text_mask`` (then missing ones looked
         up in ``root/mask_dir_name``); ``max_references``: ``(limit, the model that reads no
@@ -188,6 +194,7 @@ class TextEditDataset(BucketedRowDataset):
             max_references=max_references,
             reference_grid=reference_grid,
             trigger_word=trigger_word,
+            mask_factor=mask_factor,
         )
 
     @classmethod
@@ -199,13 +206,18 @@ class TextEditDataset(BucketedRowDataset):
         max_references: tuple[int, str] | None = None,
         reference_grid: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
         trigger_word: str | None = None,
+        mask_factor: int | None = None,
     ) -> TextEditDataset:
         """The edits of ``rows`` whose masks :func:`text_edit_rows` has settled already (each
         data set's beside its own folder); the other options as :meth:`from_rows`."""
         if max_references is not None:
             rows = AtMostSeveral(rows, *max_references)
         return cls(
-            rows, resolution=resolution, reference_grid=reference_grid, trigger_word=trigger_word
+            rows,
+            resolution=resolution,
+            reference_grid=reference_grid,
+            trigger_word=trigger_word,
+            mask_factor=mask_factor,
         )
 
     @classmethod
@@ -248,7 +260,8 @@ class TextEditDataset(BucketedRowDataset):
             ``context``, ``target``: ``[3, h, w]`` in [-1, 1] (the first reference in the target's
             bucket); ``references``: list of ``[3, h_i, w_i]`` in [-1, 1] (:meth:`reference_sizes`);
             ``mask``: ``[1, h, w]`` in {0, 1} (zeros when the row has none); ``has_mask``: bool
-            tensor; ``prompt``; ``index``.
+            tensor; ``prompt``; ``index``; with ``mask_factor`` ``f``, ``mask_latent`` and
+            ``signed_distance_map`` ``[1, h/f, w/f]``.
         """
         row = self.rows[index]
         size = self.bucket_size(index)
@@ -263,7 +276,7 @@ class TextEditDataset(BucketedRowDataset):
                 row.several(self.rows.fields), self.reference_sizes(index), strict=True
             )
         ]
-        return {
+        item = {
             "context": self.fitted_image(row.images["context"], size),
             "target": self.fitted_image(row.images["target"], size),
             "references": references,
@@ -272,3 +285,6 @@ class TextEditDataset(BucketedRowDataset):
             "prompt": row.prompt,
             "index": index,
         }
+        if self.mask_factor is not None:
+            item.update(self.mask_geometry(mask, self.mask_factor))
+        return item

@@ -194,13 +194,17 @@ def inpainting_dataset(config) -> InpaintingDataset:
 
 
 def text_edits_dataset(
-    config, reference_grid: Callable, max_references: tuple[int, str] | None
+    config,
+    reference_grid: Callable,
+    max_references: tuple[int, str] | None,
+    mask_factor: int | None = None,
 ) -> TextEditDataset:
     """The instruction edits of --train_data_dir (metadata.jsonl, or target and control
-    folders), --train_data_file, --dataset_config or --dataset_name; ``reference_grid`` and
-    ``max_references`` as ``TextEditDataset.from_read_rows`` takes them. With --strict_masks
-    every row must have a text mask (a DataError lists those without); without, the rows
-    lacking one are counted in a warning. Reads image headers only: runs before any model loads.
+    folders), --train_data_file, --dataset_config or --dataset_name; ``reference_grid``,
+    ``max_references`` and ``mask_factor`` as ``TextEditDataset.from_read_rows`` takes them.
+    With --strict_masks every row must have a mask (a DataError lists those without); without,
+    the rows lacking one are counted in a warning. Reads image headers only: runs before any
+    model loads.
 
     ``config`` is a script config inheriting ``TrainConfig`` and ``TextEditDataConfig``.
     """
@@ -210,6 +214,7 @@ def text_edits_dataset(
         "reference_grid": reference_grid,
         "trigger_word": config.trigger_word,
         "max_references": max_references,
+        "mask_factor": mask_factor,
     }
 
     def read_masks(rows: RowSource, data_set) -> RowSource:
