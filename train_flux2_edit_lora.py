@@ -100,6 +100,7 @@ from training.inputs.flux2 import (
     reference_grid,
     reference_pixels,
     reference_tokens,
+    sampling_guidance,
     sampling_shift,
 )
 from training.loop import TrainingParts, train
@@ -306,9 +307,8 @@ class Flux2Validation(EditValidation):
 def validation_kwargs(pipe, config: Flux2EditConfig) -> dict:
     """The pipeline's fixed arguments: --guidance_scale, except for a step-distilled [klein],
     which ignores it (and warns when it is above 1)."""
-    distilled = getattr(pipe.config, "is_distilled", False)
     return {
-        "guidance_scale": 1.0 if distilled else config.guidance_scale,
+        "guidance_scale": sampling_guidance(pipe, config.guidance_scale),
         "max_sequence_length": config.max_sequence_length,
     }
 

@@ -32,6 +32,7 @@ from training.inference import (
     load_family_pipeline,
     run_with_and_without,
 )
+from training.inputs.flux2 import sampling_guidance
 from training.runtime import refuse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,11 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         check_references(family, family_pipeline(args.family, args.model), examples)
         pipe = load_family_pipeline(args.family, args.model, dtype, device)
         kwargs = {"num_inference_steps": args.num_inference_steps}
-        if args.guidance_scale is not None:
-            kwargs["guidance_scale"] = args.guidance_scale
-        elif getattr(pipe.config, "is_distilled", False):
-            # A step-distilled FLUX.2 [klein] ignores guidance, and warns on every call above 1.
-            kwargs["guidance_scale"] = 1.0
+        guidance_scale = sampling_guidance(pipe, args.guidance_scale)
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
         grid = run_with_and_without(
             pipe,
             family,

@@ -140,3 +140,10 @@ def sampling_shift(image_seq_len: int, steps: int) -> float:
     """The shift ``exp(mu)`` the FLUX.2 pipelines sample ``image_seq_len`` target tokens with in
     ``steps`` steps (their empirical mu)."""
     return math.exp(compute_empirical_mu(image_seq_len, steps))
+
+
+def sampling_guidance(pipe, guidance_scale: float | None) -> float | None:
+    """The ``guidance_scale`` to call ``pipe`` with: 1.0 for a step-distilled FLUX.2 [klein],
+    which ignores guidance (and warns on every call above 1), else ``guidance_scale`` (None:
+    the pipeline's own default)."""
+    return 1.0 if getattr(pipe.config, "is_distilled", False) else guidance_scale
