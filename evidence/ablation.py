@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -131,36 +132,51 @@ def train_run(
     )
 
 
+def heldout_rows(folder: Path, limit: int | None, images: tuple[str, ...]) -> list[dict]:
+    """The first ``limit`` rows of ``folder``'s ``metadata.jsonl``: each of ``images`` a PIL
+    image, ``mask`` ``[H, W]`` bool, ``prompt``."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    return [
+        {
+            **{field: Image.open(folder / row[field]).convert("RGB") for field in images},
+            "mask": np.asarray(Image.open(folder / row["mask"]).convert("L")) > 127,
+            "prompt": row["prompt"],
+        }
+        for row in rows[:limit]
+    ]
+
+
 def heldout_pairs(folder: Path, limit: int | None) -> list[dict]:
     """The held-out edit pairs: ``context`` and ``target`` PIL images, ``mask`` ``[H, W]`` bool,
     ``prompt``."""
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    pairs = []
-    for row in rows[:limit]:
-        pairs.append(
-            {
-                "context": Image.open(folder / row["context"]).convert("RGB"),
-                "target": Image.open(folder / row["target"]).convert("RGB"),
-                "mask": np.asarray(Image.open(folder / row["mask"]).convert("L")) > 127,
-                "prompt": row["prompt"],
-            }
-        )
-    return pairs
+    return heldout_rows(folder, limit, ("context", "target"))
+
+
+def sample_by_size(
+    sizes: list[tuple[int, int]], call: Callable[[list[int], int, int], list]
+) -> list[np.ndarray]:
+    """``[H, W, 3]`` uint8 output per item of ``sizes`` (``(width, height)`` each), from
+    ``call(indices, width, height)``, the pipeline's images for the items of one size.
+
+    Items of one size share a pipeline call (a batch with one generator per item): on a CPU the
+    per-call cost, not the batch, dominates sampling.
+    """
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    outputs: list = [None] * len(sizes)
+    for (width, height), indices in by_size.items():
+        for index, image in zip(indices, call(indices, width, height), strict=True):
+            outputs[index] = np.asarray(image)
+    return outputs
 
 
 @torch.no_grad()
 def sample(pipe: FluxKontextPipeline, pairs: list[dict], seed: int, steps: int) -> list:
-    """``[H, W, 3]`` uint8 output per pair, each with its own fixed noise seed.
+    """``[H, W, 3]`` uint8 output per pair, each with its own fixed noise seed."""
 
-    Pairs of one size share a pipeline call (a batch with one generator per pair): on a CPU the
-    per-call cost, not the batch, dominates sampling.
-    """
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for index, pair in enumerate(pairs):
-        by_size.setdefault(pair["context"].size, []).append(index)
-    outputs: list = [None] * len(pairs)
-    for (width, height), indices in by_size.items():
-        images = pipe(
+    def call(indices: list[int], width: int, height: int) -> list:
+        return pipe(
             image=[pairs[index]["context"] for index in indices],
             prompt=[pairs[index]["prompt"] for index in indices],
             height=height,
@@ -172,9 +188,8 @@ def sample(pipe: FluxKontextPipeline, pairs: list[dict], seed: int, steps: int) 
             max_sequence_length=WORLD_MAX_SEQUENCE_LENGTH,
             generator=[torch.Generator().manual_seed(seed * 1000 + index) for index in indices],
         ).images
-        for index, image in zip(indices, images, strict=True):
-            outputs[index] = np.asarray(image)
-    return outputs
+
+    return sample_by_size([pair["context"].size for pair in pairs], call)
 
 
 def score(outputs: list, pairs: list[dict]) -> dict[str, float]:

@@ -48,6 +48,7 @@ from PIL import Image
 
 import train_flux_fill
 from data.synthetic import OBJECT_COLOURS
+from evidence.ablation import heldout_rows, sample_by_size
 from evidence.ablation_runs import train_on_world
 from evidence.edit_metrics import change_mask, insertion_metrics, iou, is_no_edit, object_mask
 from evidence.plots import line_plot
@@ -166,27 +167,15 @@ def matched_grpo_steps(settings: EvidenceSettings) -> int:
 def heldout_examples(folder: Path, limit: int) -> list[dict]:
     """The first ``limit`` held-out rows: ``image`` (PIL), ``mask`` ``[H, W]`` bool,
     ``prompt``."""
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    return [
-        {
-            "image": Image.open(folder / row["image"]).convert("RGB"),
-            "mask": np.asarray(Image.open(folder / row["mask"]).convert("L")) > 127,
-            "prompt": row["prompt"],
-        }
-        for row in rows[:limit]
-    ]
+    return heldout_rows(folder, limit, ("image",))
 
 
 @torch.no_grad()
 def sample(pipe: FluxFillPipeline, examples: list[dict], steps: int) -> list[np.ndarray]:
-    """``[H, W, 3]`` uint8 fill per example, each with its own fixed noise seed; examples of
-    one size share a pipeline call (on a CPU the per-call cost dominates)."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for index, example in enumerate(examples):
-        by_size.setdefault(example["image"].size, []).append(index)
-    outputs: list = [None] * len(examples)
-    for (width, height), indices in by_size.items():
-        images = pipe(
+    """``[H, W, 3]`` uint8 fill per example, each with its own fixed noise seed."""
+
+    def call(indices: list[int], width: int, height: int) -> list:
+        return pipe(
             prompt=[examples[index]["prompt"] for index in indices],
             image=[examples[index]["image"] for index in indices],
             mask_image=[Image.fromarray(examples[index]["mask"]) for index in indices],
@@ -197,9 +186,8 @@ def sample(pipe: FluxFillPipeline, examples: list[dict], steps: int) -> list[np.
             max_sequence_length=WORLD_MAX_SEQUENCE_LENGTH,
             generator=[torch.Generator().manual_seed(index) for index in indices],
         ).images
-        for index, image in zip(indices, images, strict=True):
-            outputs[index] = np.asarray(image)
-    return outputs
+
+    return sample_by_size([example["image"].size for example in examples], call)
 
 
 def score(outputs: list[np.ndarray], examples: list[dict]) -> dict[str, float]:
