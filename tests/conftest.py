@@ -25,3 +25,13 @@ def fresh_accelerate():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module: tiny models gain nothing from a second, and on a busy
+    CPU two threads wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -299,9 +299,9 @@ def pipeline_as_trained(pipeline_cls, config, frozen, **components):
     return pipe
 
 
-def quiet_pipeline(pipeline_cls, assets: Path):
-    """The pipeline of ``assets/model``, without progress bars."""
-    pipe = pipeline_cls.from_pretrained(assets / "model")
+def quiet_pipeline(pipeline_cls, assets: Path, name: str = "model"):
+    """The pipeline of ``assets/<name>``, without progress bars."""
+    pipe = pipeline_cls.from_pretrained(assets / name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -19,6 +19,7 @@ from script_runs import (
     first_call,
     lora_tensors,
     model_card,
+    quiet_pipeline,
     reset_accelerate,
 )
 
@@ -62,12 +63,6 @@ def assets(tmp_path_factory):
 SCRIPT = TrainScript(flux2, flux2.Flux2EditConfig, RESOLUTION, seed=2, max_train_steps=3)
 
 
-def quiet(folder: Path):
-    pipe = flux2.pipeline_class(str(folder)).from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def first_batch(assets: Path, data: str) -> dict:
     dataset = flux2.text_edit_dataset(SCRIPT.config(assets, train_data_dir=str(assets / data)))
     return collate_items([dataset[0]])
@@ -84,7 +79,7 @@ class TestSameInputsAsThePipeline:
         ],
     )
     def test_first_denoising_step(self, assets, model, cls, data, references):
-        pipe = quiet(assets / model)
+        pipe = quiet_pipeline(cls, assets, model)
         assert type(pipe) is cls
         batch = first_batch(assets, data)
         images = [to_pil(image) for image in batch["references"][0]]
@@ -152,7 +147,7 @@ def test_a_run_trains_resumes_exactly_and_changes_the_pipelines_output(assets, t
     assert {"fm", "geo_mse", "geo_bg", "masked_samples"} <= records[-1].keys()
     assert "Flux2Klein edit LoRA" in model_card(straight).text
 
-    pipe = quiet(assets / "model")
+    pipe = quiet_pipeline(Flux2KleinPipeline, assets)
     batch = first_batch(assets, "two")
     call = {
         "image": [to_pil(image) for image in batch["references"][0]],
@@ -171,12 +166,12 @@ def test_a_run_trains_resumes_exactly_and_changes_the_pipelines_output(assets, t
 
 class TestLoss:
     def test_the_token_grid_inverts_the_pipelines_packing(self, assets):
-        pipe = quiet(assets / "model")
+        pipe = quiet_pipeline(Flux2KleinPipeline, assets)
         grid = torch.randn(2, 128, 3, 5)
         assert torch.equal(latent_grid(pipe._pack_latents(grid), 3, 5), grid)
 
     def test_mask_terms_see_the_masked_rows_weighted_by_their_share(self, assets):
-        pipe = quiet(assets / "model")
+        pipe = quiet_pipeline(Flux2KleinPipeline, assets)
         config = SCRIPT.config(assets)
         encoder = flux2.Flux2Encoder(pipe, config)
         one = encoder(first_batch(assets, "two"))

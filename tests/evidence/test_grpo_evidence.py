@@ -56,7 +56,8 @@ def test_the_checks_tell_noise_and_grey_holes_from_the_true_fill():
     image, masked, mask = scene()
     noise = np.random.default_rng(0).integers(-60, 61, size=image.shape)
     noisy = np.where(mask[..., None], np.clip(image + noise, 0, 255), image).astype(np.uint8)
-    assert interior_energy_ratio(image, image, mask) == pytest.approx(1.0)
+    # The same pixels twice: equal but for the float summation order of two reductions.
+    assert interior_energy_ratio(image, image, mask) == pytest.approx(1.0, rel=1e-4)
     assert interior_energy_ratio(noisy, image, mask) > 1.5
     # Only the forward differences across the mask's edge are left of a grey hole.
     assert interior_energy_ratio(masked, image, mask) < 0.1
@@ -76,16 +77,6 @@ def test_grpo_gets_the_passes_of_the_extra_supervised_steps():
     assert matched_grpo_steps(settings) == 100 * 8 // (8 * 4)
     with pytest.raises(ValueError, match="whole number"):
         matched_grpo_steps(EvidenceSettings(extra_steps=3, sft_batch_size=2, sampling_steps=4))
-
-
-@pytest.fixture
-def one_thread():
-    """Runs on one thread: the tiny models gain nothing from a second, and on a busy CPU two
-    threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_a_quick_run_records_every_number(tmp_path, fresh_accelerate, one_thread):

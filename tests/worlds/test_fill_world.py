@@ -19,19 +19,12 @@ from training.datasets import fill_dataset
 from worlds.fill_world import FillWorldSettings, build_fill_world, pretraining_examples
 from worlds.fitting import WORLD_FILE
 
+# Builds on one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = FillWorldSettings(
     resolution=32, n_train=4, n_heldout=3, scenes=18, vae_steps=2, base_steps=2, base_batch_size=4
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Builds on one thread: the tiny models gain nothing from a second, and on a busy CPU two
-    threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
